@@ -1,0 +1,221 @@
+//! Builds every part of the daemon from its config, wires them together, and owns
+//! start-up, live reload and bounded graceful shutdown. Tests run the real stack through
+//! it, passing their own resolver and clock.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::campaign::Campaigns;
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, TlsConfig};
+use crate::dns::{Hickory, MailDns, Resolver};
+use crate::intake::Intake;
+use crate::policy::Policy;
+use crate::queue::{Queue, QueueError};
+use crate::smtp::server::{Connections, Server};
+use crate::smtp::tls::{self, TlsError};
+
+/// Most distinct campaigns tracked in memory before the rest share one bucket.
+const MAX_CAMPAIGNS: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot open the queue: {0}")]
+    Queue(#[from] QueueError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("DNS resolver: {0}")]
+    Dns(String),
+}
+
+/// What the daemon takes from outside; tests pass their own.
+pub struct Deps {
+    /// `None`: hickory with `[dns]` settings.
+    pub resolver: Option<Arc<dyn Resolver>>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for Deps {
+    fn default() -> Self {
+        Deps {
+            resolver: None,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+pub struct App {
+    pub smtp_addrs: Vec<SocketAddr>,
+    pub intake: Arc<Intake>,
+    server: Arc<Server>,
+    tracker: TaskTracker,
+    writer: Option<JoinHandle<()>>,
+    injected_resolver: bool,
+}
+
+/// Checks what `check-config` can check beyond parsing: TLS material loads.
+pub fn preflight(config: &Config) -> Result<(), AppError> {
+    load_tls(config.smtp.tls.as_ref())?;
+    Ok(())
+}
+
+fn load_tls(tls: Option<&TlsConfig>) -> Result<Option<TlsAcceptor>, TlsError> {
+    tls.map(|t| tls::acceptor(t.cert.get_ref(), t.key.get_ref()))
+        .transpose()
+}
+
+fn hickory(config: &Config) -> Result<Arc<dyn Resolver>, AppError> {
+    Hickory::new(&config.dns)
+        .map(|h| Arc::new(h) as Arc<dyn Resolver>)
+        .map_err(|e| AppError::Dns(e.to_string()))
+}
+
+impl App {
+    /// Opens the queue, binds every listener and starts serving. When this returns the
+    /// daemon is ready (the moment to tell systemd).
+    pub async fn start(config: Config, deps: Deps) -> Result<App, AppError> {
+        let tls = load_tls(config.smtp.tls.as_ref())?;
+        let injected_resolver = deps.resolver.is_some();
+        let resolver = match deps.resolver {
+            Some(r) => r,
+            None => hickory(&config)?,
+        };
+        let (queue, writer) = Queue::open(&config.queue, deps.clock.clone())?;
+        let mut listeners = Vec::new();
+        for addr in &config.smtp.listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| AppError::Listen { addr: *addr, source })?;
+            listeners.push(listener);
+        }
+        let smtp_addrs: Vec<SocketAddr> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let dns = Arc::new(MailDns::new(resolver, &config.dns));
+        let campaigns = Arc::new(Campaigns::new(MAX_CAMPAIGNS));
+        let intake = Arc::new(Intake {
+            config: Arc::new(ArcSwap::from_pointee(config)),
+            policy: Policy {
+                dns,
+                campaigns,
+                clock: deps.clock.clone(),
+            },
+            queue,
+            clock: deps.clock,
+        });
+        let tracker = TaskTracker::new();
+        let server = Arc::new(Server {
+            intake: intake.clone(),
+            tls: Arc::new(ArcSwapOption::from(tls.map(Arc::new))),
+            connections: Arc::new(Connections::default()),
+            shutdown: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        for (listener, addr) in listeners.into_iter().zip(&smtp_addrs) {
+            tracing::info!(%addr, "smtp listening");
+            tracker.spawn(server.clone().run(listener));
+        }
+        Ok(App {
+            smtp_addrs,
+            intake,
+            server,
+            tracker,
+            writer: Some(writer),
+            injected_resolver,
+        })
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.intake.queue
+    }
+
+    pub fn campaigns(&self) -> &Arc<Campaigns> {
+        self.intake.campaigns()
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.server.connections.total()
+    }
+
+    /// Applies a new config live (SIGHUP). Returns what changed; settings that need a
+    /// restart are named and left as they were. On error nothing changes.
+    pub fn reload(&self, mut new: Config) -> Result<Vec<String>, AppError> {
+        let old = self.intake.config.load_full();
+        let tls = load_tls(new.smtp.tls.as_ref())?;
+        let mut changed = Vec::new();
+        for key in old.restart_only_changes(&new) {
+            tracing::warn!(key, "changed in the config file but needs a restart; keeping the old value");
+        }
+        // Keep the settings that only a restart can change, so the live config always
+        // describes what is actually running.
+        new.smtp.listen = old.smtp.listen.clone();
+        new.http.listen = old.http.listen;
+        new.admin.listen = old.admin.listen;
+        new.queue.dir = old.queue.dir.clone();
+        new.queue.synchronous = old.queue.synchronous;
+        if format!("{:?}", old.dns) != format!("{:?}", new.dns) {
+            if !self.injected_resolver {
+                self.intake.policy.dns.reconfigure(hickory(&new)?, &new.dns);
+            }
+            changed.push("dns".to_owned());
+        }
+        if format!("{:?}", old.smtp.tls) != format!("{:?}", new.smtp.tls) {
+            changed.push("smtp.tls".to_owned());
+        }
+        self.server.tls.store(tls.map(Arc::new));
+        for (name, a, b) in [
+            ("server", format!("{:?}", old.server), format!("{:?}", new.server)),
+            ("smtp", format!("{:?}", old.smtp), format!("{:?}", new.smtp)),
+            ("queue", format!("{:?}", old.queue), format!("{:?}", new.queue)),
+            ("delivery", format!("{:?}", old.delivery), format!("{:?}", new.delivery)),
+            ("route", format!("{:?}", old.routes), format!("{:?}", new.routes)),
+            ("admin", format!("{:?}", old.admin), format!("{:?}", new.admin)),
+        ] {
+            if a != b && !changed.iter().any(|c| c.starts_with(name)) {
+                changed.push(name.to_owned());
+            }
+        }
+        self.intake.config.store(Arc::new(new));
+        Ok(changed)
+    }
+
+    /// Stops accepting, lets sessions finish for up to `[server] shutdown_grace`, drops
+    /// the rest, and waits for the queue writer to commit what it holds.
+    pub async fn shutdown(mut self) {
+        let grace: Duration = self.intake.config.load().server.shutdown_grace.0;
+        self.server.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.server.tracker.close();
+        if tokio::time::timeout(grace, self.server.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(open = self.server.connections.total(), "grace period over, closing remaining sessions");
+            self.server.abort.cancel();
+            self.server.tracker.wait().await;
+        }
+        let writer = self.writer.take();
+        drop(self);
+        if let Some(handle) = writer {
+            // The writer ends once the last queue handle is gone, after its final commit.
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        tracing::info!("stopped");
+    }
+}

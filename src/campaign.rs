@@ -1,0 +1,187 @@
+//! Campaigns as the daemon sees them in memory: who owns each message and failure,
+//! counters per campaign, and the pause / block state that the hot path consults.
+//!
+//! Counting a failure is an atomic add on a counter found under a read lock: it is what
+//! a flood of bad recipients costs instead of a database row.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::reason::Reason;
+
+/// Failures with no campaign are counted under this name.
+pub const UNATTRIBUTED: &str = "-";
+/// Campaigns beyond the cap are counted together under this name, so that a client
+/// inventing a new campaign per message cannot exhaust memory.
+pub const OVERFLOW: &str = "_other";
+
+const REASONS: usize = Reason::ALL.len();
+
+#[derive(Debug)]
+pub struct Campaign {
+    pub name: Arc<str>,
+    pub accepted: AtomicU64,
+    pub delivered: AtomicU64,
+    failures: [AtomicU64; REASONS],
+    paused: AtomicBool,
+    /// Until when (ms since the epoch) new submissions are refused after a purge.
+    blocked_until_ms: AtomicI64,
+}
+
+impl Campaign {
+    fn new(name: Arc<str>) -> Campaign {
+        Campaign {
+            name,
+            accepted: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            failures: std::array::from_fn(|_| AtomicU64::new(0)),
+            paused: AtomicBool::new(false),
+            blocked_until_ms: AtomicI64::new(0),
+        }
+    }
+
+    pub fn failures(&self, reason: Reason) -> u64 {
+        self.failures[reason.index()].load(Ordering::Relaxed)
+    }
+
+    pub fn total_failures(&self) -> u64 {
+        self.failures.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+
+    pub fn block_until(&self, until_ms: i64) {
+        self.blocked_until_ms.store(until_ms, Ordering::Relaxed);
+    }
+
+    pub fn blocked_until(&self) -> i64 {
+        self.blocked_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether new mail for this campaign is refused right now (paused, or blocked after
+    /// a purge).
+    pub fn is_held(&self, now_ms: i64) -> bool {
+        self.is_paused() || self.blocked_until() > now_ms
+    }
+}
+
+/// Every campaign seen since start, plus the intake-wide pause switch.
+pub struct Campaigns {
+    map: RwLock<HashMap<Arc<str>, Arc<Campaign>>>,
+    cap: usize,
+    intake_paused: AtomicBool,
+}
+
+impl Campaigns {
+    pub fn new(cap: usize) -> Campaigns {
+        Campaigns {
+            map: RwLock::new(HashMap::new()),
+            cap: cap.max(1),
+            intake_paused: AtomicBool::new(false),
+        }
+    }
+
+    /// The campaign called `name` (or the unattributed bucket), created on first sight.
+    pub fn get(&self, name: Option<&str>) -> Arc<Campaign> {
+        let name = name.filter(|n| !n.is_empty()).unwrap_or(UNATTRIBUTED);
+        if let Some(c) = self.map.read().expect("campaigns lock").get(name) {
+            return c.clone();
+        }
+        let mut map = self.map.write().expect("campaigns lock");
+        if let Some(c) = map.get(name) {
+            return c.clone();
+        }
+        let key: Arc<str> = if map.len() >= self.cap {
+            Arc::from(OVERFLOW)
+        } else {
+            Arc::from(name)
+        };
+        map.entry(key.clone())
+            .or_insert_with(|| Arc::new(Campaign::new(key)))
+            .clone()
+    }
+
+    /// Looks a campaign up without creating it.
+    pub fn find(&self, name: &str) -> Option<Arc<Campaign>> {
+        self.map.read().expect("campaigns lock").get(name).cloned()
+    }
+
+    pub fn record_failure(&self, campaign: Option<&str>, reason: Reason) -> Arc<Campaign> {
+        let c = self.get(campaign);
+        c.failures[reason.index()].fetch_add(1, Ordering::Relaxed);
+        c
+    }
+
+    pub fn record_accepted(&self, campaign: Option<&str>, recipients: u64) {
+        self.get(campaign)
+            .accepted
+            .fetch_add(recipients, Ordering::Relaxed);
+    }
+
+    /// Whether new mail for `campaign` is refused now. Cheap: one read lock, no allocation.
+    pub fn is_held(&self, campaign: Option<&str>, now_ms: i64) -> bool {
+        let Some(name) = campaign else { return false };
+        self.map
+            .read()
+            .expect("campaigns lock")
+            .get(name)
+            .is_some_and(|c| c.is_held(now_ms))
+    }
+
+    pub fn all(&self) -> Vec<Arc<Campaign>> {
+        self.map
+            .read()
+            .expect("campaigns lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn intake_paused(&self) -> bool {
+        self.intake_paused.load(Ordering::Relaxed)
+    }
+
+    pub fn set_intake_paused(&self, paused: bool) {
+        self.intake_paused.store(paused, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_overflow() {
+        let c = Campaigns::new(2);
+        c.record_failure(Some("a"), Reason::MalformedAddress);
+        c.record_failure(Some("a"), Reason::MalformedAddress);
+        c.record_failure(None, Reason::NoSuchDomain);
+        // The cap is reached: a third name lands in the overflow bucket.
+        c.record_failure(Some("b"), Reason::NullMx);
+        assert_eq!(c.get(Some("a")).failures(Reason::MalformedAddress), 2);
+        assert_eq!(c.get(None).failures(Reason::NoSuchDomain), 1);
+        assert_eq!(c.find(OVERFLOW).unwrap().failures(Reason::NullMx), 1);
+        assert!(c.find("b").is_none());
+    }
+
+    #[test]
+    fn held_when_paused_or_blocked() {
+        let c = Campaigns::new(10);
+        let a = c.get(Some("a"));
+        assert!(!c.is_held(Some("a"), 1000));
+        a.set_paused(true);
+        assert!(c.is_held(Some("a"), 1000));
+        a.set_paused(false);
+        a.block_until(2000);
+        assert!(c.is_held(Some("a"), 1000));
+        assert!(!c.is_held(Some("a"), 2001));
+        assert!(!c.is_held(Some("unknown"), 0));
+    }
+}

@@ -1,0 +1,463 @@
+//! Configuration: the TOML file's structs, their defaults, and validation with errors that
+//! name the key, the line and the reason.
+//!
+//! Every table denies unknown keys, so a typo is an error at start-up rather than a setting
+//! silently ignored at 3 a.m.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+pub mod duration;
+pub mod route;
+
+pub use duration::Dur;
+pub use route::{Route, TlsMode, Transport};
+
+/// Why a configuration was refused. `Display` gives the key, the line when known, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}{}: key `{key}`: {why}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        line: Option<usize>,
+        why: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub smtp: SmtpConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Name used in the SMTP greeting, EHLO reply and `Received:` headers.
+    pub hostname: String,
+    /// How long SIGTERM waits for sessions to finish before closing them.
+    pub shutdown_grace: Dur,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            hostname: "floodgate.localdomain".into(),
+            shutdown_grace: Dur::secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    pub listen: Vec<SocketAddr>,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub max_bad_commands: u32,
+    /// Time allowed between two commands (and for the greeting to be answered).
+    pub idle_timeout: Dur,
+    /// Time allowed for one read while receiving DATA.
+    pub data_timeout: Dur,
+    /// Networks whose clients may relay without authenticating.
+    pub allowed_networks: Vec<IpNet>,
+    /// Allow AUTH without TLS for clients on the loopback interface (local submission only).
+    pub auth_without_tls_on_loopback: bool,
+    /// Where a message's campaign comes from, first that yields wins:
+    /// `header:NAME`, `auth` (the authenticated user) or `sender` (envelope sender).
+    pub campaign_from: Vec<String>,
+    pub tls: Option<TlsConfig>,
+    pub users: Vec<UserConfig>,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["127.0.0.1:2525".parse().expect("literal address")],
+            max_connections: 1000,
+            max_connections_per_ip: 100,
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 100,
+            max_bad_commands: 20,
+            idle_timeout: Dur::secs(300),
+            data_timeout: Dur::secs(180),
+            allowed_networks: vec![
+                "127.0.0.0/8".parse().expect("literal net"),
+                "::1/128".parse().expect("literal net"),
+            ],
+            auth_without_tls_on_loopback: false,
+            campaign_from: vec![
+                "header:X-Campaign-ID".into(),
+                "auth".into(),
+                "sender".into(),
+            ],
+            tls: None,
+            users: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: toml::Spanned<PathBuf>,
+    pub key: toml::Spanned<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// An Argon2 PHC string, as printed by `floodgate hash-password`.
+    pub password_hash: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some("127.0.0.1:8025".parse().expect("literal address")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: Option<SocketAddr>,
+    pub token: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some("127.0.0.1:8026".parse().expect("literal address")),
+            token: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync the WAL at every commit: an acknowledged message survives power loss.
+    Full,
+    /// fsync at checkpoints only: survives a crash of the daemon, not of the machine.
+    Normal,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    pub dir: PathBuf,
+    pub synchronous: Synchronous,
+    /// Most operations one group commit carries.
+    pub max_batch: usize,
+    /// Upper bound on queue.db's size in MiB (0 = none). Past it, intake answers 452 4.3.1.
+    pub max_size_mb: u64,
+    /// How long a claimed recipient stays leased to a courier before it is due again.
+    pub lease: Dur,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("./var"),
+            synchronous: Synchronous::Full,
+            max_batch: 1024,
+            max_size_mb: 0,
+            lease: Dur::secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Nameservers as `ip:port`; empty means the system resolver (/etc/resolv.conf).
+    pub nameservers: Vec<SocketAddr>,
+    pub timeout: Dur,
+    pub attempts: usize,
+    /// Most domains whose verdicts are cached.
+    pub cache_size: usize,
+    /// Floor and ceiling applied to record TTLs.
+    pub min_ttl: Dur,
+    pub max_ttl: Dur,
+    /// How long a temporary failure (timeout, SERVFAIL) is remembered, so that a flood
+    /// at a broken domain does not hammer the nameserver.
+    pub temp_fail_ttl: Dur,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            timeout: Dur::secs(5),
+            attempts: 2,
+            cache_size: 100_000,
+            min_ttl: Dur::secs(30),
+            max_ttl: Dur::secs(3600),
+            temp_fail_ttl: Dur::secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Whether the scheduler runs. Off, mail is accepted and queued but not relayed.
+    pub enabled: bool,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` names the file in errors and anchors
+    /// relative paths (certificates) at the file's folder.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config.validate(text, path)?;
+        Ok(config)
+    }
+
+    fn validate(&mut self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, span: Option<std::ops::Range<usize>>, why: String| {
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                key: key.to_owned(),
+                line: span.map(|s| line_of(text, s.start)),
+                why,
+            }
+        };
+        if self.smtp.listen.is_empty() {
+            return Err(invalid("smtp.listen", None, "at least one address".into()));
+        }
+        if self.smtp.max_recipients == 0 || self.smtp.max_connections == 0 {
+            return Err(invalid(
+                "smtp.max_recipients / smtp.max_connections",
+                None,
+                "must be at least 1".into(),
+            ));
+        }
+        for source in &self.smtp.campaign_from {
+            let ok = source == "auth"
+                || source == "sender"
+                || source.strip_prefix("header:").is_some_and(|h| !h.is_empty());
+            if !ok {
+                return Err(invalid(
+                    "smtp.campaign_from",
+                    None,
+                    format!("`{source}`: expected `header:NAME`, `auth` or `sender`"),
+                ));
+            }
+        }
+        for user in &self.smtp.users {
+            if argon2::PasswordHash::new(&user.password_hash).is_err() {
+                return Err(invalid(
+                    "smtp.users.password_hash",
+                    None,
+                    format!(
+                        "user `{}`: not a PHC hash string (make one with `floodgate hash-password`)",
+                        user.name
+                    ),
+                ));
+            }
+        }
+        if let Some(tls) = &mut self.smtp.tls {
+            let base = path.parent().unwrap_or(Path::new("."));
+            for (key, file) in [("smtp.tls.cert", &mut tls.cert), ("smtp.tls.key", &mut tls.key)] {
+                let full = base.join(file.get_ref());
+                if !full.is_file() {
+                    return Err(invalid(
+                        key,
+                        Some(file.span()),
+                        format!("file {} does not exist", full.display()),
+                    ));
+                }
+                *file.get_mut() = full;
+            }
+        }
+        if self.admin.listen.is_some() && self.admin.token.len() < 16 {
+            return Err(invalid(
+                "admin.token",
+                None,
+                "must be at least 16 characters while [admin] listen is set".into(),
+            ));
+        }
+        if self.queue.max_batch == 0 {
+            return Err(invalid("queue.max_batch", None, "must be at least 1".into()));
+        }
+        if self.dns.attempts == 0 || self.dns.timeout.0.is_zero() {
+            return Err(invalid("dns.timeout / dns.attempts", None, "must be above 0".into()));
+        }
+        if self.routes.is_empty() {
+            // No [[route]] at all: every domain goes to its MX, the behaviour of a plain
+            // relay. Once any route is written, only written routes apply.
+            self.routes.push(Route::default_mx());
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            route
+                .validate()
+                .map_err(|why| invalid(&format!("route[{i}]"), None, why))?;
+        }
+        Ok(())
+    }
+
+    /// The settings that changed between `self` and `new` but only take effect after a
+    /// restart (listeners, queue location). SIGHUP applies everything else.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.smtp.listen != new.smtp.listen {
+            changed.push("smtp.listen");
+        }
+        if self.http.listen != new.http.listen {
+            changed.push("http.listen");
+        }
+        if self.admin.listen != new.admin.listen {
+            changed.push("admin.listen");
+        }
+        if self.queue.dir != new.queue.dir {
+            changed.push("queue.dir");
+        }
+        if self.queue.synchronous != new.queue.synchronous {
+            changed.push("queue.synchronous");
+        }
+        changed
+    }
+
+    /// The route for a recipient domain, with its index in `routes`.
+    pub fn route_for(&self, domain: &str) -> Option<&Route> {
+        route::find(&self.routes, domain).map(|(_, r)| r)
+    }
+
+    pub fn queue_db(&self) -> PathBuf {
+        self.queue.dir.join("queue.db")
+    }
+
+    pub fn failures_db(&self) -> PathBuf {
+        self.queue.dir.join("failures.db")
+    }
+}
+
+impl SmtpConfig {
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout.0
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/floodgate/test.toml"))
+    }
+
+    const TOKEN: &str = "[admin]\ntoken = \"0123456789abcdef\"\n";
+
+    #[test]
+    fn empty_file_gets_defaults() {
+        let c = parse(TOKEN).unwrap();
+        assert_eq!(c.smtp.max_recipients, 100);
+        assert_eq!(c.queue.synchronous, Synchronous::Full);
+        assert!(c.dns.nameservers.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = parse(&format!("{TOKEN}[smtp]\nlisten = [\"127.0.0.1:25\"]\nmax_rcpts = 5\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_rcpts"), "{err}");
+        assert!(err.contains("line 5"), "{err}");
+    }
+
+    #[test]
+    fn bad_cidr_is_refused_with_line() {
+        let err = parse(&format!("{TOKEN}[smtp]\nallowed_networks = [\"10.0.0.0/33\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("allowed_networks"), "{err}");
+    }
+
+    #[test]
+    fn missing_certificate_names_key_and_line() {
+        let err = parse(&format!(
+            "{TOKEN}[smtp.tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("smtp.tls.cert"), "{err}");
+        assert!(err.contains("test.toml:4"), "{err}");
+        assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn short_admin_token_is_refused() {
+        let err = parse("[admin]\ntoken = \"short\"\n").unwrap_err().to_string();
+        assert!(err.contains("admin.token"), "{err}");
+    }
+
+    #[test]
+    fn bad_campaign_source_is_refused() {
+        let err = parse(&format!("{TOKEN}[smtp]\ncampaign_from = [\"header:\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("campaign_from"), "{err}");
+    }
+}

@@ -1,0 +1,173 @@
+//! `[[route]]` tables: which recipient domains go where, and how.
+
+use serde::Deserialize;
+
+use super::Dur;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// The recipient domain's MX hosts (or its A/AAAA when it has no MX).
+    Mx,
+    /// One relay host for every recipient of the route.
+    Smarthost,
+    /// An HTTP endpoint that receives each message as signed JSON.
+    Webhook,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plain text only.
+    None,
+    /// STARTTLS when offered, plain text otherwise.
+    #[default]
+    Opportunistic,
+    /// STARTTLS or the delivery fails (transiently).
+    Starttls,
+    /// TLS from the first byte (port 465 style).
+    Tls,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// `example.com` (exact), `*.example.com` (its subdomains) or `*` (every domain).
+    pub domains: Vec<String>,
+    pub transport: Transport,
+    /// Look the recipient's domain up at RCPT time. Default: on for mx and smarthost,
+    /// off for webhook (its domains need not exist in DNS).
+    pub check_dns: Option<bool>,
+    /// mx: the port MX hosts are contacted on (default 25). smarthost: the relay's port.
+    pub port: Option<u16>,
+    /// smarthost: the relay's host name or address.
+    pub host: Option<String>,
+    pub tls: Option<TlsMode>,
+    /// Verify the peer's certificate when TLS is used (default: on for smarthost,
+    /// off for mx, where opportunistic TLS with self-signed certificates is the norm).
+    pub tls_verify: Option<bool>,
+    /// smarthost: AUTH credentials.
+    pub auth_user: Option<String>,
+    pub auth_password: Option<String>,
+    /// webhook: the endpoint and its `whsec_` signing secret.
+    pub url: Option<String>,
+    pub secret: Option<String>,
+    pub timeout: Option<Dur>,
+}
+
+impl Route {
+    /// `*` to each domain's MX on port 25.
+    pub fn default_mx() -> Route {
+        Route {
+            domains: vec!["*".into()],
+            transport: Transport::Mx,
+            check_dns: None,
+            port: None,
+            host: None,
+            tls: None,
+            tls_verify: None,
+            auth_user: None,
+            auth_password: None,
+            url: None,
+            secret: None,
+            timeout: None,
+        }
+    }
+
+    pub fn check_dns(&self) -> bool {
+        self.check_dns
+            .unwrap_or(!matches!(self.transport, Transport::Webhook))
+    }
+
+    /// Whether this route serves `domain` and how specifically: exact beats the longest
+    /// `*.suffix`, which beats `*`.
+    pub fn specificity(&self, domain: &str) -> Option<usize> {
+        self.domains
+            .iter()
+            .filter_map(|pattern| match_pattern(pattern, domain))
+            .max()
+    }
+
+    pub(super) fn validate(&self) -> Result<(), String> {
+        if self.domains.is_empty() {
+            return Err("`domains` must list at least one pattern".into());
+        }
+        for d in &self.domains {
+            if d.is_empty() || (d.contains('*') && d != "*" && !d.starts_with("*.")) {
+                return Err(format!("domain pattern `{d}`: use `example.com`, `*.example.com` or `*`"));
+            }
+        }
+        match self.transport {
+            Transport::Mx => {
+                if self.host.is_some() || self.url.is_some() {
+                    return Err("transport `mx` takes no `host` or `url`".into());
+                }
+            }
+            Transport::Smarthost => {
+                if self.host.as_deref().is_none_or(str::is_empty) {
+                    return Err("transport `smarthost` needs `host`".into());
+                }
+                if self.auth_user.is_some() != self.auth_password.is_some() {
+                    return Err("`auth_user` and `auth_password` go together".into());
+                }
+            }
+            Transport::Webhook => {
+                let url = self.url.as_deref().unwrap_or_default();
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err("transport `webhook` needs an http:// or https:// `url`".into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn match_pattern(pattern: &str, domain: &str) -> Option<usize> {
+    if pattern == "*" {
+        return Some(0);
+    }
+    if let Some(suffix) = pattern.strip_prefix("*.") {
+        let matches = domain.len() > suffix.len() + 1
+            && domain[domain.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            && domain.as_bytes()[domain.len() - suffix.len() - 1] == b'.';
+        return matches.then_some(1 + suffix.len());
+    }
+    // Exact names outrank any wildcard, whatever their length.
+    pattern.eq_ignore_ascii_case(domain).then_some(usize::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_table() {
+        for (pattern, domain, matches) in [
+            ("*", "a.test", true),
+            ("example.com", "example.com", true),
+            ("example.com", "EXAMPLE.com", true),
+            ("example.com", "sub.example.com", false),
+            ("*.example.com", "sub.example.com", true),
+            ("*.example.com", "example.com", false),
+            ("*.example.com", "badexample.com", false),
+        ] {
+            assert_eq!(match_pattern(pattern, domain).is_some(), matches, "{pattern} {domain}");
+        }
+        assert!(match_pattern("a.test", "a.test") > match_pattern("*.test", "a.test"));
+        assert!(match_pattern("*.test", "a.test") > match_pattern("*", "a.test"));
+    }
+}
+
+/// The route serving `domain`, if any: the most specific match wins (see
+/// [`Route::specificity`]); among equals, the first in the file.
+pub fn find<'a>(routes: &'a [Route], domain: &str) -> Option<(usize, &'a Route)> {
+    let mut best: Option<(usize, usize, &Route)> = None;
+    for (i, route) in routes.iter().enumerate() {
+        if let Some(score) = route.specificity(domain)
+            && best.is_none_or(|(s, _, _)| score > s)
+        {
+            best = Some((score, i, route));
+        }
+    }
+    best.map(|(_, i, r)| (i, r))
+}

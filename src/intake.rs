@@ -1,0 +1,55 @@
+//! What both doors (SMTP and HTTP) share: the live config, the policy, the queue, and
+//! the one place where an accepted or refused recipient is counted and attributed.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::campaign::Campaigns;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::policy::Policy;
+use crate::queue::{NewMessage, Queue};
+use crate::reason::{Reason, Stage};
+
+pub struct Intake {
+    pub config: Arc<ArcSwap<Config>>,
+    pub policy: Policy,
+    pub queue: Queue,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Intake {
+    pub fn campaigns(&self) -> &Arc<Campaigns> {
+        &self.policy.campaigns
+    }
+
+    /// Counts a refused recipient against its campaign. Never blocks, never fails: it is
+    /// called once per bad recipient of a flood.
+    pub fn refused(&self, campaign: Option<&str>, reason: Reason, _recipient: &str) {
+        self.policy.campaigns.record_failure(campaign, reason);
+        tracing::trace!(campaign, %reason, stage = Stage::Intake.as_str(), "recipient refused");
+    }
+
+    /// Queues a message; returns once it is durable. On failure every recipient is
+    /// counted as refused with `QueueUnavailable`.
+    pub async fn enqueue(&self, msg: NewMessage) -> Result<(), Reason> {
+        let campaign = msg.campaign.clone();
+        let recipients: Vec<String> = msg.recipients.iter().map(|r| r.address.clone()).collect();
+        match self.queue.enqueue(msg).await {
+            Ok(()) => {
+                self.policy
+                    .campaigns
+                    .record_accepted(campaign.as_deref(), recipients.len() as u64);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, campaign, "message not queued");
+                for r in &recipients {
+                    self.refused(campaign.as_deref(), Reason::QueueUnavailable, r);
+                }
+                Err(Reason::QueueUnavailable)
+            }
+        }
+    }
+}

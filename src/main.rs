@@ -1,0 +1,161 @@
+//! The `floodgate` command line: `serve`, `check-config`, `hash-password`. No logic lives
+//! here beyond turning arguments and signals into calls on the library.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use floodgate::app::{self, App, Deps};
+use floodgate::config::Config;
+use sd_notify::NotifyState;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(name = "floodgate", version, about = "SMTP relay and webhook gateway appliance")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        #[arg(long, short, default_value = "/etc/floodgate/floodgate.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file; prints what is wrong and exits 2 if anything is.
+    CheckConfig {
+        #[arg(long, short, default_value = "/etc/floodgate/floodgate.toml")]
+        config: PathBuf,
+    },
+    /// Read a password on standard input and print its Argon2 hash for `[[smtp.users]]`.
+    HashPassword,
+}
+
+/// Exit code for a config that cannot be used (sysexits' EX_USAGE is 64; systemd and
+/// scripts here expect 2 for "bad configuration").
+const EXIT_BAD_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::HashPassword => hash_password(),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    // journald stamps every line itself; a second timestamp is noise.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("floodgate: {e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(e) = app::preflight(&config) {
+        eprintln!("floodgate: {}: {e}", path.display());
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    println!("{}: OK", path.display());
+    ExitCode::SUCCESS
+}
+
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).is_err() || line.trim_end().is_empty() {
+        eprintln!("floodgate: expected a password on standard input");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    println!(
+        "{}",
+        floodgate::smtp::auth::hash_password(line.trim_end_matches(['\r', '\n']))
+    );
+    ExitCode::SUCCESS
+}
+
+fn serve(path: &Path) -> ExitCode {
+    init_logging();
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("floodgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(path, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "floodgate stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(path: &Path, config: Config) -> anyhow::Result<()> {
+    let app = App::start(config, Deps::default()).await?;
+    let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+    tracing::info!(config = %path.display(), "floodgate ready");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usec = 0;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut usec)
+        .then(|| Duration::from_micros(usec) / 2);
+    let mut tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(&app, path),
+            _ = tick.tick(), if watchdog.is_some() => {
+                // Ping only if the queue writer answers: a wedged writer means a wedged
+                // daemon, and systemd should restart it.
+                match tokio::time::timeout(Duration::from_secs(10), app.queue().ping()).await {
+                    Ok(Ok(())) => { let _ = sd_notify::notify(false, &[NotifyState::Watchdog]); }
+                    _ => tracing::error!("queue writer did not answer; withholding the watchdog ping"),
+                }
+            }
+        }
+    }
+    let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+    tracing::info!("shutting down");
+    app.shutdown().await;
+    Ok(())
+}
+
+fn reload(app: &App, path: &Path) {
+    let _ = sd_notify::notify(false, &[NotifyState::Reloading]);
+    match Config::load(path).map_err(|e| e.to_string()).and_then(|c| app.reload(c).map_err(|e| e.to_string())) {
+        Ok(changed) if changed.is_empty() => tracing::info!("config reloaded: nothing changed"),
+        Ok(changed) => tracing::info!(changed = %changed.join(", "), "config reloaded"),
+        Err(e) => tracing::error!(error = %e, "config reload refused; the running config stays"),
+    }
+    let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+}

@@ -1,0 +1,225 @@
+//! The durable queue in `<[queue] dir>/queue.db`: types, and the API the rest of the
+//! daemon uses. SQL lives in `store`, the group commit in `writer`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use rusqlite::Connection;
+use rusqlite::ffi::ErrorCode;
+
+pub mod store;
+pub mod writer;
+
+pub use store::{StoredMessage, StoredRecipient};
+pub use writer::{Writer, WriterStats};
+
+use crate::clock::Clock;
+use crate::config::QueueConfig;
+
+/// Why the queue could not take or give something. Cloneable because one failed group
+/// commit answers every caller in it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QueueError {
+    /// SQLITE_FULL: the disk, or the configured size cap, is full.
+    #[error("queue is full: {0}")]
+    Full(String),
+    /// Another process holds the database lock past the busy timeout.
+    #[error("queue is busy: {0}")]
+    Busy(String),
+    #[error("queue write failed: {0}")]
+    Write(String),
+    #[error("queue schema: {0}")]
+    Schema(String),
+    #[error("queue is shutting down")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for QueueError {
+    fn from(e: rusqlite::Error) -> QueueError {
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => QueueError::Full(e.to_string()),
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+                QueueError::Busy(e.to_string())
+            }
+            _ => QueueError::Write(e.to_string()),
+        }
+    }
+}
+
+/// A queue identifier, given to the client in `250 2.0.0 <id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QueueId(String);
+
+impl QueueId {
+    /// Time-ordered and unique enough for a UNIQUE column: microseconds since the epoch
+    /// plus 20 random bits.
+    pub fn generate(now_us: i64) -> QueueId {
+        let noise: u32 = rand::random::<u32>() & 0xF_FFFF;
+        QueueId(format!("{:013X}{noise:05X}", now_us.max(0)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for QueueId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a message came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Smtp,
+    Http,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Smtp => "smtp",
+            Source::Http => "http",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewRecipient {
+    pub address: String,
+    pub domain: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub queue_id: QueueId,
+    pub sender: String,
+    pub campaign: Option<String>,
+    pub source: Source,
+    /// Client address (SMTP) or API key name (HTTP), for the record.
+    pub client: String,
+    pub body: Vec<u8>,
+    pub recipients: Vec<NewRecipient>,
+}
+
+/// A recipient's place in its life. Stored as an integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecipientState {
+    /// Waiting for its next attempt (first or retry).
+    Scheduled,
+    Delivered,
+    Failed,
+}
+
+impl RecipientState {
+    pub fn as_i64(self) -> i64 {
+        match self {
+            RecipientState::Scheduled => 0,
+            RecipientState::Delivered => 1,
+            RecipientState::Failed => 2,
+        }
+    }
+
+    pub fn from_i64(v: i64) -> RecipientState {
+        match v {
+            1 => RecipientState::Delivered,
+            2 => RecipientState::Failed,
+            _ => RecipientState::Scheduled,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecipientState::Scheduled => "scheduled",
+            RecipientState::Delivered => "delivered",
+            RecipientState::Failed => "failed",
+        }
+    }
+}
+
+/// The queue: a writer for changes and read-only connections for status.
+#[derive(Clone)]
+pub struct Queue {
+    writer: Writer,
+    path: PathBuf,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Queue {
+    /// Opens (creating if needed) queue.db and starts its writer thread. The thread ends
+    /// once every clone of the returned `Queue` is dropped; join it to be sure the last
+    /// batch is committed.
+    pub fn open(
+        config: &QueueConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Queue, JoinHandle<()>), QueueError> {
+        std::fs::create_dir_all(&config.dir).map_err(|e| {
+            QueueError::Write(format!("cannot create {}: {e}", config.dir.display()))
+        })?;
+        let path = config.dir.join("queue.db");
+        let conn = store::open_writer(&path, config.synchronous, config.max_size_mb)?;
+        let (writer, handle) = Writer::start(conn, config.max_batch);
+        let queue = Queue {
+            writer,
+            path,
+            readers: Arc::default(),
+            clock,
+        };
+        Ok((queue, handle))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn writer_stats(&self) -> &WriterStats {
+        &self.writer.stats
+    }
+
+    /// Stores a message and its recipients; returns once the commit holding it is durable.
+    pub async fn enqueue(&self, msg: NewMessage) -> Result<(), QueueError> {
+        let now = self.clock.now_ms();
+        self.writer
+            .run(move |conn| store::insert_message(conn, &msg, now))
+            .await
+    }
+
+    /// Proves the writer thread is alive and committing (the systemd watchdog asks).
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        self.writer.run(|_| Ok(())).await
+    }
+
+    /// Runs a read on a pooled read-only connection, off the async threads.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, QueueError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, QueueError> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().expect("reader pool").pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => store::open_reader(&path)?,
+            };
+            let result = f(&conn);
+            readers.lock().expect("reader pool").push(conn);
+            result
+        })
+        .await
+        .map_err(|e| QueueError::Write(format!("read task failed: {e}")))?
+    }
+
+    pub async fn message(&self, queue_id: &str) -> Result<Option<StoredMessage>, QueueError> {
+        let id = queue_id.to_owned();
+        self.read(move |conn| store::read_message(conn, &id)).await
+    }
+
+    pub async fn count_by_state(&self) -> Result<Vec<(RecipientState, u64)>, QueueError> {
+        self.read(store::count_by_state).await
+    }
+}

@@ -1,0 +1,197 @@
+//! Every SQL statement the queue runs: schema and migrations, enqueue, claims, outcomes,
+//! purges and status reads. Nothing outside this file speaks SQL to queue.db.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use super::{NewMessage, QueueError, RecipientState};
+use crate::config::Synchronous;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: messages with their body stored once; one row per recipient; campaign states.
+    "CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        queue_id TEXT NOT NULL UNIQUE,
+        sender TEXT NOT NULL,
+        campaign TEXT,
+        source TEXT NOT NULL,
+        client TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        body BLOB
+    );
+    CREATE TABLE recipients (
+        id INTEGER PRIMARY KEY,
+        message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        campaign TEXT,
+        state INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt INTEGER NOT NULL,
+        lease_until INTEGER,
+        last_reply TEXT,
+        reason TEXT,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX recipients_due ON recipients(state, next_attempt) WHERE state = 0;
+    CREATE INDEX recipients_message ON recipients(message_id);
+    CREATE INDEX recipients_campaign ON recipients(campaign, state);
+    CREATE TABLE campaigns (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        blocked_until INTEGER,
+        updated_at INTEGER NOT NULL
+    );",
+];
+
+/// Opens queue.db for writing, applies pragmas and migrations.
+pub fn open_writer(
+    path: &Path,
+    synchronous: Synchronous,
+    max_size_mb: u64,
+) -> Result<Connection, QueueError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        },
+    )?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    if max_size_mb > 0 {
+        let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = max_size_mb * 1024 * 1024 / page_size.max(512);
+        conn.pragma_update(None, "max_page_count", pages)?;
+    }
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+/// Opens a read-only connection (WAL readers never block the writer).
+pub fn open_reader(path: &Path) -> Result<Connection, QueueError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> Result<(), QueueError> {
+    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > MIGRATIONS.len() {
+        return Err(QueueError::Schema(format!(
+            "queue.db has schema version {version}, this Floodgate knows {}: refusing to touch it",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// Inserts one message and its recipients. Runs inside the writer's batch transaction.
+pub fn insert_message(conn: &Connection, msg: &NewMessage, now_ms: i64) -> Result<(), QueueError> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO messages (queue_id, sender, campaign, source, client, received_at, size, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    stmt.execute(params![
+        msg.queue_id.as_str(),
+        msg.sender,
+        msg.campaign,
+        msg.source.as_str(),
+        msg.client,
+        now_ms,
+        msg.body.len() as i64,
+        &msg.body[..],
+    ])?;
+    let message_id = conn.last_insert_rowid();
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO recipients (message_id, address, domain, campaign, state, next_attempt, updated_at)
+         VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)",
+    )?;
+    for rcpt in &msg.recipients {
+        stmt.execute(params![message_id, rcpt.address, rcpt.domain, msg.campaign, now_ms])?;
+    }
+    Ok(())
+}
+
+/// A queued message as stored, for status reads and tests.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub queue_id: String,
+    pub sender: String,
+    pub campaign: Option<String>,
+    pub body: Option<Vec<u8>>,
+    pub recipients: Vec<StoredRecipient>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoredRecipient {
+    pub address: String,
+    pub state: RecipientState,
+    pub attempts: u32,
+    pub last_reply: Option<String>,
+    pub reason: Option<String>,
+}
+
+pub fn read_message(conn: &Connection, queue_id: &str) -> Result<Option<StoredMessage>, QueueError> {
+    let row = conn
+        .query_row(
+            "SELECT id, queue_id, sender, campaign, body FROM messages WHERE queue_id = ?1",
+            [queue_id],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    StoredMessage {
+                        queue_id: r.get(1)?,
+                        sender: r.get(2)?,
+                        campaign: r.get(3)?,
+                        body: r.get(4)?,
+                        recipients: Vec::new(),
+                    },
+                ))
+            },
+        )
+        .optional()?;
+    let Some((id, mut msg)) = row else {
+        return Ok(None);
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT address, state, attempts, last_reply, reason FROM recipients
+         WHERE message_id = ?1 ORDER BY id",
+    )?;
+    msg.recipients = stmt
+        .query_map([id], |r| {
+            Ok(StoredRecipient {
+                address: r.get(0)?,
+                state: RecipientState::from_i64(r.get(1)?),
+                attempts: r.get(2)?,
+                last_reply: r.get(3)?,
+                reason: r.get(4)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(Some(msg))
+}
+
+/// Recipients per state, for metrics and `floodgate ctl queue`.
+pub fn count_by_state(conn: &Connection) -> Result<Vec<(RecipientState, u64)>, QueueError> {
+    let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM recipients GROUP BY state")?;
+    let rows = stmt
+        .query_map([], |r| Ok((RecipientState::from_i64(r.get(0)?), r.get::<_, u64>(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}

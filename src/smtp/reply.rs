@@ -1,0 +1,173 @@
+//! SMTP replies with enhanced status codes (RFC 3463), and the one table that maps a
+//! failure reason to the reply the client sees (DESIGN.md, "Replies").
+
+use std::borrow::Cow;
+use std::fmt;
+
+use crate::reason::Reason;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub esc: [u8; 3],
+    pub text: Cow<'static, str>,
+}
+
+impl Reply {
+    pub const fn new(code: u16, esc: [u8; 3], text: &'static str) -> Reply {
+        Reply {
+            code,
+            esc,
+            text: Cow::Borrowed(text),
+        }
+    }
+
+    pub fn owned(code: u16, esc: [u8; 3], text: String) -> Reply {
+        Reply {
+            code,
+            esc,
+            text: Cow::Owned(text),
+        }
+    }
+
+    pub fn is_positive(&self) -> bool {
+        self.code < 400
+    }
+
+    /// 4xx: the client keeps the message and tries again.
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+
+    /// Appends the wire form (`CODE X.Y.Z text\r\n`) through smtp-proto's generator.
+    /// Replies outside a transaction (greeting, 354, 334) carry no enhanced code (RFC
+    /// 2034 §4): they are built with `[0, 0, 0]` and written as `CODE text`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        if self.esc == [0, 0, 0] {
+            out.extend_from_slice(format!("{} {}\r\n", self.code, self.text).as_bytes());
+            return;
+        }
+        let [a, b, c] = self.esc;
+        smtp_proto::Response::new(self.code, a, b, c, &self.text)
+            .write(out)
+            .expect("writing to a Vec cannot fail");
+    }
+
+    /// The enhanced status code as text, e.g. `5.1.10`.
+    pub fn status(&self) -> String {
+        let [a, b, c] = self.esc;
+        format!("{a}.{b}.{c}")
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c] = self.esc;
+        write!(f, "{} {a}.{b}.{c} {}", self.code, self.text)
+    }
+}
+
+/// The reply for a recipient or message refused for `reason`. HTTP responses quote the
+/// same code and text, so both doors speak one language.
+pub fn for_reason(reason: Reason) -> Reply {
+    use Reason::*;
+    match reason {
+        EmptyAddress => Reply::new(501, [5, 1, 3], "Recipient address is empty"),
+        MalformedAddress => Reply::new(501, [5, 1, 3], "Recipient address is malformed"),
+        NoSuchDomain => Reply::new(550, [5, 1, 2], "Recipient domain does not exist"),
+        NoMailHost => Reply::new(550, [5, 1, 2], "Recipient domain has no mail host (no MX, A or AAAA)"),
+        NullMx => Reply::new(556, [5, 1, 10], "Recipient domain accepts no mail (null MX)"),
+        DnsTempfail => Reply::new(451, [4, 4, 3], "DNS lookup of recipient domain failed, try again later"),
+        NoRoute => Reply::new(550, [5, 7, 1], "No route for recipient domain"),
+        RelayDenied => Reply::new(554, [5, 7, 1], "Relay access denied: authenticate or connect from an allowed network"),
+        CampaignPaused => Reply::new(451, [4, 7, 1], "Campaign is paused, try again later"),
+        IntakePaused => Reply::new(451, [4, 7, 1], "Intake is paused, try again later"),
+        TooManyRecipients => Reply::new(452, [4, 5, 3], "Too many recipients"),
+        MessageTooBig => Reply::new(552, [5, 3, 4], "Message exceeds maximum size"),
+        QueueUnavailable => Reply::new(452, [4, 3, 1], "Queue unavailable (insufficient storage), try again later"),
+        RateLimited => Reply::new(451, [4, 7, 1], "Rate limit exceeded, try again later"),
+        Rejected => Reply::new(550, [5, 0, 0], "Rejected by the destination"),
+        Deferred => Reply::new(451, [4, 0, 0], "Deferred by the destination"),
+        Expired => Reply::new(550, [5, 4, 7], "Delivery time expired"),
+        Purged => Reply::new(550, [5, 0, 0], "Purged by an operator"),
+    }
+}
+
+/// Replies that are not about a recipient's fate.
+pub mod fixed {
+    use super::Reply;
+
+    pub const OK: Reply = Reply::new(250, [2, 0, 0], "OK");
+    pub const SENDER_OK: Reply = Reply::new(250, [2, 1, 0], "Sender OK");
+    pub const RCPT_OK: Reply = Reply::new(250, [2, 1, 5], "Recipient OK");
+    pub const RESET: Reply = Reply::new(250, [2, 0, 0], "Reset");
+    pub const BYE: Reply = Reply::new(221, [2, 0, 0], "Bye");
+    pub const VRFY: Reply = Reply::new(252, [2, 5, 2], "Cannot verify the user, but will accept the message");
+    pub const HELP: Reply = Reply::new(214, [2, 0, 0], "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH");
+    pub const START_DATA: Reply = Reply::new(354, [0, 0, 0], "");
+    pub const START_TLS: Reply = Reply::new(220, [2, 0, 0], "Ready to start TLS");
+    pub const AUTH_OK: Reply = Reply::new(235, [2, 7, 0], "Authentication succeeded");
+    pub const AUTH_FAILED: Reply = Reply::new(535, [5, 7, 8], "Authentication credentials invalid");
+    pub const AUTH_NEEDS_TLS: Reply = Reply::new(538, [5, 7, 11], "Encryption required for requested authentication mechanism");
+    pub const AUTH_CANCELLED: Reply = Reply::new(501, [5, 0, 0], "Authentication cancelled");
+    pub const AUTH_MECH: Reply = Reply::new(504, [5, 5, 4], "Unrecognized authentication mechanism");
+    pub const AUTH_TWICE: Reply = Reply::new(503, [5, 5, 1], "Already authenticated");
+    pub const BAD_SEQUENCE_HELO: Reply = Reply::new(503, [5, 5, 1], "Send EHLO or HELO first");
+    pub const BAD_SEQUENCE_MAIL: Reply = Reply::new(503, [5, 5, 1], "Sender not yet given");
+    pub const BAD_SEQUENCE_NESTED: Reply = Reply::new(503, [5, 5, 1], "Sender already given");
+    pub const BAD_SEQUENCE_RCPT: Reply = Reply::new(503, [5, 5, 1], "No valid recipients");
+    pub const BAD_SEQUENCE_TLS: Reply = Reply::new(503, [5, 5, 1], "TLS already active");
+    pub const NO_TLS: Reply = Reply::new(454, [4, 7, 0], "TLS not available");
+    pub const TLS_FIRST: Reply = Reply::new(503, [5, 5, 1], "Finish or reset the transaction first");
+    pub const UNKNOWN: Reply = Reply::new(500, [5, 5, 1], "Command unrecognized");
+    pub const UNSUPPORTED: Reply = Reply::new(502, [5, 5, 1], "Command not implemented");
+    pub const SYNTAX: Reply = Reply::new(501, [5, 5, 4], "Syntax error in parameters");
+    pub const BAD_SENDER: Reply = Reply::new(501, [5, 1, 7], "Sender address is malformed");
+    pub const LINE_TOO_LONG: Reply = Reply::new(500, [5, 5, 2], "Line too long (limit is 1000 octets)");
+    pub const SIZE_DECLARED: Reply = Reply::new(552, [5, 3, 4], "Declared message size exceeds maximum size");
+    pub const TOO_MANY_ERRORS: Reply = Reply::new(421, [4, 7, 0], "Too many errors, closing connection");
+    pub const TOO_MANY_CONNECTIONS: Reply = Reply::new(421, [4, 7, 0], "Too many connections, try again later");
+    pub const TIMEOUT: Reply = Reply::new(421, [4, 4, 2], "Timeout, closing connection");
+    pub const SHUTDOWN: Reply = Reply::new(421, [4, 3, 2], "Service shutting down, try again later");
+    pub const BARE_LF: Reply = Reply::new(500, [5, 5, 2], "Bare LF or CR in data is not allowed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(r: &Reply) -> String {
+        let mut out = Vec::new();
+        r.write_to(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn design_table() {
+        for (reason, code, esc) in [
+            (Reason::EmptyAddress, 501, "5.1.3"),
+            (Reason::MalformedAddress, 501, "5.1.3"),
+            (Reason::NoSuchDomain, 550, "5.1.2"),
+            (Reason::NoMailHost, 550, "5.1.2"),
+            (Reason::NullMx, 556, "5.1.10"),
+            (Reason::DnsTempfail, 451, "4.4.3"),
+            (Reason::NoRoute, 550, "5.7.1"),
+            (Reason::RelayDenied, 554, "5.7.1"),
+            (Reason::CampaignPaused, 451, "4.7.1"),
+            (Reason::IntakePaused, 451, "4.7.1"),
+            (Reason::TooManyRecipients, 452, "4.5.3"),
+            (Reason::MessageTooBig, 552, "5.3.4"),
+            (Reason::QueueUnavailable, 452, "4.3.1"),
+        ] {
+            let r = for_reason(reason);
+            assert_eq!((r.code, r.status().as_str()), (code, esc), "{reason}");
+            assert!(wire(&r).starts_with(&format!("{code} {esc} ")), "{}", wire(&r));
+            assert_eq!(r.is_transient(), reason.is_temporary(), "{reason}");
+        }
+    }
+
+    #[test]
+    fn two_digit_detail_is_written_whole() {
+        assert!(wire(&for_reason(Reason::NullMx)).starts_with("556 5.1.10 "));
+    }
+}

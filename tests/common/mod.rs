@@ -1,0 +1,11 @@
+//! Shared real-peer test harness for integration tests: include with `mod common;`.
+//!
+//! * [`dns`]: a real authoritative DNS server (hickory-server) and a black-hole nameserver,
+//!   plus the reference notes on how hickory-resolver 0.26 reports each DNS outcome.
+//! * [`sink`]: a scriptable receiving SMTP server (STARTTLS, AUTH, failure injection).
+
+// Each test binary compiles its own copy of this module and uses only part of it.
+#![allow(dead_code)]
+
+pub mod dns;
+pub mod sink;
