@@ -87,7 +87,8 @@ fn valid_domain(domain: &str) -> bool {
             && l.len() <= 63
             && !l.starts_with('-')
             && !l.ends_with('-')
-            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
     };
     // An all-numeric top label is an IP address written without brackets, not a domain.
     let tld_ok = labels
@@ -136,7 +137,11 @@ mod tests {
             "user@10.0.0.1",
             "\"unterminated@example.com",
         ] {
-            assert_eq!(parse(a), Err(Reason::MalformedAddress), "{a} should be refused");
+            assert_eq!(
+                parse(a),
+                Err(Reason::MalformedAddress),
+                "{a} should be refused"
+            );
         }
         let long_local = format!("{}@example.com", "a".repeat(65));
         assert_eq!(parse(&long_local), Err(Reason::MalformedAddress));

@@ -98,7 +98,10 @@ impl App {
         for addr in &config.smtp.listen {
             let listener = TcpListener::bind(addr)
                 .await
-                .map_err(|source| AppError::Listen { addr: *addr, source })?;
+                .map_err(|source| AppError::Listen {
+                    addr: *addr,
+                    source,
+                })?;
             listeners.push(listener);
         }
         let smtp_addrs: Vec<SocketAddr> = listeners
@@ -159,7 +162,10 @@ impl App {
         let tls = load_tls(new.smtp.tls.as_ref())?;
         let mut changed = Vec::new();
         for key in old.restart_only_changes(&new) {
-            tracing::warn!(key, "changed in the config file but needs a restart; keeping the old value");
+            tracing::warn!(
+                key,
+                "changed in the config file but needs a restart; keeping the old value"
+            );
         }
         // Keep the settings that only a restart can change, so the live config always
         // describes what is actually running.
@@ -179,12 +185,32 @@ impl App {
         }
         self.server.tls.store(tls.map(Arc::new));
         for (name, a, b) in [
-            ("server", format!("{:?}", old.server), format!("{:?}", new.server)),
+            (
+                "server",
+                format!("{:?}", old.server),
+                format!("{:?}", new.server),
+            ),
             ("smtp", format!("{:?}", old.smtp), format!("{:?}", new.smtp)),
-            ("queue", format!("{:?}", old.queue), format!("{:?}", new.queue)),
-            ("delivery", format!("{:?}", old.delivery), format!("{:?}", new.delivery)),
-            ("route", format!("{:?}", old.routes), format!("{:?}", new.routes)),
-            ("admin", format!("{:?}", old.admin), format!("{:?}", new.admin)),
+            (
+                "queue",
+                format!("{:?}", old.queue),
+                format!("{:?}", new.queue),
+            ),
+            (
+                "delivery",
+                format!("{:?}", old.delivery),
+                format!("{:?}", new.delivery),
+            ),
+            (
+                "route",
+                format!("{:?}", old.routes),
+                format!("{:?}", new.routes),
+            ),
+            (
+                "admin",
+                format!("{:?}", old.admin),
+                format!("{:?}", new.admin),
+            ),
         ] {
             if a != b && !changed.iter().any(|c| c.starts_with(name)) {
                 changed.push(name.to_owned());
@@ -206,7 +232,10 @@ impl App {
             .await
             .is_err()
         {
-            tracing::warn!(open = self.server.connections.total(), "grace period over, closing remaining sessions");
+            tracing::warn!(
+                open = self.server.connections.total(),
+                "grace period over, closing remaining sessions"
+            );
             self.server.abort.cancel();
             self.server.tracker.wait().await;
         }

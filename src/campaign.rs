@@ -46,7 +46,10 @@ impl Campaign {
     }
 
     pub fn total_failures(&self) -> u64 {
-        self.failures.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.failures
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub fn is_paused(&self) -> bool {

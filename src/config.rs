@@ -264,21 +264,35 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            // One line, `line N: why`, so that it reads well in journald too.
+            message: match e.span() {
+                Some(span) => match key_at(text, span.start) {
+                    Some(key) => format!(
+                        "line {}: key `{key}`: {}",
+                        line_of(text, span.start),
+                        e.message().trim_end()
+                    ),
+                    None => format!(
+                        "line {}: {}",
+                        line_of(text, span.start),
+                        e.message().trim_end()
+                    ),
+                },
+                None => e.message().trim_end().to_owned(),
+            },
         })?;
         config.validate(text, path)?;
         Ok(config)
     }
 
     fn validate(&mut self, text: &str, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: &str, span: Option<std::ops::Range<usize>>, why: String| {
-            ConfigError::Invalid {
+        let invalid =
+            |key: &str, span: Option<std::ops::Range<usize>>, why: String| ConfigError::Invalid {
                 path: path.to_owned(),
                 key: key.to_owned(),
                 line: span.map(|s| line_of(text, s.start)),
                 why,
-            }
-        };
+            };
         if self.smtp.listen.is_empty() {
             return Err(invalid("smtp.listen", None, "at least one address".into()));
         }
@@ -292,7 +306,9 @@ impl Config {
         for source in &self.smtp.campaign_from {
             let ok = source == "auth"
                 || source == "sender"
-                || source.strip_prefix("header:").is_some_and(|h| !h.is_empty());
+                || source
+                    .strip_prefix("header:")
+                    .is_some_and(|h| !h.is_empty());
             if !ok {
                 return Err(invalid(
                     "smtp.campaign_from",
@@ -315,7 +331,10 @@ impl Config {
         }
         if let Some(tls) = &mut self.smtp.tls {
             let base = path.parent().unwrap_or(Path::new("."));
-            for (key, file) in [("smtp.tls.cert", &mut tls.cert), ("smtp.tls.key", &mut tls.key)] {
+            for (key, file) in [
+                ("smtp.tls.cert", &mut tls.cert),
+                ("smtp.tls.key", &mut tls.key),
+            ] {
                 let full = base.join(file.get_ref());
                 if !full.is_file() {
                     return Err(invalid(
@@ -335,10 +354,18 @@ impl Config {
             ));
         }
         if self.queue.max_batch == 0 {
-            return Err(invalid("queue.max_batch", None, "must be at least 1".into()));
+            return Err(invalid(
+                "queue.max_batch",
+                None,
+                "must be at least 1".into(),
+            ));
         }
         if self.dns.attempts == 0 || self.dns.timeout.0.is_zero() {
-            return Err(invalid("dns.timeout / dns.attempts", None, "must be above 0".into()));
+            return Err(invalid(
+                "dns.timeout / dns.attempts",
+                None,
+                "must be above 0".into(),
+            ));
         }
         if self.routes.is_empty() {
             // No [[route]] at all: every domain goes to its MX, the behaviour of a plain
@@ -399,6 +426,26 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// The dotted key (`smtp.allowed_networks`) written on the line holding `offset`, found
+/// from the text: the key left of `=`, under the nearest `[table]` header above it.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = text[start..end].trim();
+    let key = line.split_once('=').map(|(k, _)| k.trim())?;
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_owned(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,20 +466,24 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let err = parse(&format!("{TOKEN}[smtp]\nlisten = [\"127.0.0.1:25\"]\nmax_rcpts = 5\n"))
-            .unwrap_err()
-            .to_string();
+        let err = parse(&format!(
+            "{TOKEN}[smtp]\nlisten = [\"127.0.0.1:25\"]\nmax_rcpts = 5\n"
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("max_rcpts"), "{err}");
         assert!(err.contains("line 5"), "{err}");
     }
 
     #[test]
     fn bad_cidr_is_refused_with_line() {
-        let err = parse(&format!("{TOKEN}[smtp]\nallowed_networks = [\"10.0.0.0/33\"]\n"))
-            .unwrap_err()
-            .to_string();
+        let err = parse(&format!(
+            "{TOKEN}[smtp]\nallowed_networks = [\"10.0.0.0/33\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("line 4"), "{err}");
-        assert!(err.contains("allowed_networks"), "{err}");
+        assert!(err.contains("key `smtp.allowed_networks`"), "{err}");
     }
 
     #[test]
@@ -449,7 +500,9 @@ mod tests {
 
     #[test]
     fn short_admin_token_is_refused() {
-        let err = parse("[admin]\ntoken = \"short\"\n").unwrap_err().to_string();
+        let err = parse("[admin]\ntoken = \"short\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("admin.token"), "{err}");
     }
 

@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-use hickory_resolver::net::{DnsError, NetError};
+use arc_swap::ArcSwap;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::{Resolver as HickoryResolver, TokioResolver};
-use arc_swap::ArcSwap;
 use tokio::sync::OnceCell;
 
 use crate::config::DnsConfig;
@@ -85,6 +85,10 @@ impl Hickory {
             )
         };
         let opts = builder.options_mut();
+        if !config.nameservers.is_empty() {
+            // Explicit nameservers mean explicit answers: /etc/hosts must not shadow them.
+            opts.use_hosts_file = ResolveHosts::Never;
+        }
         opts.timeout = config.timeout.0;
         opts.attempts = config.attempts;
         // Our own cache holds verdicts; hickory's holds the raw records for delivery.
@@ -122,7 +126,9 @@ impl Resolver for Hickory {
         let name = fqdn(domain);
         Box::pin(async move {
             let lookup = self.resolver.mx_lookup(name).await.map_err(classify)?;
-            let ttl = lookup.valid_until().saturating_duration_since(Instant::now());
+            let ttl = lookup
+                .valid_until()
+                .saturating_duration_since(Instant::now());
             let items = lookup
                 .answers()
                 .iter()
@@ -146,7 +152,9 @@ impl Resolver for Hickory {
         let name = fqdn(host);
         Box::pin(async move {
             let lookup = self.resolver.lookup_ip(name).await.map_err(classify)?;
-            let ttl = lookup.valid_until().saturating_duration_since(Instant::now());
+            let ttl = lookup
+                .valid_until()
+                .saturating_duration_since(Instant::now());
             Ok(Records {
                 items: lookup.iter().collect(),
                 ttl,
@@ -362,13 +370,24 @@ mod tests {
                 };
                 match domain.as_str() {
                     "mx.test" => Ok(Records {
-                        items: vec![mx("b.mx.test"), MxHost { preference: 5, exchange: "a.mx.test".into() }],
+                        items: vec![
+                            mx("b.mx.test"),
+                            MxHost {
+                                preference: 5,
+                                exchange: "a.mx.test".into(),
+                            },
+                        ],
                         ttl: Duration::from_secs(60),
                     }),
-                    "null.test" => Ok(Records { items: vec![mx("")], ttl: Duration::from_secs(60) }),
+                    "null.test" => Ok(Records {
+                        items: vec![mx("")],
+                        ttl: Duration::from_secs(60),
+                    }),
                     "a-only.test" | "nothing.test" => Err(LookupError::NoData { ttl: None }),
                     "broken.test" => Err(LookupError::Temporary("servfail".into())),
-                    _ => Err(LookupError::NxDomain { ttl: Some(Duration::from_secs(60)) }),
+                    _ => Err(LookupError::NxDomain {
+                        ttl: Some(Duration::from_secs(60)),
+                    }),
                 }
             })
         }
@@ -377,7 +396,10 @@ mod tests {
             let found = host == "a-only.test";
             Box::pin(async move {
                 if found {
-                    Ok(Records { items: vec!["127.0.0.1".parse().unwrap()], ttl: Duration::from_secs(60) })
+                    Ok(Records {
+                        items: vec!["127.0.0.1".parse().unwrap()],
+                        ttl: Duration::from_secs(60),
+                    })
                 } else {
                     Err(LookupError::NoData { ttl: None })
                 }
@@ -386,7 +408,9 @@ mod tests {
     }
 
     fn dns() -> (Arc<Table>, MailDns) {
-        let table = Arc::new(Table { calls: AtomicUsize::new(0) });
+        let table = Arc::new(Table {
+            calls: AtomicUsize::new(0),
+        });
         let dns = MailDns::new(table.clone(), &DnsConfig::default());
         (table, dns)
     }
@@ -427,8 +451,13 @@ mod tests {
 
     #[tokio::test]
     async fn cache_stays_bounded() {
-        let table = Arc::new(Table { calls: AtomicUsize::new(0) });
-        let config = DnsConfig { cache_size: 100, ..DnsConfig::default() };
+        let table = Arc::new(Table {
+            calls: AtomicUsize::new(0),
+        });
+        let config = DnsConfig {
+            cache_size: 100,
+            ..DnsConfig::default()
+        };
         let dns = MailDns::new(table, &config);
         for i in 0..1000 {
             dns.verdict(&format!("d{i}.test")).await;

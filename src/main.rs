@@ -13,7 +13,11 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
-#[command(name = "floodgate", version, about = "SMTP relay and webhook gateway appliance")]
+#[command(
+    name = "floodgate",
+    version,
+    about = "SMTP relay and webhook gateway appliance"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -126,8 +130,8 @@ async fn run(path: &Path, config: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut usec = 0;
-    let watchdog = sd_notify::watchdog_enabled(false, &mut usec)
-        .then(|| Duration::from_micros(usec) / 2);
+    let watchdog =
+        sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec) / 2);
     let mut tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     loop {
         tokio::select! {
@@ -152,7 +156,10 @@ async fn run(path: &Path, config: Config) -> anyhow::Result<()> {
 
 fn reload(app: &App, path: &Path) {
     let _ = sd_notify::notify(false, &[NotifyState::Reloading]);
-    match Config::load(path).map_err(|e| e.to_string()).and_then(|c| app.reload(c).map_err(|e| e.to_string())) {
+    match Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|c| app.reload(c).map_err(|e| e.to_string()))
+    {
         Ok(changed) if changed.is_empty() => tracing::info!("config reloaded: nothing changed"),
         Ok(changed) => tracing::info!(changed = %changed.join(", "), "config reloaded"),
         Err(e) => tracing::error!(error = %e, "config reload refused; the running config stays"),

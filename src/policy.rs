@@ -58,9 +58,7 @@ impl Policy {
         }
         let mailbox = address::parse(address)?;
         self.check_open(campaign)?;
-        let route = config
-            .route_for(&mailbox.domain)
-            .ok_or(Reason::NoRoute)?;
+        let route = config.route_for(&mailbox.domain).ok_or(Reason::NoRoute)?;
         if route.check_dns() {
             match self.dns.verdict(&mailbox.domain).await {
                 Verdict::Mail(_) => {}

@@ -94,7 +94,9 @@ impl Route {
         }
         for d in &self.domains {
             if d.is_empty() || (d.contains('*') && d != "*" && !d.starts_with("*.")) {
-                return Err(format!("domain pattern `{d}`: use `example.com`, `*.example.com` or `*`"));
+                return Err(format!(
+                    "domain pattern `{d}`: use `example.com`, `*.example.com` or `*`"
+                ));
             }
         }
         match self.transport {
@@ -136,6 +138,20 @@ fn match_pattern(pattern: &str, domain: &str) -> Option<usize> {
     pattern.eq_ignore_ascii_case(domain).then_some(usize::MAX)
 }
 
+/// The route serving `domain`, if any: the most specific match wins (see
+/// [`Route::specificity`]); among equals, the first in the file.
+pub fn find<'a>(routes: &'a [Route], domain: &str) -> Option<(usize, &'a Route)> {
+    let mut best: Option<(usize, usize, &Route)> = None;
+    for (i, route) in routes.iter().enumerate() {
+        if let Some(score) = route.specificity(domain)
+            && best.is_none_or(|(s, _, _)| score > s)
+        {
+            best = Some((score, i, route));
+        }
+    }
+    best.map(|(_, i, r)| (i, r))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,23 +167,13 @@ mod tests {
             ("*.example.com", "example.com", false),
             ("*.example.com", "badexample.com", false),
         ] {
-            assert_eq!(match_pattern(pattern, domain).is_some(), matches, "{pattern} {domain}");
+            assert_eq!(
+                match_pattern(pattern, domain).is_some(),
+                matches,
+                "{pattern} {domain}"
+            );
         }
         assert!(match_pattern("a.test", "a.test") > match_pattern("*.test", "a.test"));
         assert!(match_pattern("*.test", "a.test") > match_pattern("*", "a.test"));
     }
-}
-
-/// The route serving `domain`, if any: the most specific match wins (see
-/// [`Route::specificity`]); among equals, the first in the file.
-pub fn find<'a>(routes: &'a [Route], domain: &str) -> Option<(usize, &'a Route)> {
-    let mut best: Option<(usize, usize, &Route)> = None;
-    for (i, route) in routes.iter().enumerate() {
-        if let Some(score) = route.specificity(domain)
-            && best.is_none_or(|(s, _, _)| score > s)
-        {
-            best = Some((score, i, route));
-        }
-    }
-    best.map(|(_, i, r)| (i, r))
 }

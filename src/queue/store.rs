@@ -123,7 +123,13 @@ pub fn insert_message(conn: &Connection, msg: &NewMessage, now_ms: i64) -> Resul
          VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)",
     )?;
     for rcpt in &msg.recipients {
-        stmt.execute(params![message_id, rcpt.address, rcpt.domain, msg.campaign, now_ms])?;
+        stmt.execute(params![
+            message_id,
+            rcpt.address,
+            rcpt.domain,
+            msg.campaign,
+            now_ms
+        ])?;
     }
     Ok(())
 }
@@ -147,7 +153,10 @@ pub struct StoredRecipient {
     pub reason: Option<String>,
 }
 
-pub fn read_message(conn: &Connection, queue_id: &str) -> Result<Option<StoredMessage>, QueueError> {
+pub fn read_message(
+    conn: &Connection,
+    queue_id: &str,
+) -> Result<Option<StoredMessage>, QueueError> {
     let row = conn
         .query_row(
             "SELECT id, queue_id, sender, campaign, body FROM messages WHERE queue_id = ?1",
@@ -191,7 +200,9 @@ pub fn read_message(conn: &Connection, queue_id: &str) -> Result<Option<StoredMe
 pub fn count_by_state(conn: &Connection) -> Result<Vec<(RecipientState, u64)>, QueueError> {
     let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM recipients GROUP BY state")?;
     let rows = stmt
-        .query_map([], |r| Ok((RecipientState::from_i64(r.get(0)?), r.get::<_, u64>(1)?)))?
+        .query_map([], |r| {
+            Ok((RecipientState::from_i64(r.get(0)?), r.get::<_, u64>(1)?))
+        })?
         .collect::<Result<_, _>>()?;
     Ok(rows)
 }

@@ -1,8 +1,8 @@
 //! SMTP AUTH (RFC 4954): the PLAIN and LOGIN exchanges, and password checks against the
 //! Argon2 hashes in `[[smtp.users]]`.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 
@@ -65,7 +65,9 @@ pub fn advance(step: Step, line: &str) -> Progress {
 }
 
 fn decode_text(b64: &str) -> Option<String> {
-    B64.decode(b64.trim()).ok().and_then(|b| String::from_utf8(b).ok())
+    B64.decode(b64.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
 }
 
 /// PLAIN carries `authzid NUL authcid NUL password` (RFC 4616).
@@ -90,7 +92,10 @@ fn decode_plain(b64: &str) -> Progress {
 pub fn verify(users: &[UserConfig], user: &str, password: &str) -> bool {
     let Some(entry) = users.iter().find(|u| u.name == user) else {
         // Spend the same effort for unknown users so timing does not reveal who exists.
-        let _ = Argon2::default().hash_password(password.as_bytes(), &SaltString::from_b64("c29tZXNhbHRzb21lc2FsdA").expect("static salt"));
+        let _ = Argon2::default().hash_password(
+            password.as_bytes(),
+            &SaltString::from_b64("c29tZXNhbHRzb21lc2FsdA").expect("static salt"),
+        );
         return false;
     };
     PasswordHash::new(&entry.password_hash)
@@ -120,24 +125,40 @@ mod tests {
         let initial = B64.encode("\0alice\0secret");
         assert_eq!(
             start(true, &initial),
-            Progress::Credentials { user: "alice".into(), password: "secret".into() }
+            Progress::Credentials {
+                user: "alice".into(),
+                password: "secret".into()
+            }
         );
-        let Progress::Challenge(c, step) = start(false, "") else { panic!() };
+        let Progress::Challenge(c, step) = start(false, "") else {
+            panic!()
+        };
         assert_eq!(c, USERNAME_CHALLENGE);
-        let Progress::Challenge(c, step) = advance(step, &B64.encode("bob")) else { panic!() };
+        let Progress::Challenge(c, step) = advance(step, &B64.encode("bob")) else {
+            panic!()
+        };
         assert_eq!(c, PASSWORD_CHALLENGE);
         assert_eq!(
             advance(step, &B64.encode("pw")),
-            Progress::Credentials { user: "bob".into(), password: "pw".into() }
+            Progress::Credentials {
+                user: "bob".into(),
+                password: "pw".into()
+            }
         );
         assert_eq!(advance(Step::PlainResponse, "*"), Progress::Cancelled);
-        assert_eq!(advance(Step::PlainResponse, "!!notbase64"), Progress::Malformed);
+        assert_eq!(
+            advance(Step::PlainResponse, "!!notbase64"),
+            Progress::Malformed
+        );
         assert_eq!(start(true, &B64.encode("no-nuls")), Progress::Malformed);
     }
 
     #[test]
     fn verify_against_hash() {
-        let users = vec![UserConfig { name: "app".into(), password_hash: hash_password("s3cret") }];
+        let users = vec![UserConfig {
+            name: "app".into(),
+            password_hash: hash_password("s3cret"),
+        }];
         assert!(verify(&users, "app", "s3cret"));
         assert!(!verify(&users, "app", "wrong"));
         assert!(!verify(&users, "nobody", "s3cret"));

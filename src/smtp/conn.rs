@@ -63,7 +63,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Reads more input. Replies gathered so far go out first: a pipelining client gets
     /// one write for its whole batch of commands.
-    async fn fill(&mut self, timeout: Duration, shutdown: Option<&CancellationToken>) -> Result<(), LineError> {
+    async fn fill(
+        &mut self,
+        timeout: Duration,
+        shutdown: Option<&CancellationToken>,
+    ) -> Result<(), LineError> {
         self.flush().await.map_err(|_| LineError::Closed)?;
         self.buf.reserve(READ_CHUNK);
         let read = tokio::time::timeout(timeout, self.stream.read_buf(&mut self.buf));
@@ -83,11 +87,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// The next line, CRLF included. A line over the limit is skipped to its end without
     /// being buffered and reported as `TooLong`.
-    async fn next_line(&mut self, timeout: Duration, shutdown: &CancellationToken) -> Result<BytesMut, LineError> {
+    async fn next_line(
+        &mut self,
+        timeout: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<BytesMut, LineError> {
         loop {
             if let Some(pos) = memchr(&self.buf) {
                 let line = self.buf.split_to(pos + 1);
-                return if line.len() > MAX_LINE { Err(LineError::TooLong) } else { Ok(line) };
+                return if line.len() > MAX_LINE {
+                    Err(LineError::TooLong)
+                } else {
+                    Ok(line)
+                };
             }
             if self.buf.len() > MAX_LINE {
                 self.buf.clear();
@@ -106,7 +118,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Receives a message body up to the terminating `CRLF.CRLF`. Returns `None` when it
     /// was larger than `max`: the excess is read and dropped, never held.
-    async fn read_data(&mut self, max: usize, timeout: Duration) -> Result<Option<Vec<u8>>, LineError> {
+    async fn read_data(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>, LineError> {
         let mut receiver = DataReceiver::new();
         let mut body = Vec::with_capacity(max.min(64 * 1024));
         // The receiver only recognises a dot that follows CRLF; seeding it with one lets
@@ -195,7 +211,8 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             Action::Reply(r) => r.write_to(&mut conn.out),
             Action::Raw(bytes) => conn.out.extend_from_slice(&bytes),
             Action::Challenge(text) => {
-                conn.out.extend_from_slice(format!("334 {text}\r\n").as_bytes());
+                conn.out
+                    .extend_from_slice(format!("334 {text}\r\n").as_bytes());
             }
             Action::Close(r) => {
                 r.write_to(&mut conn.out);
@@ -213,8 +230,12 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 return Exit::StartTls;
             }
             Action::StartData => {
-                conn.out.extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
-                let body = match conn.read_data(session.max_message_size(), data_timeout).await {
+                conn.out
+                    .extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
+                let body = match conn
+                    .read_data(session.max_message_size(), data_timeout)
+                    .await
+                {
                     Ok(body) => body,
                     Err(LineError::Timeout) => {
                         fixed::TIMEOUT.write_to(&mut conn.out);

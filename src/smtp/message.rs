@@ -62,7 +62,9 @@ pub fn header_value(message: &[u8], name: &str) -> Option<String> {
         if !line[..colon].eq_ignore_ascii_case(name.as_bytes()) {
             continue;
         }
-        let mut value = String::from_utf8_lossy(&line[colon + 1..]).trim().to_owned();
+        let mut value = String::from_utf8_lossy(&line[colon + 1..])
+            .trim()
+            .to_owned();
         while let Some(next) = lines.peek() {
             if !next.starts_with(b" ") && !next.starts_with(b"\t") {
                 break;
@@ -93,8 +95,14 @@ mod tests {
     #[test]
     fn header_lookup_unfolds_and_stops_at_body() {
         let msg = b"Subject: hi\r\nX-Campaign-ID: spring\r\n  sale\r\n\r\nX-Campaign-ID: body\r\n";
-        assert_eq!(header_value(msg, "x-campaign-id").as_deref(), Some("spring sale"));
-        assert_eq!(header_value(b"Subject: x\r\n\r\nX-Campaign-ID: b\r\n", "X-Campaign-ID"), None);
+        assert_eq!(
+            header_value(msg, "x-campaign-id").as_deref(),
+            Some("spring sale")
+        );
+        assert_eq!(
+            header_value(b"Subject: x\r\n\r\nX-Campaign-ID: b\r\n", "X-Campaign-ID"),
+            None
+        );
     }
 
     #[test]

@@ -75,16 +75,36 @@ pub fn for_reason(reason: Reason) -> Reply {
         EmptyAddress => Reply::new(501, [5, 1, 3], "Recipient address is empty"),
         MalformedAddress => Reply::new(501, [5, 1, 3], "Recipient address is malformed"),
         NoSuchDomain => Reply::new(550, [5, 1, 2], "Recipient domain does not exist"),
-        NoMailHost => Reply::new(550, [5, 1, 2], "Recipient domain has no mail host (no MX, A or AAAA)"),
-        NullMx => Reply::new(556, [5, 1, 10], "Recipient domain accepts no mail (null MX)"),
-        DnsTempfail => Reply::new(451, [4, 4, 3], "DNS lookup of recipient domain failed, try again later"),
+        NoMailHost => Reply::new(
+            550,
+            [5, 1, 2],
+            "Recipient domain has no mail host (no MX, A or AAAA)",
+        ),
+        NullMx => Reply::new(
+            556,
+            [5, 1, 10],
+            "Recipient domain accepts no mail (null MX)",
+        ),
+        DnsTempfail => Reply::new(
+            451,
+            [4, 4, 3],
+            "DNS lookup of recipient domain failed, try again later",
+        ),
         NoRoute => Reply::new(550, [5, 7, 1], "No route for recipient domain"),
-        RelayDenied => Reply::new(554, [5, 7, 1], "Relay access denied: authenticate or connect from an allowed network"),
+        RelayDenied => Reply::new(
+            554,
+            [5, 7, 1],
+            "Relay access denied: authenticate or connect from an allowed network",
+        ),
         CampaignPaused => Reply::new(451, [4, 7, 1], "Campaign is paused, try again later"),
         IntakePaused => Reply::new(451, [4, 7, 1], "Intake is paused, try again later"),
         TooManyRecipients => Reply::new(452, [4, 5, 3], "Too many recipients"),
         MessageTooBig => Reply::new(552, [5, 3, 4], "Message exceeds maximum size"),
-        QueueUnavailable => Reply::new(452, [4, 3, 1], "Queue unavailable (insufficient storage), try again later"),
+        QueueUnavailable => Reply::new(
+            452,
+            [4, 3, 1],
+            "Queue unavailable (insufficient storage), try again later",
+        ),
         RateLimited => Reply::new(451, [4, 7, 1], "Rate limit exceeded, try again later"),
         Rejected => Reply::new(550, [5, 0, 0], "Rejected by the destination"),
         Deferred => Reply::new(451, [4, 0, 0], "Deferred by the destination"),
@@ -102,15 +122,28 @@ pub mod fixed {
     pub const RCPT_OK: Reply = Reply::new(250, [2, 1, 5], "Recipient OK");
     pub const RESET: Reply = Reply::new(250, [2, 0, 0], "Reset");
     pub const BYE: Reply = Reply::new(221, [2, 0, 0], "Bye");
-    pub const VRFY: Reply = Reply::new(252, [2, 5, 2], "Cannot verify the user, but will accept the message");
-    pub const HELP: Reply = Reply::new(214, [2, 0, 0], "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH");
+    pub const VRFY: Reply = Reply::new(
+        252,
+        [2, 5, 2],
+        "Cannot verify the user, but will accept the message",
+    );
+    pub const HELP: Reply = Reply::new(
+        214,
+        [2, 0, 0],
+        "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
+    );
     pub const START_DATA: Reply = Reply::new(354, [0, 0, 0], "");
     pub const START_TLS: Reply = Reply::new(220, [2, 0, 0], "Ready to start TLS");
     pub const AUTH_OK: Reply = Reply::new(235, [2, 7, 0], "Authentication succeeded");
     pub const AUTH_FAILED: Reply = Reply::new(535, [5, 7, 8], "Authentication credentials invalid");
-    pub const AUTH_NEEDS_TLS: Reply = Reply::new(538, [5, 7, 11], "Encryption required for requested authentication mechanism");
+    pub const AUTH_NEEDS_TLS: Reply = Reply::new(
+        538,
+        [5, 7, 11],
+        "Encryption required for requested authentication mechanism",
+    );
     pub const AUTH_CANCELLED: Reply = Reply::new(501, [5, 0, 0], "Authentication cancelled");
-    pub const AUTH_MECH: Reply = Reply::new(504, [5, 5, 4], "Unrecognized authentication mechanism");
+    pub const AUTH_MECH: Reply =
+        Reply::new(504, [5, 5, 4], "Unrecognized authentication mechanism");
     pub const AUTH_TWICE: Reply = Reply::new(503, [5, 5, 1], "Already authenticated");
     pub const BAD_SEQUENCE_HELO: Reply = Reply::new(503, [5, 5, 1], "Send EHLO or HELO first");
     pub const BAD_SEQUENCE_MAIL: Reply = Reply::new(503, [5, 5, 1], "Sender not yet given");
@@ -118,17 +151,23 @@ pub mod fixed {
     pub const BAD_SEQUENCE_RCPT: Reply = Reply::new(503, [5, 5, 1], "No valid recipients");
     pub const BAD_SEQUENCE_TLS: Reply = Reply::new(503, [5, 5, 1], "TLS already active");
     pub const NO_TLS: Reply = Reply::new(454, [4, 7, 0], "TLS not available");
-    pub const TLS_FIRST: Reply = Reply::new(503, [5, 5, 1], "Finish or reset the transaction first");
+    pub const TLS_FIRST: Reply =
+        Reply::new(503, [5, 5, 1], "Finish or reset the transaction first");
     pub const UNKNOWN: Reply = Reply::new(500, [5, 5, 1], "Command unrecognized");
     pub const UNSUPPORTED: Reply = Reply::new(502, [5, 5, 1], "Command not implemented");
     pub const SYNTAX: Reply = Reply::new(501, [5, 5, 4], "Syntax error in parameters");
     pub const BAD_SENDER: Reply = Reply::new(501, [5, 1, 7], "Sender address is malformed");
-    pub const LINE_TOO_LONG: Reply = Reply::new(500, [5, 5, 2], "Line too long (limit is 1000 octets)");
-    pub const SIZE_DECLARED: Reply = Reply::new(552, [5, 3, 4], "Declared message size exceeds maximum size");
-    pub const TOO_MANY_ERRORS: Reply = Reply::new(421, [4, 7, 0], "Too many errors, closing connection");
-    pub const TOO_MANY_CONNECTIONS: Reply = Reply::new(421, [4, 7, 0], "Too many connections, try again later");
+    pub const LINE_TOO_LONG: Reply =
+        Reply::new(500, [5, 5, 2], "Line too long (limit is 1000 octets)");
+    pub const SIZE_DECLARED: Reply =
+        Reply::new(552, [5, 3, 4], "Declared message size exceeds maximum size");
+    pub const TOO_MANY_ERRORS: Reply =
+        Reply::new(421, [4, 7, 0], "Too many errors, closing connection");
+    pub const TOO_MANY_CONNECTIONS: Reply =
+        Reply::new(421, [4, 7, 0], "Too many connections, try again later");
     pub const TIMEOUT: Reply = Reply::new(421, [4, 4, 2], "Timeout, closing connection");
-    pub const SHUTDOWN: Reply = Reply::new(421, [4, 3, 2], "Service shutting down, try again later");
+    pub const SHUTDOWN: Reply =
+        Reply::new(421, [4, 3, 2], "Service shutting down, try again later");
     pub const BARE_LF: Reply = Reply::new(500, [5, 5, 2], "Bare LF or CR in data is not allowed");
 }
 
@@ -161,7 +200,11 @@ mod tests {
         ] {
             let r = for_reason(reason);
             assert_eq!((r.code, r.status().as_str()), (code, esc), "{reason}");
-            assert!(wire(&r).starts_with(&format!("{code} {esc} ")), "{}", wire(&r));
+            assert!(
+                wire(&r).starts_with(&format!("{code} {esc} ")),
+                "{}",
+                wire(&r)
+            );
             assert_eq!(r.is_transient(), reason.is_temporary(), "{reason}");
         }
     }

@@ -226,7 +226,8 @@ impl Session {
                 Action::Reply(fixed::RCPT_OK)
             }
             Err(reason) => {
-                self.intake.refused(campaign.as_deref(), reason, &to.address);
+                self.intake
+                    .refused(campaign.as_deref(), reason, &to.address);
                 Action::Reply(reply::for_reason(reason))
             }
         }
@@ -235,7 +236,8 @@ impl Session {
     /// Counts a RCPT whose address could not even be parsed.
     pub fn refuse_unparsed_rcpt(&self, line: &str) {
         let campaign = self.envelope.as_ref().and_then(|e| e.campaign.as_deref());
-        self.intake.refused(campaign, Reason::MalformedAddress, line.trim_end());
+        self.intake
+            .refused(campaign, Reason::MalformedAddress, line.trim_end());
     }
 
     fn data(&mut self) -> Action {
@@ -253,7 +255,11 @@ impl Session {
             return fixed::BAD_SEQUENCE_MAIL;
         };
         let Some(body) = body else {
-            return self.refuse_all(&envelope, envelope.campaign.as_deref(), Reason::MessageTooBig);
+            return self.refuse_all(
+                &envelope,
+                envelope.campaign.as_deref(),
+                Reason::MessageTooBig,
+            );
         };
         let campaign = self.campaign_after_data(&envelope, &body);
         if let Err(reason) = self.intake.policy.check_open(campaign.as_deref()) {
@@ -337,6 +343,9 @@ impl Session {
         if self.envelope.is_some() {
             return self.bad_command(fixed::TLS_FIRST);
         }
+        if self.config.smtp.users.is_empty() {
+            return self.bad_command(fixed::UNSUPPORTED);
+        }
         if !self.auth_allowed() {
             return Action::Reply(fixed::AUTH_NEEDS_TLS);
         }
@@ -367,9 +376,10 @@ impl Session {
             Progress::Credentials { user, password } => {
                 let users = self.config.smtp.users.clone();
                 let name = user.clone();
-                let ok = tokio::task::spawn_blocking(move || auth::verify(&users, &name, &password))
-                    .await
-                    .unwrap_or(false);
+                let ok =
+                    tokio::task::spawn_blocking(move || auth::verify(&users, &name, &password))
+                        .await
+                        .unwrap_or(false);
                 if ok {
                     tracing::info!(peer = %self.peer, %user, "authenticated");
                     self.user = Some(user);

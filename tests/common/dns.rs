@@ -1,7 +1,7 @@
 //! A real authoritative DNS server (hickory-server 0.26) for the zone `test.`, plus a
 //! black-hole nameserver, so integration tests exercise the real resolver over real UDP/TCP.
 //!
-//! # How hickory-resolver 0.26 reports each outcome (verified by `tests/harness.rs`)
+//! # How hickory-resolver 0.26 reports each outcome (verified by `tests/harness/dns_tests.rs`)
 //!
 //! All lookups (`TokioResolver::mx_lookup`, `ipv4_lookup`, `ipv6_lookup`, `lookup`) return
 //! `Result<hickory_resolver::lookup::Lookup, hickory_resolver::net::NetError>`
@@ -30,8 +30,13 @@
 //!   REFUSED etc. come back the same way as `DnsError::ResponseCode(code)`.
 //! * **Timeout** (server never answers): `Err(NetError::Timeout)`, after roughly
 //!   `timeout * (1 + attempts)`. Also sends `1 + attempts` queries. Not cached.
-//! * Connection refused on UDP is usually also seen as a timeout (ICMP is not surfaced);
-//!   a refused TCP-only server gives `NetError::Io(_)` or `NetError::NoConnections`.
+//! * Nothing listening: over UDP it is indistinguishable from a black hole (`NetError::Timeout`,
+//!   ICMP port-unreachable is not surfaced); a TCP-only config gets `NetError::NoConnections`
+//!   immediately (not retried).
+//! * **Truncated** answer (TC bit, here > ~1232 bytes with the default EDNS payload): with
+//!   `NameServerConfig::udp_and_tcp` the pool silently retries over TCP (2 queries, success);
+//!   with `NameServerConfig::udp` alone it fails with `NetError::Truncated`. Use `udp_and_tcp`.
+//! * A name outside every zone the server serves: `DnsError::ResponseCode(ResponseCode::Refused)`.
 //!
 //! Building a resolver against a custom nameserver (no system config, no /etc/resolv.conf):
 //! ```ignore
@@ -42,12 +47,16 @@
 //! let mut opts = ResolverOpts::default();                   // #[non_exhaustive]: mutate fields
 //! opts.timeout = Duration::from_millis(300);               // per attempt, default 5 s
 //! opts.attempts = 1;                                       // RE-tries; default 2
-//! opts.cache_size = 1024;                                  // responses cached (0 disables)
+//! opts.cache_size = 8192;                                  // default; moka LRU, 0 = no cache
+//! opts.use_hosts_file = ResolveHosts::Never;                // default Auto reads /etc/hosts
 //! let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
 //!     .with_options(opts)
 //!     .build()?;                                           // Result<_, NetError>
 //! ```
 //! Query with a trailing dot (`"example.test."`) so no search-list expansion happens.
+//! Identical lookups in flight at the same time share one query (NameServerPool dedupes
+//! them), and answered/negative results are cached: N lookups of one bad domain = 1 query.
+//! `Resolver::clear_cache()` empties the cache (e.g. between test phases).
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -1,0 +1,355 @@
+//! Floodgate under test: its config, the daemon in-process (`App`) or as the real binary,
+//! and a raw SMTP line client whose calls read like transcripts.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use floodgate::app::{App, Deps};
+use floodgate::clock::{Clock, SystemClock};
+use floodgate::config::Config;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
+use tokio::net::TcpStream;
+
+pub const TOKEN: &str = "test-admin-token-0123456789";
+
+/// A config for tests: loopback listeners on port 0, the queue in `dir`, DNS at `dns`,
+/// quick timeouts. `extra` is appended and may add or override tables.
+pub fn config_text(dir: &Path, dns: SocketAddr, smtp_extra: &str, extra: &str) -> String {
+    config_text_with_queue(dir, dns, smtp_extra, "", extra)
+}
+
+/// As [`config_text`], with extra `[queue]` keys.
+pub fn config_text_with_queue(
+    dir: &Path,
+    dns: SocketAddr,
+    smtp_extra: &str,
+    queue_extra: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+[server]
+hostname = "floodgate.test"
+shutdown_grace = "5s"
+
+[smtp]
+listen = ["127.0.0.1:0"]
+idle_timeout = "30s"
+{smtp_extra}
+
+[http]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+token = "{TOKEN}"
+
+[queue]
+dir = "{}"
+{queue_extra}
+
+[dns]
+nameservers = ["{dns}"]
+timeout = "300ms"
+attempts = 1
+
+[delivery]
+enabled = false
+
+{extra}
+"#,
+        dir.join("queue").display()
+    )
+}
+
+pub fn parse_config(dir: &Path, text: &str) -> Config {
+    let path = dir.join("floodgate.toml");
+    std::fs::write(&path, text).expect("write config");
+    Config::load(&path).unwrap_or_else(|e| panic!("test config refused: {e}"))
+}
+
+/// The daemon in-process, with its temporary folder.
+pub struct TestApp {
+    pub app: App,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    pub async fn start(smtp_extra: &str, extra: &str, dns: SocketAddr) -> TestApp {
+        Self::start_with_clock(smtp_extra, extra, dns, Arc::new(SystemClock)).await
+    }
+
+    pub async fn start_with_clock(
+        smtp_extra: &str,
+        extra: &str,
+        dns: SocketAddr,
+        clock: Arc<dyn Clock>,
+    ) -> TestApp {
+        Self::start_full(smtp_extra, "", extra, dns, clock).await
+    }
+
+    pub async fn start_full(
+        smtp_extra: &str,
+        queue_extra: &str,
+        extra: &str,
+        dns: SocketAddr,
+        clock: Arc<dyn Clock>,
+    ) -> TestApp {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = config_text_with_queue(dir.path(), dns, smtp_extra, queue_extra, extra);
+        let config = parse_config(dir.path(), &text);
+        let deps = Deps {
+            resolver: None,
+            clock,
+        };
+        let app = App::start(config, deps).await.expect("app starts");
+        TestApp { app, dir }
+    }
+
+    pub fn smtp(&self) -> SocketAddr {
+        self.app.smtp_addrs[0]
+    }
+
+    pub async fn client(&self) -> Smtp {
+        Smtp::connect(self.smtp()).await
+    }
+}
+
+/// A raw SMTP client: send lines, read replies, assert on their code and status.
+pub struct Smtp {
+    reader: TokioBufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Smtp {
+    /// Connects and reads the greeting (asserting it is 220).
+    pub async fn connect(addr: SocketAddr) -> Smtp {
+        let mut c = Smtp::connect_raw(addr).await;
+        c.expect("220").await;
+        c
+    }
+
+    pub async fn connect_raw(addr: SocketAddr) -> Smtp {
+        let stream = TcpStream::connect(addr)
+            .await
+            .expect("connect to floodgate");
+        let (r, w) = stream.into_split();
+        Smtp {
+            reader: TokioBufReader::new(r),
+            writer: w,
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.expect("send");
+    }
+
+    /// One reply, all its lines joined by `\n`. Empty string when the server closed.
+    pub async fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(20), self.reader.read_line(&mut line))
+                .await
+                .expect("reply within 20 s")
+                .unwrap_or(0);
+            if n == 0 {
+                return all;
+            }
+            let last = line.len() < 4 || line.as_bytes()[3] == b' ';
+            all.push_str(line.trim_end());
+            if last {
+                return all;
+            }
+            all.push('\n');
+        }
+    }
+
+    /// Reads a reply and asserts it starts with `prefix` (e.g. `"550 5.1.2"`).
+    pub async fn expect(&mut self, prefix: &str) -> String {
+        let reply = self.reply().await;
+        assert!(
+            reply.starts_with(prefix),
+            "expected {prefix:?}, got {reply:?}"
+        );
+        reply
+    }
+
+    /// Sends a command and asserts the reply starts with `prefix`.
+    pub async fn cmd(&mut self, line: &str, prefix: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        let reply = self.reply().await;
+        assert!(
+            reply.starts_with(prefix),
+            "{line}: expected {prefix:?}, got {reply:?}"
+        );
+        reply
+    }
+
+    pub async fn ehlo(&mut self) -> String {
+        self.cmd("EHLO client.test", "250").await
+    }
+
+    pub async fn rcpt(&mut self, address: &str, prefix: &str) -> String {
+        self.cmd(&format!("RCPT TO:<{address}>"), prefix).await
+    }
+
+    /// Sends DATA, the body (dot-stuffing done here) and the final dot; returns the
+    /// reply to the final dot.
+    pub async fn data(&mut self, body: &str) -> String {
+        self.cmd("DATA", "354").await;
+        let mut wire = String::new();
+        for line in body.split_inclusive('\n') {
+            if line.starts_with('.') {
+                wire.push('.');
+            }
+            wire.push_str(line);
+        }
+        if !wire.ends_with("\r\n") {
+            wire.push_str("\r\n");
+        }
+        wire.push_str(".\r\n");
+        self.send(wire.as_bytes()).await;
+        self.reply().await
+    }
+
+    /// A whole transaction; returns the queue id from `250 2.0.0 <id> ...`.
+    pub async fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> String {
+        self.cmd(&format!("MAIL FROM:<{from}>"), "250").await;
+        for r in to {
+            self.rcpt(r, "250").await;
+        }
+        let reply = self.data(body).await;
+        assert!(reply.starts_with("250 2.0.0 "), "DATA: {reply}");
+        queue_id(&reply)
+    }
+}
+
+pub fn queue_id(reply: &str) -> String {
+    reply
+        .split_whitespace()
+        .nth(2)
+        .expect("queue id in reply")
+        .to_owned()
+}
+
+pub fn message(subject: &str, extra_headers: &str) -> String {
+    format!(
+        "From: app@client.test\r\nTo: user@mx.test\r\nSubject: {subject}\r\n{extra_headers}\r\nHello.\r\n.leading dot line\r\n"
+    )
+}
+
+/// The real `floodgate` binary, for lifecycle tests (signals, SIGKILL, check-config).
+pub struct Daemon {
+    pub child: Child,
+    pub smtp: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_floodgate"))
+}
+
+impl Daemon {
+    /// Starts `floodgate serve --config <path>` and waits until it logs its SMTP address.
+    pub fn start(config: &Path) -> Daemon {
+        let mut child = Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn floodgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("smtp listening addr=").nth(1) {
+                    let _ = tx.send(addr.trim().parse::<SocketAddr>().expect("address"));
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let smtp = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("floodgate did not start: {:?}", log.lock().unwrap()));
+        Daemon { child, smtp, log }
+    }
+
+    /// Sends a signal: `libc::SIGTERM`, `libc::SIGHUP`, ...
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "floodgate did not exit within {limit:?}; log: {:?}",
+            self.log.lock().unwrap()
+        );
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub fn wait_log(&self, needle: &str, limit: Duration) -> String {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "no log line with {needle:?}: {:?}",
+            self.log.lock().unwrap()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sender, body, and (address, state) per recipient.
+pub type Stored = (String, Vec<u8>, Vec<(String, i64)>);
+
+/// Reads a stored message straight from queue.db (a real SQLite file).
+pub fn stored_message(queue_db: &Path, queue_id: &str) -> Option<Stored> {
+    let conn =
+        rusqlite::Connection::open_with_flags(queue_db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open queue.db");
+    let (id, sender, body): (i64, String, Vec<u8>) = conn
+        .query_row(
+            "SELECT id, sender, body FROM messages WHERE queue_id = ?1",
+            [queue_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .ok()?;
+    let mut stmt = conn
+        .prepare("SELECT address, state FROM recipients WHERE message_id = ?1 ORDER BY id")
+        .unwrap();
+    let rcpts = stmt
+        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    Some((sender, body, rcpts))
+}
