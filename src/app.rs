@@ -15,11 +15,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::campaign::Campaigns;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, TlsConfig};
+use crate::config::{Config, TlsConfig, Transport};
+use crate::deliver::smtp::SmtpCourier;
 use crate::dns::{Hickory, MailDns, Resolver};
 use crate::intake::Intake;
 use crate::policy::Policy;
 use crate::queue::{Queue, QueueError};
+use crate::scheduler::{Couriers, Scheduler};
 use crate::smtp::server::{Connections, Server};
 use crate::smtp::tls::{self, TlsError};
 
@@ -39,6 +41,8 @@ pub enum AppError {
     Tls(#[from] TlsError),
     #[error("DNS resolver: {0}")]
     Dns(String),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// What the daemon takes from outside; tests pass their own.
@@ -64,6 +68,7 @@ pub struct App {
     tracker: TaskTracker,
     writer: Option<JoinHandle<()>>,
     injected_resolver: bool,
+    scheduler: Option<(Arc<Scheduler>, tokio::task::JoinHandle<()>)>,
 }
 
 /// Checks what `check-config` can check beyond parsing: TLS material loads.
@@ -87,6 +92,15 @@ impl App {
     /// Opens the queue, binds every listener and starts serving. When this returns the
     /// daemon is ready (the moment to tell systemd).
     pub async fn start(config: Config, deps: Deps) -> Result<App, AppError> {
+        if config
+            .routes
+            .iter()
+            .any(|r| r.transport == Transport::Webhook)
+        {
+            return Err(AppError::Unsupported(
+                "route transport `webhook` is not available in this build yet".into(),
+            ));
+        }
         let tls = load_tls(config.smtp.tls.as_ref())?;
         let injected_resolver = deps.resolver.is_some();
         let resolver = match deps.resolver {
@@ -110,15 +124,33 @@ impl App {
             .collect();
         let dns = Arc::new(MailDns::new(resolver, &config.dns));
         let campaigns = Arc::new(Campaigns::new(MAX_CAMPAIGNS));
+        let delivery_enabled = config.delivery.enabled;
         let intake = Arc::new(Intake {
             config: Arc::new(ArcSwap::from_pointee(config)),
             policy: Policy {
-                dns,
-                campaigns,
+                dns: dns.clone(),
+                campaigns: campaigns.clone(),
                 clock: deps.clock.clone(),
             },
-            queue,
+            queue: queue.clone(),
             clock: deps.clock,
+            wake: Arc::default(),
+        });
+        let scheduler = delivery_enabled.then(|| {
+            let couriers = Couriers {
+                smtp: Arc::new(SmtpCourier::new(intake.config.clone(), dns)),
+                webhook: None,
+            };
+            let scheduler = Arc::new(Scheduler::new(
+                queue,
+                intake.config.clone(),
+                campaigns,
+                couriers,
+                intake.clone(),
+                intake.wake.clone(),
+            ));
+            let task = tokio::spawn(scheduler.clone().run());
+            (scheduler, task)
         });
         let tracker = TaskTracker::new();
         let server = Arc::new(Server {
@@ -140,6 +172,7 @@ impl App {
             tracker,
             writer: Some(writer),
             injected_resolver,
+            scheduler,
         })
     }
 
@@ -149,6 +182,11 @@ impl App {
 
     pub fn campaigns(&self) -> &Arc<Campaigns> {
         self.intake.campaigns()
+    }
+
+    /// Wakes the scheduler (after moving a test clock, or resuming a campaign).
+    pub fn wake_scheduler(&self) {
+        self.intake.wake.notify_one();
     }
 
     pub fn open_connections(&self) -> usize {
@@ -239,11 +277,31 @@ impl App {
             self.server.abort.cancel();
             self.server.tracker.wait().await;
         }
+        if let Some((scheduler, mut task)) = self.scheduler.take() {
+            scheduler.stop();
+            // Deliveries under way get the grace period to record their outcomes; the
+            // rest stay leased and are retried after restart.
+            tokio::select! {
+                _ = &mut task => {}
+                () = tokio::time::sleep(grace) => {
+                    tracing::warn!("deliveries still under way at shutdown; they will be retried");
+                    task.abort();
+                }
+            }
+        }
         let writer = self.writer.take();
         drop(self);
         if let Some(handle) = writer {
             // The writer ends once the last queue handle is gone, after its final commit.
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+            // A delivery stuck past the grace period may still hold a handle; everything
+            // acknowledged is already committed, so do not wait on it forever.
+            let join = tokio::task::spawn_blocking(move || handle.join());
+            if tokio::time::timeout(Duration::from_secs(5), join)
+                .await
+                .is_err()
+            {
+                tracing::warn!("queue writer still held by a delivery; exiting without joining it");
+            }
         }
         tracing::info!("stopped");
     }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use tokio::sync::Notify;
 
 use crate::campaign::Campaigns;
 use crate::clock::Clock;
@@ -17,6 +18,8 @@ pub struct Intake {
     pub policy: Policy,
     pub queue: Queue,
     pub clock: Arc<dyn Clock>,
+    /// Tells the scheduler that new work was queued.
+    pub wake: Arc<Notify>,
 }
 
 impl Intake {
@@ -41,6 +44,7 @@ impl Intake {
                 self.policy
                     .campaigns
                     .record_accepted(campaign.as_deref(), recipients.len() as u64);
+                self.wake.notify_one();
                 Ok(())
             }
             Err(e) => {
@@ -51,5 +55,27 @@ impl Intake {
                 Err(Reason::QueueUnavailable)
             }
         }
+    }
+}
+
+impl crate::deliver::FailureSink for Intake {
+    fn relay_failed(&self, campaign: Option<&str>, reason: Reason, recipient: &str, reply: &str) {
+        self.policy.campaigns.record_failure(campaign, reason);
+        tracing::info!(campaign, %reason, recipient, reply, "delivery failed");
+    }
+
+    fn relay_deferred(&self, campaign: Option<&str>, recipient: &str, reply: &str) {
+        self.policy
+            .campaigns
+            .record_failure(campaign, Reason::Deferred);
+        tracing::debug!(campaign, recipient, reply, "delivery deferred");
+    }
+
+    fn relay_delivered(&self, campaign: Option<&str>) {
+        self.policy
+            .campaigns
+            .get(campaign)
+            .delivered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -46,6 +46,9 @@ pub struct Route {
     /// Verify the peer's certificate when TLS is used (default: on for smarthost,
     /// off for mx, where opportunistic TLS with self-signed certificates is the norm).
     pub tls_verify: Option<bool>,
+    /// A PEM file of certificate authorities to trust for this route's TLS, instead of
+    /// the built-in web roots (an internal smarthost with a private CA).
+    pub tls_ca: Option<std::path::PathBuf>,
     /// smarthost: AUTH credentials.
     pub auth_user: Option<String>,
     pub auth_password: Option<String>,
@@ -66,6 +69,7 @@ impl Route {
             host: None,
             tls: None,
             tls_verify: None,
+            tls_ca: None,
             auth_user: None,
             auth_password: None,
             url: None,

@@ -11,7 +11,7 @@ use rusqlite::ffi::ErrorCode;
 pub mod store;
 pub mod writer;
 
-pub use store::{StoredMessage, StoredRecipient};
+pub use store::{Claimed, StoredMessage, StoredRecipient, Update};
 pub use writer::{Writer, WriterStats};
 
 use crate::clock::Clock;
@@ -217,6 +217,45 @@ impl Queue {
     pub async fn message(&self, queue_id: &str) -> Result<Option<StoredMessage>, QueueError> {
         let id = queue_id.to_owned();
         self.read(move |conn| store::read_message(conn, &id)).await
+    }
+
+    /// Leases due recipients for delivery (see [`store::claim`]).
+    pub async fn claim(
+        &self,
+        limit: usize,
+        lease: std::time::Duration,
+        held_campaigns: Vec<String>,
+        skip_domains: Vec<String>,
+    ) -> Result<Vec<Claimed>, QueueError> {
+        let now = self.clock.now_ms();
+        let until = now + lease.as_millis() as i64;
+        self.writer
+            .run(move |conn| store::claim(conn, now, until, limit, &held_campaigns, &skip_domains))
+            .await
+    }
+
+    /// Records attempt outcomes; returns once they are durable.
+    pub async fn apply(&self, updates: Vec<(i64, Update)>) -> Result<(), QueueError> {
+        let now = self.clock.now_ms();
+        self.writer
+            .run(move |conn| store::apply(conn, &updates, now))
+            .await
+    }
+
+    pub async fn release_leases(&self) -> Result<usize, QueueError> {
+        self.writer.run(store::release_leases).await
+    }
+
+    pub async fn next_due(&self) -> Result<Option<i64>, QueueError> {
+        self.read(store::next_due).await
+    }
+
+    pub async fn body(&self, message_id: i64) -> Result<Option<Vec<u8>>, QueueError> {
+        self.read(move |conn| store::body(conn, message_id)).await
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     pub async fn count_by_state(&self) -> Result<Vec<(RecipientState, u64)>, QueueError> {

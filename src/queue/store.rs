@@ -206,3 +206,149 @@ pub fn count_by_state(conn: &Connection) -> Result<Vec<(RecipientState, u64)>, Q
         .collect::<Result<_, _>>()?;
     Ok(rows)
 }
+
+/// A recipient claimed for delivery, with what the scheduler needs about its message.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub message_id: i64,
+    pub queue_id: String,
+    pub sender: String,
+    pub campaign: Option<String>,
+    pub address: String,
+    pub domain: String,
+    pub attempts: u32,
+    pub received_at: i64,
+}
+
+/// Leases up to `limit` due recipients until `lease_until`, skipping held campaigns and
+/// saturated domains. Runs in the writer's transaction, so two passes never claim the
+/// same recipient.
+pub fn claim(
+    conn: &Connection,
+    now_ms: i64,
+    lease_until: i64,
+    limit: usize,
+    held_campaigns: &[String],
+    skip_domains: &[String],
+) -> Result<Vec<Claimed>, QueueError> {
+    let held = serde_json::to_string(held_campaigns).expect("strings serialize");
+    let skip = serde_json::to_string(skip_domains).expect("strings serialize");
+    let mut stmt = conn.prepare_cached(
+        "UPDATE recipients SET lease_until = ?1
+         WHERE id IN (
+             SELECT id FROM recipients
+             WHERE state = 0 AND next_attempt <= ?2
+               AND (lease_until IS NULL OR lease_until <= ?2)
+               AND (campaign IS NULL OR campaign NOT IN (SELECT value FROM json_each(?3)))
+               AND domain NOT IN (SELECT value FROM json_each(?4))
+             ORDER BY next_attempt LIMIT ?5)
+         RETURNING id, message_id, address, domain, campaign, attempts",
+    )?;
+    let mut claimed: Vec<Claimed> = stmt
+        .query_map(
+            params![lease_until, now_ms, held, skip, limit as i64],
+            |r| {
+                Ok(Claimed {
+                    id: r.get(0)?,
+                    message_id: r.get(1)?,
+                    address: r.get(2)?,
+                    domain: r.get(3)?,
+                    campaign: r.get(4)?,
+                    attempts: r.get(5)?,
+                    queue_id: String::new(),
+                    sender: String::new(),
+                    received_at: 0,
+                })
+            },
+        )?
+        .collect::<Result<_, _>>()?;
+    let mut meta =
+        conn.prepare_cached("SELECT queue_id, sender, received_at FROM messages WHERE id = ?1")?;
+    let mut cache: std::collections::HashMap<i64, (String, String, i64)> = Default::default();
+    for c in &mut claimed {
+        if let std::collections::hash_map::Entry::Vacant(slot) = cache.entry(c.message_id) {
+            slot.insert(meta.query_row([c.message_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?);
+        }
+        let (queue_id, sender, received_at) = &cache[&c.message_id];
+        c.queue_id = queue_id.clone();
+        c.sender = sender.clone();
+        c.received_at = *received_at;
+    }
+    claimed.sort_by_key(|c| (c.message_id, c.id));
+    Ok(claimed)
+}
+
+/// The earliest `next_attempt` among scheduled recipients, to know how long to sleep.
+pub fn next_due(conn: &Connection) -> Result<Option<i64>, QueueError> {
+    Ok(conn.query_row(
+        "SELECT MIN(next_attempt) FROM recipients WHERE state = 0",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// A recipient's new state after a delivery attempt.
+#[derive(Debug, Clone)]
+pub enum Update {
+    Delivered { reply: String },
+    Retry { next_attempt: i64, reply: String },
+    Failed { reason: String, reply: String },
+}
+
+/// Applies attempt outcomes and frees the bodies no scheduled recipient needs any more.
+pub fn apply(conn: &Connection, updates: &[(i64, Update)], now_ms: i64) -> Result<(), QueueError> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE recipients SET state = ?2, attempts = attempts + 1, next_attempt = ?3,
+             last_reply = ?4, reason = ?5, lease_until = NULL, updated_at = ?6
+         WHERE id = ?1 RETURNING message_id",
+    )?;
+    let mut messages = std::collections::BTreeSet::new();
+    for (id, update) in updates {
+        let (state, next, reply, reason) = match update {
+            Update::Delivered { reply } => (RecipientState::Delivered, now_ms, reply, None),
+            Update::Retry {
+                next_attempt,
+                reply,
+            } => (RecipientState::Scheduled, *next_attempt, reply, None),
+            Update::Failed { reason, reply } => {
+                (RecipientState::Failed, now_ms, reply, Some(reason))
+            }
+        };
+        let message: Option<i64> = stmt
+            .query_row(
+                params![id, state.as_i64(), next, reply, reason, now_ms],
+                |r| r.get(0),
+            )
+            .optional()?;
+        messages.extend(message);
+    }
+    let mut free = conn.prepare_cached(
+        "UPDATE messages SET body = NULL WHERE id = ?1 AND body IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state = 0)",
+    )?;
+    for m in messages {
+        free.execute([m])?;
+    }
+    Ok(())
+}
+
+/// Clears every lease: at start-up this daemon is the only user of the queue, so whatever
+/// an earlier process had in flight is due again now.
+pub fn release_leases(conn: &Connection) -> Result<usize, QueueError> {
+    Ok(conn.execute(
+        "UPDATE recipients SET lease_until = NULL WHERE state = 0 AND lease_until IS NOT NULL",
+        [],
+    )?)
+}
+
+pub fn body(conn: &Connection, message_id: i64) -> Result<Option<Vec<u8>>, QueueError> {
+    Ok(conn
+        .query_row(
+            "SELECT body FROM messages WHERE id = ?1",
+            [message_id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten())
+}

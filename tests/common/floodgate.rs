@@ -57,12 +57,16 @@ nameservers = ["{dns}"]
 timeout = "300ms"
 attempts = 1
 
-[delivery]
-enabled = false
-
+{delivery}
 {extra}
 "#,
-        dir.join("queue").display()
+        dir.join("queue").display(),
+        // Delivery stays off unless the test configures it.
+        delivery = if extra.contains("[delivery]") {
+            ""
+        } else {
+            "[delivery]\nenabled = false"
+        },
     )
 }
 

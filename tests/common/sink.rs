@@ -44,6 +44,8 @@ type RcptFn = Box<dyn Fn(&str) -> RcptScript + Send + Sync>;
 pub struct SinkConfig {
     /// Any 127.0.0.0/8 address works on Linux without configuration.
     pub bind_ip: Ipv4Addr,
+    /// 0 picks a free port; tests that need two MX hosts on one port set it.
+    pub bind_port: u16,
     /// Called with the bare recipient address (no brackets).
     pub rcpt: RcptFn,
     /// Reply after the final dot.
@@ -67,6 +69,7 @@ impl Default for SinkConfig {
     fn default() -> Self {
         SinkConfig {
             bind_ip: Ipv4Addr::LOCALHOST,
+            bind_port: 0,
             rcpt: Box::new(|_| RcptScript::Accept),
             data_reply: (250, "2.0.0 OK".into()),
             drop_mid_data: false,
@@ -102,7 +105,7 @@ impl Sink {
     }
 
     pub async fn start_with(cfg: SinkConfig) -> Sink {
-        let listener = TcpListener::bind((cfg.bind_ip, 0))
+        let listener = TcpListener::bind((cfg.bind_ip, cfg.bind_port))
             .await
             .expect("bind sink");
         let addr = listener.local_addr().unwrap();

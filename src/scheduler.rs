@@ -1,0 +1,486 @@
+//! The scheduler decides *when*: one task claims due recipients in batches under a lease,
+//! groups them per message and destination, and hands them to lanes. A lane per
+//! destination decides *how fast*: its governor rate and concurrency cap, under a global
+//! cap. Outcomes go back to the queue in batches, with retries on the backoff schedule.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use governor::{DefaultDirectRateLimiter, RateLimiter};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::campaign::Campaigns;
+use crate::config::{Config, DeliveryConfig, Transport};
+use crate::deliver::{Courier, Destination, FailureSink, Job, Outcome, dsn};
+use crate::queue::{Claimed, NewMessage, NewRecipient, Queue, QueueId, Source, Update};
+use crate::reason::Reason;
+
+/// Longest sleep between two passes when nothing is due: also how soon a clock moved by
+/// a test, or a resumed campaign, is noticed.
+const MAX_IDLE: Duration = Duration::from_secs(1);
+
+/// The couriers by transport.
+pub struct Couriers {
+    pub smtp: Arc<dyn Courier>,
+    pub webhook: Option<Arc<dyn Courier>>,
+}
+
+/// The wait before retry number `attempt` (1-based): the schedule's entry, the last one
+/// repeating, plus up to 10% jitter so retries of a burst do not arrive as a burst.
+pub fn backoff(schedule: &[Duration], attempt: u32, jitter: f64) -> Duration {
+    let base = schedule[(attempt.max(1) as usize - 1).min(schedule.len() - 1)];
+    base + base.mul_f64(jitter.clamp(0.0, 1.0) * 0.1)
+}
+
+struct Lane {
+    jobs: Mutex<VecDeque<Job>>,
+    limiter: DefaultDirectRateLimiter,
+    concurrency: Arc<Semaphore>,
+    running: Mutex<bool>,
+    backlog: AtomicUsize,
+    cap: usize,
+}
+
+pub struct Scheduler {
+    pub queue: Queue,
+    pub config: Arc<ArcSwap<Config>>,
+    pub campaigns: Arc<Campaigns>,
+    pub couriers: Couriers,
+    pub sink: Arc<dyn FailureSink>,
+    /// Rung by intake after each enqueue and by operators' resume: work may be due.
+    pub wake: Arc<Notify>,
+    lanes: Mutex<HashMap<Destination, Arc<Lane>>>,
+    global: Arc<Semaphore>,
+    in_flight: AtomicUsize,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Scheduler {
+    pub fn new(
+        queue: Queue,
+        config: Arc<ArcSwap<Config>>,
+        campaigns: Arc<Campaigns>,
+        couriers: Couriers,
+        sink: Arc<dyn FailureSink>,
+        wake: Arc<Notify>,
+    ) -> Scheduler {
+        let max = config.load().delivery.max_concurrency;
+        Scheduler {
+            queue,
+            config,
+            campaigns,
+            couriers,
+            sink,
+            wake,
+            lanes: Mutex::default(),
+            global: Arc::new(Semaphore::new(max)),
+            in_flight: AtomicUsize::new(0),
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// Stops claiming; lanes drop the jobs they have not started (they stay leased and
+    /// are due again after a restart).
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Runs until `shutdown`, then waits for deliveries under way to record their
+    /// outcomes (anything not recorded stays leased and is retried after restart).
+    pub async fn run(self: Arc<Self>) {
+        let shutdown = self.shutdown.clone();
+        match self.queue.release_leases().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(recipients = n, "released leases of an earlier run"),
+            Err(e) => tracing::error!(error = %e, "cannot release old leases"),
+        }
+        while !shutdown.is_cancelled() {
+            let claimed = self.pass().await;
+            if claimed == 0 {
+                let sleep = self.idle_time().await;
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = self.wake.notified() => {}
+                    () = tokio::time::sleep(sleep) => {}
+                }
+            }
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    async fn idle_time(&self) -> Duration {
+        let now = self.queue.clock().now_ms();
+        match self.queue.next_due().await {
+            Ok(Some(due)) if due > now => Duration::from_millis((due - now) as u64).min(MAX_IDLE),
+            _ => MAX_IDLE,
+        }
+    }
+
+    /// One claim-and-dispatch pass; returns how many recipients it claimed.
+    async fn pass(self: &Arc<Self>) -> usize {
+        let config = self.config.load_full();
+        let delivery = &config.delivery;
+        if self.in_flight.load(Ordering::Relaxed) >= delivery.max_concurrency * 4 {
+            return 0;
+        }
+        let now = self.queue.clock().now_ms();
+        let held: Vec<String> = self
+            .campaigns
+            .all()
+            .into_iter()
+            .filter(|c| c.is_paused())
+            .map(|c| c.name.to_string())
+            .collect();
+        let saturated = self.saturated_domains();
+        let claimed = match self
+            .queue
+            .claim(delivery.batch, config.queue.lease.0, held, saturated)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "claiming due recipients failed");
+                return 0;
+            }
+        };
+        let count = claimed.len();
+        let mut no_route = Vec::new();
+        for (dest, route_index, recipients) in group(&config, claimed, &mut no_route) {
+            let route = config.routes[route_index].clone();
+            let first = &recipients[0];
+            let job = Job {
+                message_id: first.message_id,
+                queue_id: first.queue_id.clone(),
+                sender: first.sender.clone(),
+                body: Arc::new(Vec::new()),
+                recipients,
+                route,
+                destination: dest.clone(),
+            };
+            self.enqueue_job(&config, dest, job);
+        }
+        if !no_route.is_empty() {
+            let outcomes = vec![
+                Outcome::Permanent {
+                    reason: Reason::NoRoute,
+                    reply: "550 5.7.1 no route for recipient domain".into(),
+                };
+                no_route.len()
+            ];
+            self.finish(&config, &no_route, outcomes, now, None).await;
+        }
+        count
+    }
+
+    fn saturated_domains(&self) -> Vec<String> {
+        let lanes = self.lanes.lock().expect("lanes lock");
+        let mut domains = HashSet::new();
+        for lane in lanes.values() {
+            if lane.backlog.load(Ordering::Relaxed) >= lane.cap {
+                for job in lane.jobs.lock().expect("lane lock").iter() {
+                    domains.extend(job.recipients.iter().map(|r| r.domain.clone()));
+                }
+            }
+        }
+        domains.into_iter().collect()
+    }
+
+    fn lane(&self, delivery: &DeliveryConfig, dest: &Destination) -> Arc<Lane> {
+        let mut lanes = self.lanes.lock().expect("lanes lock");
+        lanes
+            .entry(dest.clone())
+            .or_insert_with(|| {
+                let rate = delivery.rate_for(&dest.key);
+                let per_sec = (rate.count as f64 / rate.per.as_secs_f64()).ceil() as usize;
+                Arc::new(Lane {
+                    jobs: Mutex::default(),
+                    limiter: RateLimiter::direct(rate.quota()),
+                    concurrency: Arc::new(Semaphore::new(delivery.concurrency)),
+                    running: Mutex::new(false),
+                    backlog: AtomicUsize::new(0),
+                    // Enough work to keep the lane busy for about 30 s, so nothing claimed
+                    // waits anywhere near its lease.
+                    cap: (per_sec * 30).clamp(delivery.concurrency * 2, delivery.batch.max(1)),
+                })
+            })
+            .clone()
+    }
+
+    fn enqueue_job(self: &Arc<Self>, config: &Config, dest: Destination, job: Job) {
+        let lane = self.lane(&config.delivery, &dest);
+        lane.backlog.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        lane.jobs.lock().expect("lane lock").push_back(job);
+        let mut running = lane.running.lock().expect("lane lock");
+        if !*running {
+            *running = true;
+            let this = self.clone();
+            let lane = lane.clone();
+            self.tracker
+                .spawn(async move { this.drive_lane(lane).await });
+        }
+    }
+
+    /// Feeds a lane's jobs to couriers at its rate and concurrency. Exits when the lane
+    /// is empty; `enqueue_job` starts it again.
+    async fn drive_lane(self: Arc<Self>, lane: Arc<Lane>) {
+        loop {
+            let job = {
+                let mut running = lane.running.lock().expect("lane lock");
+                let mut jobs = lane.jobs.lock().expect("lane lock");
+                if self.shutdown.is_cancelled() {
+                    let dropped = jobs.len();
+                    jobs.clear();
+                    lane.backlog.fetch_sub(dropped, Ordering::Relaxed);
+                    self.in_flight.fetch_sub(dropped, Ordering::Relaxed);
+                }
+                match jobs.pop_front() {
+                    Some(job) => job,
+                    None => {
+                        *running = false;
+                        return;
+                    }
+                }
+            };
+            let ready = async {
+                let local = lane.concurrency.clone().acquire_owned().await;
+                let global = self.global.clone().acquire_owned().await;
+                lane.limiter
+                    .until_n_ready(NonZeroU32::MIN)
+                    .await
+                    .expect("one cell fits any quota");
+                (local, global)
+            };
+            let (local, global) = tokio::select! {
+                permits = ready => permits,
+                () = self.shutdown.cancelled() => {
+                    lane.backlog.fetch_sub(1, Ordering::Relaxed);
+                    self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            let (Ok(local), Ok(global)) = (local, global) else {
+                return;
+            };
+            let this = self.clone();
+            let lane_ref = lane.clone();
+            self.tracker.spawn(async move {
+                this.deliver(job).await;
+                lane_ref.backlog.fetch_sub(1, Ordering::Relaxed);
+                this.in_flight.fetch_sub(1, Ordering::Relaxed);
+                drop((local, global));
+            });
+        }
+    }
+
+    async fn deliver(&self, mut job: Job) {
+        let config = self.config.load_full();
+        let started = self.queue.clock().now_ms();
+        let body = match self.queue.body(job.message_id).await {
+            Ok(Some(body)) => body,
+            Ok(None) => {
+                tracing::error!(queue_id = %job.queue_id, "message body missing; failing its recipients");
+                let o = Outcome::Permanent {
+                    reason: Reason::Rejected,
+                    reply: "554 5.3.0 message body lost".into(),
+                };
+                let outcomes = vec![o; job.recipients.len()];
+                self.finish(&config, &job.recipients, outcomes, started, None)
+                    .await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read message body; retrying after the lease");
+                return;
+            }
+        };
+        job.body = Arc::new(body);
+        let courier = match job.route.transport {
+            Transport::Webhook => self.couriers.webhook.clone(),
+            _ => Some(self.couriers.smtp.clone()),
+        };
+        let outcomes = match courier {
+            Some(c) => c.deliver(&job).await,
+            None => vec![
+                Outcome::transient("451 4.3.0 no courier for this transport");
+                job.recipients.len()
+            ],
+        };
+        let now = self.queue.clock().now_ms();
+        self.finish(&config, &job.recipients, outcomes, now, Some(&job))
+            .await;
+    }
+
+    /// Turns outcomes into queue updates and reports; sends a bounce when asked to.
+    async fn finish(
+        &self,
+        config: &Config,
+        recipients: &[Claimed],
+        outcomes: Vec<Outcome>,
+        now: i64,
+        job: Option<&Job>,
+    ) {
+        let delivery = &config.delivery;
+        let mut updates = Vec::with_capacity(recipients.len());
+        let mut failed = Vec::new();
+        for (r, outcome) in recipients.iter().zip(outcomes) {
+            let campaign = r.campaign.as_deref();
+            let update = match outcome {
+                Outcome::Delivered { reply } => {
+                    self.sink.relay_delivered(campaign);
+                    Update::Delivered { reply }
+                }
+                Outcome::Transient { reply, retry_after } => {
+                    if now - r.received_at >= delivery.max_age.0.as_millis() as i64 {
+                        self.sink
+                            .relay_failed(campaign, Reason::Expired, &r.address, &reply);
+                        failed.push((r.address.clone(), reply.clone()));
+                        Update::Failed {
+                            reason: Reason::Expired.as_str().into(),
+                            reply,
+                        }
+                    } else {
+                        self.sink.relay_deferred(campaign, &r.address, &reply);
+                        let schedule: Vec<Duration> =
+                            delivery.backoff.iter().map(|d| d.0).collect();
+                        let wait = backoff(&schedule, r.attempts + 1, rand::random::<f64>())
+                            .max(retry_after.unwrap_or_default());
+                        Update::Retry {
+                            next_attempt: now + wait.as_millis() as i64,
+                            reply,
+                        }
+                    }
+                }
+                Outcome::Permanent { reason, reply } => {
+                    self.sink.relay_failed(campaign, reason, &r.address, &reply);
+                    failed.push((r.address.clone(), reply.clone()));
+                    Update::Failed {
+                        reason: reason.as_str().into(),
+                        reply,
+                    }
+                }
+            };
+            updates.push((r.id, update));
+        }
+        if let Err(e) = self.queue.apply(updates).await {
+            // The leases expire and these recipients are tried again: at least once.
+            tracing::error!(error = %e, "recording delivery outcomes failed");
+            return;
+        }
+        if delivery.bounces && !failed.is_empty() {
+            self.bounce(config, recipients, job, &failed, now).await;
+        }
+    }
+
+    /// One delivery status notification per message and destination batch, never for
+    /// the null sender.
+    async fn bounce(
+        &self,
+        config: &Config,
+        recipients: &[Claimed],
+        job: Option<&Job>,
+        failed: &[(String, String)],
+        now: i64,
+    ) {
+        let Some(first) = recipients.first() else {
+            return;
+        };
+        let Ok(sender) = crate::address::parse(&first.sender) else {
+            return;
+        };
+        let original: Vec<u8> = match job {
+            Some(j) => j.body.to_vec(),
+            None => self
+                .queue
+                .body(first.message_id)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+        };
+        let list: Vec<dsn::Failed<'_>> = failed
+            .iter()
+            .map(|(recipient, reply)| dsn::Failed { recipient, reply })
+            .collect();
+        let body = dsn::build(
+            &config.server.hostname,
+            &first.queue_id,
+            &original,
+            &list,
+            now,
+        );
+        let msg = NewMessage {
+            queue_id: QueueId::generate(self.queue.clock().now_us()),
+            sender: String::new(),
+            campaign: first.campaign.clone(),
+            source: Source::Smtp,
+            client: "bounce".into(),
+            body,
+            recipients: vec![NewRecipient {
+                address: sender.address,
+                domain: sender.domain,
+            }],
+        };
+        match self.queue.enqueue(msg).await {
+            Ok(()) => self.wake.notify_one(),
+            Err(e) => tracing::warn!(error = %e, queue_id = %first.queue_id, "bounce not queued"),
+        }
+    }
+}
+
+/// Groups claimed recipients into one batch per (message, destination); recipients whose
+/// domain has no route any more go to `no_route`.
+fn group(
+    config: &Config,
+    claimed: Vec<Claimed>,
+    no_route: &mut Vec<Claimed>,
+) -> Vec<(Destination, usize, Vec<Claimed>)> {
+    let mut groups: Vec<(Destination, usize, Vec<Claimed>)> = Vec::new();
+    let mut index: HashMap<(i64, Destination), usize> = HashMap::new();
+    for r in claimed {
+        let Some((route_index, route)) = crate::config::route::find(&config.routes, &r.domain)
+        else {
+            no_route.push(r);
+            continue;
+        };
+        let dest = Destination::of(route_index, route, &r.domain);
+        match index.get(&(r.message_id, dest.clone())) {
+            Some(&i) => groups[i].2.push(r),
+            None => {
+                index.insert((r.message_id, dest.clone()), groups.len());
+                groups.push((dest, route_index, vec![r]));
+            }
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_schedule_with_jitter() {
+        let s: Vec<Duration> = [60, 300, 900]
+            .into_iter()
+            .map(Duration::from_secs)
+            .collect();
+        assert_eq!(backoff(&s, 1, 0.0), Duration::from_secs(60));
+        assert_eq!(backoff(&s, 2, 0.0), Duration::from_secs(300));
+        assert_eq!(backoff(&s, 3, 0.0), Duration::from_secs(900));
+        // The last wait repeats.
+        assert_eq!(backoff(&s, 9, 0.0), Duration::from_secs(900));
+        // Jitter adds at most 10%.
+        assert_eq!(backoff(&s, 1, 1.0), Duration::from_secs(66));
+        assert!(backoff(&s, 1, 0.5) > Duration::from_secs(60));
+    }
+}

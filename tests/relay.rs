@@ -1,0 +1,563 @@
+//! Relay: mail submitted over SMTP reaches real receiving SMTP servers on loopback through
+//! the MX and smarthost transports, with honest per-recipient outcomes, retries on a
+//! schedule (with a movable clock), expiry, MX fallback, rate limits and held campaigns.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::dns::{TestDns, Zone};
+use common::floodgate::{TestApp, message};
+use common::sink::{RcptScript, Sink, SinkConfig, self_signed};
+use floodgate::clock::ShiftedClock;
+use floodgate::queue::RecipientState;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn zone() -> Zone {
+    Zone::new()
+        .mx("mx.test", 10, "mail.mx.test")
+        .a("mail.mx.test", Ipv4Addr::LOCALHOST)
+        .mx("rate.test", 10, "mail.mx.test")
+}
+
+/// Delivery on, MX port pointed at `port`, short timeouts, plus `extra` keys under
+/// `[delivery]` and any further tables.
+fn relay_config(port: u16, delivery_extra: &str, more: &str) -> String {
+    format!(
+        r#"
+[delivery]
+enabled = true
+connect_timeout = "2s"
+command_timeout = "2s"
+data_timeout = "2s"
+{delivery_extra}
+
+[[route]]
+domains = ["*"]
+transport = "mx"
+port = {port}
+{more}
+"#
+    )
+}
+
+async fn start(dns: &TestDns, config: &str, clock: Arc<ShiftedClock>) -> TestApp {
+    TestApp::start_full("", "lease = \"30s\"", config, dns.addr, clock).await
+}
+
+/// Polls until the recipient reaches `state`, returning its last reply and reason.
+async fn wait_state(
+    t: &TestApp,
+    queue_id: &str,
+    address: &str,
+    state: RecipientState,
+) -> (Option<String>, Option<String>, u32) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let msg = t
+            .app
+            .queue()
+            .message(queue_id)
+            .await
+            .unwrap()
+            .expect("message");
+        let r = msg
+            .recipients
+            .iter()
+            .find(|r| r.address == address)
+            .expect("recipient");
+        if r.state == state {
+            return (r.last_reply.clone(), r.reason.clone(), r.attempts);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{address} never reached {state:?}: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls until the recipient has been attempted `n` times.
+async fn wait_attempts(t: &TestApp, queue_id: &str, address: &str, n: u32) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let msg = t.app.queue().message(queue_id).await.unwrap().unwrap();
+        let r = msg
+            .recipients
+            .iter()
+            .find(|r| r.address == address)
+            .unwrap();
+        if r.attempts >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{address} attempts stuck at {}",
+            r.attempts
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn delivers_to_mx_with_envelope_and_body_in_one_transaction() {
+    let dns = TestDns::start(zone()).await;
+    let sink = Sink::start().await;
+    let t = start(
+        &dns,
+        &relay_config(sink.addr.port(), "", ""),
+        Arc::default(),
+    )
+    .await;
+    let mut c = t.client().await;
+    c.ehlo().await;
+    let id = c
+        .send_mail(
+            "app@client.test",
+            &["a@mx.test", "b@mx.test"],
+            &message("relayed", ""),
+        )
+        .await;
+    let got = sink.wait_for(1, WAIT).await;
+    assert_eq!(got[0].mail_from, "app@client.test");
+    assert_eq!(
+        got[0].rcpts,
+        ["a@mx.test", "b@mx.test"],
+        "one transaction, one RCPT each"
+    );
+    let body = String::from_utf8_lossy(&got[0].data);
+    assert!(body.starts_with("Received: from client.test"), "{body}");
+    assert!(
+        body.contains("Subject: relayed\r\n") && body.contains("\r\n.leading dot line\r\n"),
+        "{body}"
+    );
+    wait_state(&t, &id, "a@mx.test", RecipientState::Delivered).await;
+    wait_state(&t, &id, "b@mx.test", RecipientState::Delivered).await;
+    let msg = t.app.queue().message(&id).await.unwrap().unwrap();
+    assert!(
+        msg.body.is_none(),
+        "the body is freed once every recipient is done"
+    );
+}
+
+#[tokio::test]
+async fn partial_acceptance_gives_per_recipient_outcomes() {
+    let dns = TestDns::start(zone()).await;
+    let sink = Sink::start_with(SinkConfig {
+        rcpt: Box::new(|r| match r {
+            "gone@mx.test" => RcptScript::Reply(550, "5.1.1 no such user"),
+            "busy@mx.test" => RcptScript::Reply(450, "4.2.1 mailbox busy"),
+            _ => RcptScript::Accept,
+        }),
+        ..Default::default()
+    })
+    .await;
+    let t = start(
+        &dns,
+        &relay_config(sink.addr.port(), "", ""),
+        Arc::default(),
+    )
+    .await;
+    let mut c = t.client().await;
+    c.ehlo().await;
+    let id = c
+        .send_mail(
+            "app@client.test",
+            &["ok@mx.test", "gone@mx.test", "busy@mx.test"],
+            &message("partial", ""),
+        )
+        .await;
+    let got = sink.wait_for(1, WAIT).await;
+    assert_eq!(got[0].rcpts, ["ok@mx.test"]);
+    wait_state(&t, &id, "ok@mx.test", RecipientState::Delivered).await;
+    let (reply, reason, _) = wait_state(&t, &id, "gone@mx.test", RecipientState::Failed).await;
+    assert_eq!(reason.as_deref(), Some("rejected"));
+    assert!(reply.unwrap().starts_with("550 5.1.1"));
+    wait_attempts(&t, &id, "busy@mx.test", 1).await;
+    let (reply, _, attempts) = wait_state(&t, &id, "busy@mx.test", RecipientState::Scheduled).await;
+    assert_eq!(attempts, 1);
+    assert!(reply.unwrap().starts_with("450 4.2.1"));
+    let campaign = t.app.campaigns().get(Some("app@client.test"));
+    assert_eq!(campaign.failures(floodgate::reason::Reason::Rejected), 1);
+}
+
+#[tokio::test]
+async fn retry_follows_the_schedule_on_a_moved_clock() {
+    let dns = TestDns::start(zone()).await;
+    let accept = Arc::new(AtomicBool::new(false));
+    let flag = accept.clone();
+    let sink = Sink::start_with(SinkConfig {
+        rcpt: Box::new(move |_| {
+            if flag.load(Ordering::SeqCst) {
+                RcptScript::Accept
+            } else {
+                RcptScript::Reply(451, "4.3.0 try later")
+            }
+        }),
+        ..Default::default()
+    })
+    .await;
+    let clock = Arc::new(ShiftedClock::default());
+    let t = start(
+        &dns,
+        &relay_config(sink.addr.port(), r#"backoff = ["10m", "1h"]"#, ""),
+        clock.clone(),
+    )
+    .await;
+    let mut c = t.client().await;
+    c.ehlo().await;
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let id = c
+        .send_mail("app@client.test", &["r@mx.test"], &message("retry", ""))
+        .await;
+    wait_attempts(&t, &id, "r@mx.test", 1).await;
+    // The next attempt is 10 minutes out, plus at most 10% jitter.
+    let next = next_attempt(&t, &id);
+    assert!(
+        next >= before + 600_000 && next <= before + 660_000 + 5_000,
+        "next attempt at +{} ms",
+        next - before
+    );
+    // Nothing happens before it is due.
+    clock.advance(Duration::from_secs(5 * 60));
+    t.app.wake_scheduler();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(attempt_count(&t, &id).await, 1);
+    // Once due, the second attempt is made and succeeds.
+    accept.store(true, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(7 * 60));
+    t.app.wake_scheduler();
+    wait_state(&t, &id, "r@mx.test", RecipientState::Delivered).await;
+    sink.wait_for(1, WAIT).await;
+}
+
+fn next_attempt(t: &TestApp, queue_id: &str) -> i64 {
+    let conn = rusqlite::Connection::open(t.app.queue().path()).unwrap();
+    conn.query_row(
+        "SELECT r.next_attempt FROM recipients r JOIN messages m ON m.id = r.message_id WHERE m.queue_id = ?1",
+        [queue_id],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+async fn attempt_count(t: &TestApp, queue_id: &str) -> u32 {
+    t.app
+        .queue()
+        .message(queue_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .recipients[0]
+        .attempts
+}
+
+#[tokio::test]
+async fn expires_after_max_age() {
+    let dns = TestDns::start(zone()).await;
+    let sink = Sink::start_with(SinkConfig {
+        rcpt: Box::new(|_| RcptScript::Reply(451, "4.3.0 never")),
+        ..Default::default()
+    })
+    .await;
+    let clock = Arc::new(ShiftedClock::default());
+    let cfg = relay_config(
+        sink.addr.port(),
+        r#"backoff = ["1m"]
+max_age = "1h""#,
+        "",
+    );
+    let t = start(&dns, &cfg, clock.clone()).await;
+    let mut c = t.client().await;
+    c.ehlo().await;
+    let id = c
+        .send_mail("app@client.test", &["x@mx.test"], &message("expire", ""))
+        .await;
+    wait_attempts(&t, &id, "x@mx.test", 1).await;
+    clock.advance(Duration::from_secs(2 * 3600));
+    t.app.wake_scheduler();
+    let (reply, reason, attempts) = wait_state(&t, &id, "x@mx.test", RecipientState::Failed).await;
+    assert_eq!(reason.as_deref(), Some("expired"));
+    assert_eq!(attempts, 2);
+    assert!(reply.unwrap().starts_with("451 4.3.0"));
+}
+
+#[tokio::test]
+async fn falls_back_to_the_next_mx() {
+    // Two MX hosts on one port: the preferred one (127.0.0.2) has nothing listening.
+    let sink = Sink::start_with(SinkConfig {
+        bind_ip: Ipv4Addr::new(127, 0, 0, 3),
+        ..Default::default()
+    })
+    .await;
+    let dns = TestDns::start(
+        Zone::new()
+            .mx("multi.test", 10, "primary.multi.test")
+            .mx("multi.test", 20, "backup.multi.test")
+            .a("primary.multi.test", Ipv4Addr::new(127, 0, 0, 2))
+            .a("backup.multi.test", Ipv4Addr::new(127, 0, 0, 3)),
+    )
+    .await;
+    let t = start(
+        &dns,
+        &relay_config(sink.addr.port(), "", ""),
+        Arc::default(),
+    )
+    .await;
+    let mut c = t.client().await;
+    c.ehlo().await;
+    let id = c
+        .send_mail(
+            "app@client.test",
+            &["u@multi.test"],
+            &message("fallback", ""),
+        )
+        .await;
+    let got = sink.wait_for(1, WAIT).await;
+    assert_eq!(got[0].rcpts, ["u@multi.test"]);
+    wait_state(&t, &id, "u@multi.test", RecipientState::Delivered).await;
+}
+
+#[tokio::test]
+async fn smarthost_with_auth_over_starttls() {
+    let (cert, key) = self_signed(&["smarthost.test"]);
+    let sink = Sink::start_with(SinkConfig {
+        tls: Some((cert.clone(), key)),
+        auth: Some(("relayuser".into(), "relaypass".into())),
+        ..Default::default()
+    })
+    .await;
+    let dns = TestDns::start(zone().a("smarthost.test", Ipv4Addr::LOCALHOST)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert).unwrap();
+    let config = format!(
+        r#"
+[delivery]
+enabled = true
+
+[[route]]
+domains = ["*"]
+transport = "smarthost"
+host = "smarthost.test"
+port = {}
+tls = "starttls"
+tls_ca = "{}"
+auth_user = "relayuser"
+auth_password = "relaypass"
+"#,
+        sink.addr.port(),
+        ca.display()
+    );
+    let t = start(&dns, &config, Arc::default()).await;
+    let mut c = t.client().await;
+    c.ehlo().await;
+    let id = c
+        .send_mail(
+            "app@client.test",
+            &["someone@mx.test"],
+            &message("smarthost", ""),
+        )
+        .await;
+    let got = sink.wait_for(1, WAIT).await;
+    assert!(got[0].tls, "delivered inside STARTTLS");
+    assert_eq!(got[0].auth_user.as_deref(), Some("relayuser"));
+    wait_state(&t, &id, "someone@mx.test", RecipientState::Delivered).await;
+}
+
+#[tokio::test]
+async fn dropped_and_stalled_connections_are_transient() {
+    let dns = TestDns::start(zone()).await;
+    let dropper = Sink::start_with(SinkConfig {
+        drop_mid_data: true,
+        ..Default::default()
+    })
+    .await;
+    let t = start(
+        &dns,
+        &relay_config(dropper.addr.port(), "", ""),
+        Arc::default(),
+    )
+    .await;
+    let mut c = t.client().await;
+    c.ehlo().await;
+    let id = c
+        .send_mail("app@client.test", &["d@mx.test"], &message("drop", ""))
+        .await;
+    wait_attempts(&t, &id, "d@mx.test", 1).await;
+    let (reply, _, _) = wait_state(&t, &id, "d@mx.test", RecipientState::Scheduled).await;
+    assert!(reply.unwrap().starts_with("451 4.4.1"));
+
+    let staller = Sink::start_with(SinkConfig {
+        stall_after_greeting: Some(Duration::from_secs(10)),
+        ..Default::default()
+    })
+    .await;
+    let t = start(
+        &dns,
+        &relay_config(staller.addr.port(), "", ""),
+        Arc::default(),
+    )
+    .await;
+    let mut c = t.client().await;
+    c.ehlo().await;
+    let id = c
+        .send_mail("app@client.test", &["s@mx.test"], &message("stall", ""))
+        .await;
+    wait_attempts(&t, &id, "s@mx.test", 1).await;
+    let (reply, _, _) = wait_state(&t, &id, "s@mx.test", RecipientState::Scheduled).await;
+    assert!(
+        reply.unwrap().contains("timeout"),
+        "stalled past the command timeout"
+    );
+}
+
+#[tokio::test]
+async fn per_domain_rate_holds() {
+    let dns = TestDns::start(zone()).await;
+    let sink = Sink::start().await;
+    let cfg = relay_config(
+        sink.addr.port(),
+        "[delivery.rates]\n\"rate.test\" = \"10/s\"",
+        "",
+    );
+    let t = start(&dns, &cfg, Arc::default()).await;
+    let mut c = t.client().await;
+    c.ehlo().await;
+    for i in 0..30 {
+        c.send_mail(
+            "app@client.test",
+            &[&format!("u{i}@rate.test")],
+            &message("rated", ""),
+        )
+        .await;
+    }
+    let got = sink.wait_for(30, Duration::from_secs(30)).await;
+    let mut times: Vec<_> = got.iter().map(|r| r.at).collect();
+    times.sort();
+    // No one-second window holds more than the rate (plus one for the window's edge).
+    for (i, start) in times.iter().enumerate() {
+        let in_window = times[i..]
+            .iter()
+            .filter(|t| t.duration_since(*start) < Duration::from_secs(1))
+            .count();
+        assert!(
+            in_window <= 11,
+            "{in_window} deliveries within one second at 10/s"
+        );
+    }
+    let span = times[29].duration_since(times[0]);
+    assert!(
+        span >= Duration::from_millis(2500),
+        "30 messages at 10/s took only {span:?}"
+    );
+}
+
+#[tokio::test]
+async fn paused_campaign_is_held_until_resumed() {
+    let dns = TestDns::start(zone()).await;
+    let accept = Arc::new(AtomicBool::new(false));
+    let flag = accept.clone();
+    let sink = Sink::start_with(SinkConfig {
+        rcpt: Box::new(move |_| {
+            if flag.load(Ordering::SeqCst) {
+                RcptScript::Accept
+            } else {
+                RcptScript::Reply(451, "4.3.0 later")
+            }
+        }),
+        ..Default::default()
+    })
+    .await;
+    let clock = Arc::new(ShiftedClock::default());
+    let t = start(
+        &dns,
+        &relay_config(sink.addr.port(), r#"backoff = ["1m"]"#, ""),
+        clock.clone(),
+    )
+    .await;
+    let mut c = t.client().await;
+    c.ehlo().await;
+    let id = c
+        .send_mail(
+            "app@client.test",
+            &["h@mx.test"],
+            &message("held", "X-Campaign-ID: promo\r\n"),
+        )
+        .await;
+    wait_attempts(&t, &id, "h@mx.test", 1).await;
+    // Paused while queued: it is due, but not attempted.
+    let campaign = t.app.campaigns().get(Some("promo"));
+    campaign.set_paused(true);
+    accept.store(true, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(3600));
+    t.app.wake_scheduler();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        attempt_count(&t, &id).await,
+        1,
+        "a paused campaign's recipients are held"
+    );
+    assert!(sink.received().is_empty());
+    campaign.set_paused(false);
+    t.app.wake_scheduler();
+    wait_state(&t, &id, "h@mx.test", RecipientState::Delivered).await;
+}
+
+#[tokio::test]
+async fn bounces_go_to_the_sender_but_never_for_the_null_sender() {
+    let dns = TestDns::start(zone()).await;
+    let sink = Sink::start_with(SinkConfig {
+        rcpt: Box::new(|r| {
+            if r.starts_with("gone") {
+                RcptScript::Reply(550, "5.1.1 no such user")
+            } else {
+                RcptScript::Accept
+            }
+        }),
+        ..Default::default()
+    })
+    .await;
+    let t = start(
+        &dns,
+        &relay_config(sink.addr.port(), "bounces = true", ""),
+        Arc::default(),
+    )
+    .await;
+    let mut c = t.client().await;
+    c.ehlo().await;
+    let id = c
+        .send_mail(
+            "owner@mx.test",
+            &["gone1@mx.test", "gone2@mx.test"],
+            &message("bounce me", ""),
+        )
+        .await;
+    wait_state(&t, &id, "gone1@mx.test", RecipientState::Failed).await;
+    let got = sink.wait_for(1, WAIT).await;
+    assert_eq!(got.len(), 1, "one notification for both recipients");
+    assert_eq!(got[0].mail_from, "", "sent from the null sender");
+    assert_eq!(got[0].rcpts, ["owner@mx.test"]);
+    let dsn = String::from_utf8_lossy(&got[0].data);
+    assert!(dsn.contains("report-type=delivery-status"), "{dsn}");
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; gone1@mx.test")
+            && dsn.contains("Final-Recipient: rfc822; gone2@mx.test")
+    );
+    assert!(dsn.contains("Status: 5.1.1"));
+    // A message from the null sender that fails is not bounced.
+    c.cmd("MAIL FROM:<>", "250").await;
+    c.rcpt("gone3@mx.test", "250").await;
+    let reply = c.data(&message("null", "")).await;
+    let id = common::floodgate::queue_id(&reply);
+    wait_state(&t, &id, "gone3@mx.test", RecipientState::Failed).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(sink.received().len(), 1);
+}
