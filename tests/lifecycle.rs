@@ -183,3 +183,67 @@ async fn sighup_reloads_limits_and_refuses_a_bad_config() {
     }
     c.rcpt("u4@mx.test", "452 4.5.3").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_accepted_is_lost_across_sigkill_during_delivery() {
+    use common::sink::Sink;
+    use std::collections::HashSet;
+
+    let dns = zone().await;
+    let sink = Sink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("floodgate.toml");
+    // 40/s to the sink, so the burst is still being delivered when the daemon dies.
+    let relay = format!(
+        "[delivery]\nenabled = true\n[delivery.rates]\n\"mx.test\" = \"40/s\"\n\n[[route]]\ndomains = [\"*\"]\ntransport = \"mx\"\nport = {}\n",
+        sink.addr.port()
+    );
+    std::fs::write(&path, config_text(dir.path(), dns.addr, "", &relay)).unwrap();
+
+    let mut daemon = Daemon::start(&path);
+    let mut c = Smtp::connect(daemon.smtp).await;
+    c.ehlo().await;
+    let total = 120;
+    for i in 0..total {
+        c.send_mail(
+            "app@client.test",
+            &["u@mx.test"],
+            &message(&format!("n{i}"), ""),
+        )
+        .await;
+    }
+    // Some delivered, most not: kill mid-burst.
+    while sink.received().len() < 10 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let before = sink.received().len();
+    assert!(
+        before < total,
+        "the burst finished before the kill ({before}); nothing was tested"
+    );
+
+    let _daemon = Daemon::start(&path);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let subjects = loop {
+        let subjects: HashSet<String> = sink
+            .received()
+            .iter()
+            .filter_map(|r| {
+                let text = String::from_utf8_lossy(&r.data).into_owned();
+                text.lines()
+                    .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+            })
+            .collect();
+        if subjects.len() == total || tokio::time::Instant::now() > deadline {
+            break subjects;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        subjects.len(),
+        total,
+        "every accepted message delivered at least once"
+    );
+}
