@@ -18,6 +18,9 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, TlsConfig, Transport};
 use crate::deliver::smtp::SmtpCourier;
 use crate::dns::{Hickory, MailDns, Resolver};
+use crate::faillog::{FailLog, FailLogError, FailLogSettings};
+use crate::guard::Guard;
+use crate::http::admin::Admin;
 use crate::intake::Intake;
 use crate::policy::Policy;
 use crate::queue::{Queue, QueueError};
@@ -32,6 +35,8 @@ const MAX_CAMPAIGNS: usize = 10_000;
 pub enum AppError {
     #[error("cannot open the queue: {0}")]
     Queue(#[from] QueueError),
+    #[error("cannot open the failure log: {0}")]
+    FailLog(#[from] FailLogError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -63,6 +68,11 @@ impl Default for Deps {
 
 pub struct App {
     pub smtp_addrs: Vec<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub faillog: FailLog,
+    pub guard: Arc<Guard>,
+    faillog_thread: Option<JoinHandle<()>>,
+    background: CancellationToken,
     pub intake: Arc<Intake>,
     server: Arc<Server>,
     tracker: TaskTracker,
@@ -108,6 +118,8 @@ impl App {
             None => hickory(&config)?,
         };
         let (queue, writer) = Queue::open(&config.queue, deps.clock.clone())?;
+        let (faillog, faillog_thread) =
+            FailLog::open(&config.failures_db(), &config.faillog, deps.clock.clone())?;
         let mut listeners = Vec::new();
         for addr in &config.smtp.listen {
             let listener = TcpListener::bind(addr)
@@ -122,8 +134,21 @@ impl App {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
+        let admin_listener = match config.admin.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AppError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
         let dns = Arc::new(MailDns::new(resolver, &config.dns));
         let campaigns = Arc::new(Campaigns::new(MAX_CAMPAIGNS));
+        for state in queue.load_campaigns().await? {
+            let c = campaigns.get(Some(&state.name));
+            c.set_paused(state.paused);
+            c.block_until(state.blocked_until);
+        }
         let delivery_enabled = config.delivery.enabled;
         let intake = Arc::new(Intake {
             config: Arc::new(ArcSwap::from_pointee(config)),
@@ -135,7 +160,16 @@ impl App {
             queue: queue.clone(),
             clock: deps.clock,
             wake: Arc::default(),
+            faillog: Some(faillog.clone()),
         });
+        let background = CancellationToken::new();
+        let guard = Arc::new(Guard::new(
+            campaigns.clone(),
+            intake.config.clone(),
+            queue.clone(),
+            Some(faillog.clone()),
+        ));
+        tokio::spawn(guard.clone().run(background.clone()));
         let scheduler = delivery_enabled.then(|| {
             let couriers = Couriers {
                 smtp: Arc::new(SmtpCourier::new(intake.config.clone(), dns)),
@@ -165,8 +199,29 @@ impl App {
             tracing::info!(%addr, "smtp listening");
             tracker.spawn(server.clone().run(listener));
         }
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(listener) = admin_listener {
+            let admin = Arc::new(Admin {
+                intake: intake.clone(),
+                faillog: Some(faillog.clone()),
+                guard: guard.clone(),
+                started: std::time::Instant::now(),
+            });
+            tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listening");
+            tracker.spawn(crate::http::serve(
+                listener,
+                move |req| admin.clone().handle(req),
+                background.clone(),
+                TaskTracker::new(),
+            ));
+        }
         Ok(App {
             smtp_addrs,
+            admin_addr,
+            faillog,
+            guard,
+            faillog_thread: Some(faillog_thread),
+            background,
             intake,
             server,
             tracker,
@@ -222,6 +277,11 @@ impl App {
             changed.push("smtp.tls".to_owned());
         }
         self.server.tls.store(tls.map(Arc::new));
+        if format!("{:?}", old.faillog) != format!("{:?}", new.faillog) {
+            self.faillog
+                .set_settings(FailLogSettings::from(&new.faillog));
+            changed.push("faillog".to_owned());
+        }
         for (name, a, b) in [
             (
                 "server",
@@ -263,6 +323,7 @@ impl App {
     pub async fn shutdown(mut self) {
         let grace: Duration = self.intake.config.load().server.shutdown_grace.0;
         self.server.shutdown.cancel();
+        self.background.cancel();
         self.tracker.close();
         self.tracker.wait().await;
         self.server.tracker.close();
@@ -290,7 +351,19 @@ impl App {
             }
         }
         let writer = self.writer.take();
+        let faillog_thread = self.faillog_thread.take();
+        self.faillog.close();
         drop(self);
+        if let Some(handle) = faillog_thread {
+            // The failure log flushes its last aggregates before it exits.
+            let join = tokio::task::spawn_blocking(move || handle.join());
+            if tokio::time::timeout(Duration::from_secs(5), join)
+                .await
+                .is_err()
+            {
+                tracing::warn!("failure log writer did not finish its last flush in time");
+            }
+        }
         if let Some(handle) = writer {
             // The writer ends once the last queue handle is gone, after its final commit.
             // A delivery stuck past the grace period may still hold a handle; everything

@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 use crate::campaign::Campaigns;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::faillog::{FailLog, FailureEvent};
 use crate::policy::Policy;
 use crate::queue::{NewMessage, Queue};
 use crate::reason::{Reason, Stage};
@@ -20,6 +21,7 @@ pub struct Intake {
     pub clock: Arc<dyn Clock>,
     /// Tells the scheduler that new work was queued.
     pub wake: Arc<Notify>,
+    pub faillog: Option<FailLog>,
 }
 
 impl Intake {
@@ -29,9 +31,45 @@ impl Intake {
 
     /// Counts a refused recipient against its campaign. Never blocks, never fails: it is
     /// called once per bad recipient of a flood.
-    pub fn refused(&self, campaign: Option<&str>, reason: Reason, _recipient: &str) {
-        self.policy.campaigns.record_failure(campaign, reason);
+    pub fn refused(&self, campaign: Option<&str>, reason: Reason, recipient: &str) {
+        // The counted campaign's name is bounded (unattributed and overflow buckets), so
+        // the failure log's keys are too, whatever names clients invent.
+        let counted = self.policy.campaigns.record_failure(campaign, reason);
+        self.log_failure(
+            Some(&counted.name),
+            Stage::Intake,
+            reason,
+            recipient,
+            true,
+            || crate::smtp::reply::for_reason(reason).to_string(),
+        );
         tracing::trace!(campaign, %reason, stage = Stage::Intake.as_str(), "recipient refused");
+    }
+
+    fn log_failure(
+        &self,
+        campaign: Option<&str>,
+        stage: Stage,
+        reason: Reason,
+        recipient: &str,
+        row: bool,
+        detail: impl FnOnce() -> String,
+    ) {
+        if let Some(faillog) = &self.faillog {
+            let ev = FailureEvent {
+                at_ms: self.clock.now_ms(),
+                campaign: campaign.map(str::to_owned),
+                stage,
+                reason,
+                recipient: recipient.to_owned(),
+                detail: detail(),
+            };
+            if row {
+                faillog.record(ev);
+            } else {
+                faillog.record_aggregate(ev);
+            }
+        }
     }
 
     /// Queues a message; returns once it is durable. On failure every recipient is
@@ -60,7 +98,15 @@ impl Intake {
 
 impl crate::deliver::FailureSink for Intake {
     fn relay_failed(&self, campaign: Option<&str>, reason: Reason, recipient: &str, reply: &str) {
-        self.policy.campaigns.record_failure(campaign, reason);
+        let counted = self.policy.campaigns.record_failure(campaign, reason);
+        self.log_failure(
+            Some(&counted.name),
+            Stage::Relay,
+            reason,
+            recipient,
+            true,
+            || reply.to_owned(),
+        );
         tracing::info!(campaign, %reason, recipient, reply, "delivery failed");
     }
 

@@ -11,7 +11,7 @@ use rusqlite::ffi::ErrorCode;
 pub mod store;
 pub mod writer;
 
-pub use store::{Claimed, StoredMessage, StoredRecipient, Update};
+pub use store::{CampaignState, Claimed, QueueSummary, StoredMessage, StoredRecipient, Update};
 pub use writer::{Writer, WriterStats};
 
 use crate::clock::Clock;
@@ -252,6 +252,39 @@ impl Queue {
 
     pub async fn body(&self, message_id: i64) -> Result<Option<Vec<u8>>, QueueError> {
         self.read(move |conn| store::body(conn, message_id)).await
+    }
+
+    pub async fn save_campaign(&self, state: CampaignState) -> Result<(), QueueError> {
+        let now = self.clock.now_ms();
+        self.writer
+            .run(move |conn| store::save_campaign(conn, &state, now))
+            .await
+    }
+
+    pub async fn load_campaigns(&self) -> Result<Vec<CampaignState>, QueueError> {
+        self.read(store::load_campaigns).await
+    }
+
+    /// Purges a campaign's scheduled recipients in batches; returns how many.
+    pub async fn purge(&self, campaign: &str) -> Result<u64, QueueError> {
+        const BATCH: usize = 1000;
+        let mut total = 0u64;
+        loop {
+            let name = campaign.to_owned();
+            let now = self.clock.now_ms();
+            let n = self
+                .writer
+                .run(move |conn| store::purge_batch(conn, &name, BATCH, now))
+                .await?;
+            total += n as u64;
+            if n < BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
+    pub async fn summary(&self) -> Result<QueueSummary, QueueError> {
+        self.read(store::summary).await
     }
 
     pub fn clock(&self) -> &Arc<dyn Clock> {

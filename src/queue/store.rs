@@ -352,3 +352,108 @@ pub fn body(conn: &Connection, message_id: i64) -> Result<Option<Vec<u8>>, Queue
         .optional()?
         .flatten())
 }
+
+/// A campaign's operator state as persisted across restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CampaignState {
+    pub name: String,
+    pub paused: bool,
+    pub blocked_until: i64,
+}
+
+pub fn save_campaign(
+    conn: &Connection,
+    state: &CampaignState,
+    now_ms: i64,
+) -> Result<(), QueueError> {
+    conn.prepare_cached(
+        "INSERT INTO campaigns (name, state, blocked_until, updated_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (name) DO UPDATE SET state = excluded.state,
+             blocked_until = excluded.blocked_until, updated_at = excluded.updated_at",
+    )?
+    .execute(params![
+        state.name,
+        if state.paused { "paused" } else { "active" },
+        state.blocked_until,
+        now_ms
+    ])?;
+    Ok(())
+}
+
+pub fn load_campaigns(conn: &Connection) -> Result<Vec<CampaignState>, QueueError> {
+    let mut stmt = conn.prepare("SELECT name, state, COALESCE(blocked_until, 0) FROM campaigns")?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(CampaignState {
+                name: r.get(0)?,
+                paused: r.get::<_, String>(1)? == "paused",
+                blocked_until: r.get(2)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// Fails up to `limit` of a campaign's scheduled recipients with reason `purged` and
+/// frees the bodies nobody needs any more. Returns how many it purged; callers repeat
+/// until 0, one short transaction per batch, so intake never waits long behind a purge.
+pub fn purge_batch(
+    conn: &Connection,
+    campaign: &str,
+    limit: usize,
+    now_ms: i64,
+) -> Result<usize, QueueError> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE recipients SET state = 2, reason = 'purged', last_reply = 'purged by an operator',
+             lease_until = NULL, updated_at = ?3
+         WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 0 LIMIT ?2)
+         RETURNING message_id",
+    )?;
+    let messages: std::collections::BTreeSet<i64> = stmt
+        .query_map(params![campaign, limit as i64, now_ms], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let purged = conn.changes() as usize;
+    let mut free = conn.prepare_cached(
+        "UPDATE messages SET body = NULL WHERE id = ?1 AND body IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state = 0)",
+    )?;
+    for m in messages {
+        free.execute([m])?;
+    }
+    Ok(purged)
+}
+
+/// Scheduled recipients per campaign, domain or state, for `floodgate ctl queue`.
+pub fn summary(conn: &Connection) -> Result<QueueSummary, QueueError> {
+    let by_state = count_by_state(conn)?;
+    let top = |sql: &str| -> Result<Vec<(String, u64)>, QueueError> {
+        let mut stmt = conn.prepare_cached(sql)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?.unwrap_or_else(|| "-".into()),
+                    r.get(1)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    };
+    let by_domain = top(
+        "SELECT domain, COUNT(*) c FROM recipients WHERE state = 0 GROUP BY domain ORDER BY c DESC LIMIT 20",
+    )?;
+    let by_campaign = top(
+        "SELECT campaign, COUNT(*) c FROM recipients WHERE state = 0 GROUP BY campaign ORDER BY c DESC LIMIT 20",
+    )?;
+    Ok(QueueSummary {
+        by_state,
+        by_domain,
+        by_campaign,
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueSummary {
+    pub by_state: Vec<(RecipientState, u64)>,
+    pub by_domain: Vec<(String, u64)>,
+    pub by_campaign: Vec<(String, u64)>,
+}

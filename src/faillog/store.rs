@@ -1,0 +1,299 @@
+//! Every SQL statement the failure log runs against failures.db: schema and migrations,
+//! the one-transaction flush, retention deletes, and the admin reads. Nothing else in the
+//! failure log speaks SQL.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior, params_from_iter};
+
+use super::{AggKey, FailLogError, FailureEvent, FailureQuery, FailureRow, StatRow};
+use crate::campaign::UNATTRIBUTED;
+use crate::reason::{Reason, Stage};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: one row per logged event (governed, so bounded per second), and aggregates whose
+    // row count per minute is bounded by distinct keys, never by volume. Campaign is never
+    // NULL: NULLs are distinct in a PRIMARY KEY, which would defeat the upsert.
+    "CREATE TABLE failures (
+        id INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        campaign TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX failures_campaign ON failures(campaign, at_ms);
+    CREATE INDEX failures_reason ON failures(reason, at_ms);
+    CREATE TABLE failure_stats (
+        minute INTEGER NOT NULL,
+        campaign TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (minute, campaign, stage, reason)
+    );",
+];
+
+/// The writer never waits long for a lock: a busy failures.db costs a failed (counted)
+/// flush, never a stalled writer whose channel then overflows for longer.
+const WRITER_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+/// Admin reads may wait a little longer; they run on a blocking thread, off the hot path.
+const READER_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+/// Rows per retention DELETE: each statement is its own short transaction.
+const DELETE_BATCH: i64 = 5_000;
+/// Most rows one admin read returns, whatever the caller asks.
+pub const MAX_QUERY_ROWS: usize = 10_000;
+
+/// Opens failures.db for writing, applies pragmas and migrations.
+pub fn open_writer(path: &Path, max_size_mb: u64) -> Result<Connection, FailLogError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(WRITER_BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // A log, not a ledger: losing the last flush in a power cut is acceptable, an fsync
+    // per flush is not worth it.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    if max_size_mb > 0 {
+        let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = max_size_mb * 1024 * 1024 / page_size.max(512);
+        conn.pragma_update(None, "max_page_count", pages)?;
+    }
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+/// Opens a read-only connection; WAL readers never block the writer.
+pub fn open_reader(path: &Path) -> Result<Connection, FailLogError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(READER_BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+pub fn migrate(conn: &Connection) -> Result<(), FailLogError> {
+    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > MIGRATIONS.len() {
+        return Err(FailLogError::Schema {
+            found: version,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn campaign_name(campaign: &Option<String>) -> &str {
+    campaign.as_deref().unwrap_or(UNATTRIBUTED)
+}
+
+/// Writes event rows and aggregate upserts in ONE transaction. An error means nothing of
+/// it committed: a failed COMMIT leaves the transaction to be rolled back on drop.
+pub fn write_batch(
+    conn: &mut Connection,
+    rows: &[FailureEvent],
+    aggs: &[(AggKey, u64)],
+) -> rusqlite::Result<()> {
+    // IMMEDIATE takes the write lock up front, so a lock held elsewhere fails here, before
+    // any work, rather than at COMMIT.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO failures (at_ms, campaign, stage, reason, recipient, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for ev in rows {
+            insert.execute((
+                ev.at_ms,
+                campaign_name(&ev.campaign),
+                ev.stage.as_str(),
+                ev.reason.as_str(),
+                &ev.recipient,
+                &ev.detail,
+            ))?;
+        }
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO failure_stats (minute, campaign, stage, reason, count)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (minute, campaign, stage, reason) DO UPDATE SET count = count + excluded.count",
+        )?;
+        for (key, count) in aggs {
+            upsert.execute((
+                key.minute,
+                campaign_name(&key.campaign),
+                key.stage.as_str(),
+                key.reason.as_str(),
+                *count as i64,
+            ))?;
+        }
+    }
+    tx.commit()
+}
+
+/// What a retention pass removed, and whether it ran out of time before finishing.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub rows: u64,
+    pub stats: u64,
+    pub unfinished: bool,
+}
+
+/// Deletes event rows older than `rows_before_ms` or beyond `max_rows` (oldest first), and
+/// aggregate rows older than `stats_before_minute`, in batches of autocommit statements,
+/// stopping once `budget` is spent so that the writer goes back to flushing.
+pub fn prune(
+    conn: &Connection,
+    rows_before_ms: i64,
+    max_rows: u64,
+    stats_before_minute: i64,
+    budget: Duration,
+) -> rusqlite::Result<Pruned> {
+    let started = Instant::now();
+    let mut out = Pruned::default();
+    let over_budget = |out: &mut Pruned| {
+        let over = started.elapsed() >= budget;
+        out.unfinished |= over;
+        over
+    };
+
+    // Age: ids grow with arrival, so looking only at the oldest batch by id finds old rows
+    // without a full scan (no at_ms index needed). A row that arrived out of order waits
+    // for its neighbours; max_rows still bounds the table.
+    loop {
+        let n = conn.execute(
+            "DELETE FROM failures WHERE id IN (
+                 SELECT id FROM (SELECT id, at_ms FROM failures ORDER BY id LIMIT ?2)
+                 WHERE at_ms < ?1)",
+            (rows_before_ms, DELETE_BATCH),
+        )? as i64;
+        out.rows += n as u64;
+        if n < DELETE_BATCH || over_budget(&mut out) {
+            break;
+        }
+    }
+
+    if !out.unfinished {
+        let count: i64 = conn.query_row("SELECT count(*) FROM failures", [], |r| r.get(0))?;
+        let mut excess = count.saturating_sub(max_rows.min(i64::MAX as u64) as i64);
+        while excess > 0 && !over_budget(&mut out) {
+            let n = conn.execute(
+                "DELETE FROM failures WHERE id IN (SELECT id FROM failures ORDER BY id LIMIT ?1)",
+                [excess.min(DELETE_BATCH)],
+            )? as i64;
+            out.rows += n as u64;
+            excess -= n;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    while !out.unfinished {
+        let n = conn.execute(
+            "DELETE FROM failure_stats WHERE rowid IN (
+                 SELECT rowid FROM failure_stats WHERE minute < ?1 LIMIT ?2)",
+            (stats_before_minute, DELETE_BATCH),
+        )? as i64;
+        out.stats += n as u64;
+        if n < DELETE_BATCH || over_budget(&mut out) {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+pub fn parse_stage(name: &str) -> Result<Stage, FailLogError> {
+    match name {
+        "intake" => Ok(Stage::Intake),
+        "relay" => Ok(Stage::Relay),
+        _ => Err(FailLogError::Corrupt {
+            what: "stage",
+            value: name.to_owned(),
+        }),
+    }
+}
+
+pub fn parse_reason(name: &str) -> Result<Reason, FailLogError> {
+    Reason::parse(name).ok_or_else(|| FailLogError::Corrupt {
+        what: "reason",
+        value: name.to_owned(),
+    })
+}
+
+/// Event rows matching `q`, newest first (id DESC); `before_id` pages backwards.
+pub fn query_failures(
+    conn: &Connection,
+    q: &FailureQuery,
+) -> Result<Vec<FailureRow>, FailLogError> {
+    let mut sql = String::from(
+        "SELECT id, at_ms, campaign, stage, reason, recipient, detail FROM failures WHERE 1",
+    );
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    if let Some(c) = &q.campaign {
+        args.push(c.clone().into());
+        sql.push_str(&format!(" AND campaign = ?{}", args.len()));
+    }
+    if let Some(r) = q.reason {
+        args.push(r.as_str().to_owned().into());
+        sql.push_str(&format!(" AND reason = ?{}", args.len()));
+    }
+    if let Some(since) = q.since_ms {
+        args.push(since.into());
+        sql.push_str(&format!(" AND at_ms >= ?{}", args.len()));
+    }
+    if let Some(before) = q.before_id {
+        args.push(before.into());
+        sql.push_str(&format!(" AND id < ?{}", args.len()));
+    }
+    args.push((q.limit.min(MAX_QUERY_ROWS) as i64).into());
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+
+    let mut stmt = conn.prepare(&sql)?;
+    let mut rows = stmt.query(params_from_iter(args))?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let stage: String = r.get(3)?;
+        let reason: String = r.get(4)?;
+        out.push(FailureRow {
+            id: r.get(0)?,
+            at_ms: r.get(1)?,
+            campaign: r.get(2)?,
+            stage: parse_stage(&stage)?,
+            reason: parse_reason(&reason)?,
+            recipient: r.get(5)?,
+            detail: r.get(6)?,
+        });
+    }
+    Ok(out)
+}
+
+/// Aggregate rows from `since_minute` on, oldest minute first.
+pub fn query_stats(conn: &Connection, since_minute: i64) -> Result<Vec<StatRow>, FailLogError> {
+    let mut stmt = conn.prepare(
+        "SELECT minute, campaign, stage, reason, count FROM failure_stats
+         WHERE minute >= ?1 ORDER BY minute, campaign, stage, reason",
+    )?;
+    let mut rows = stmt.query([since_minute])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let stage: String = r.get(2)?;
+        let reason: String = r.get(3)?;
+        let count: i64 = r.get(4)?;
+        out.push(StatRow {
+            minute: r.get(0)?,
+            campaign: r.get(1)?,
+            stage: parse_stage(&stage)?,
+            reason: parse_reason(&reason)?,
+            count: count.max(0) as u64,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,257 @@
+//! The guard: per-campaign sliding windows of accepted and failed recipients. A campaign
+//! whose failure ratio crosses the rule is alerted on and, with `action = "pause"`,
+//! paused — the step the incident's operators took by hand after two hours. It also
+//! alerts when the failure log is written too fast or drops events.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::campaign::{Campaign, Campaigns};
+use crate::config::{Config, GuardAction};
+use crate::faillog::FailLog;
+use crate::queue::{CampaignState, Queue};
+use crate::reason::Reason;
+
+/// Alerts kept in memory for the API and dashboard.
+const RECENT_ALERTS: usize = 100;
+/// The same system-wide alert (write rate, drops) is raised at most this often.
+const SYSTEM_ALERT_EVERY_MS: i64 = 60_000;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Alert {
+    pub at_ms: i64,
+    pub kind: &'static str,
+    pub campaign: Option<String>,
+    pub message: String,
+    pub action: Option<&'static str>,
+}
+
+/// Failures that say something about the campaign's recipients. Temporary refusals
+/// (a DNS outage, our own pauses, a full queue) are not the campaign's doing.
+pub fn counts_against(reason: Reason) -> bool {
+    !reason.is_temporary() && reason != Reason::Purged
+}
+
+fn failed(c: &Campaign) -> u64 {
+    Reason::ALL
+        .iter()
+        .filter(|r| counts_against(**r))
+        .map(|r| c.failures(*r))
+        .sum()
+}
+
+#[derive(Default)]
+struct Window {
+    samples: VecDeque<(i64, u64, u64)>,
+    tripped: bool,
+    paused: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct GuardStats {
+    pub trips: AtomicU64,
+    pub pauses: AtomicU64,
+    pub alerts: AtomicU64,
+}
+
+pub struct Guard {
+    campaigns: Arc<Campaigns>,
+    config: Arc<ArcSwap<Config>>,
+    queue: Queue,
+    faillog: Option<FailLog>,
+    windows: Mutex<HashMap<Arc<str>, Window>>,
+    recent: Mutex<VecDeque<Alert>>,
+    last_system_alert: Mutex<HashMap<&'static str, i64>>,
+    last_dropped: AtomicU64,
+    pub stats: GuardStats,
+}
+
+impl Guard {
+    pub fn new(
+        campaigns: Arc<Campaigns>,
+        config: Arc<ArcSwap<Config>>,
+        queue: Queue,
+        faillog: Option<FailLog>,
+    ) -> Guard {
+        Guard {
+            campaigns,
+            config,
+            queue,
+            faillog,
+            windows: Mutex::default(),
+            recent: Mutex::default(),
+            last_system_alert: Mutex::default(),
+            last_dropped: AtomicU64::new(0),
+            stats: GuardStats::default(),
+        }
+    }
+
+    /// Ticks once a second until shutdown.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = self.queue.clock().now_ms();
+            for (campaign, paused) in self.tick(now) {
+                if paused {
+                    let state = CampaignState {
+                        name: campaign,
+                        paused: true,
+                        blocked_until: 0,
+                    };
+                    if let Err(e) = self.queue.save_campaign(state).await {
+                        tracing::error!(error = %e, "cannot persist the guard's pause");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One evaluation. Returns the campaigns it acted on (name, paused). No I/O.
+    pub fn tick(&self, now_ms: i64) -> Vec<(String, bool)> {
+        let config = self.config.load();
+        let rule = &config.guard;
+        let mut acted = Vec::new();
+        if rule.enabled {
+            let window_ms = rule.window.0.as_millis() as i64;
+            let mut windows = self.windows.lock().expect("guard lock");
+            for c in self.campaigns.all() {
+                let w = windows.entry(c.name.clone()).or_default();
+                let paused = c.is_paused();
+                if w.paused && !paused {
+                    // Resumed by an operator: judge it afresh, not on the failures that
+                    // made it pause.
+                    w.samples.clear();
+                    w.tripped = false;
+                }
+                w.paused = paused;
+                w.samples
+                    .push_back((now_ms, c.accepted.load(Ordering::Relaxed), failed(&c)));
+                while w
+                    .samples
+                    .front()
+                    .is_some_and(|(t, _, _)| *t < now_ms - window_ms)
+                {
+                    w.samples.pop_front();
+                }
+                let (Some(first), Some(last)) = (w.samples.front(), w.samples.back()) else {
+                    continue;
+                };
+                // The window's first sample is the baseline; with one sample, compare to
+                // zero so a flood inside the first second still counts.
+                let (da, df) = if w.samples.len() == 1 {
+                    (last.1, last.2)
+                } else {
+                    (last.1 - first.1, last.2 - first.2)
+                };
+                let total = da + df;
+                let ratio = if total == 0 {
+                    0.0
+                } else {
+                    df as f64 / total as f64
+                };
+                if total >= rule.min_events && ratio >= rule.failure_ratio {
+                    if w.tripped || paused {
+                        continue;
+                    }
+                    w.tripped = true;
+                    self.stats.trips.fetch_add(1, Ordering::Relaxed);
+                    let pause = rule.action == GuardAction::Pause;
+                    if pause {
+                        c.set_paused(true);
+                        w.paused = true;
+                        self.stats.pauses.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(campaign = %c.name, failed = df, accepted = da, ratio, action = if pause { "pause" } else { "alert" }, "guard tripped: campaign failure ratio over the limit");
+                    self.alert(Alert {
+                        at_ms: now_ms,
+                        kind: "campaign_failure_ratio",
+                        campaign: Some(c.name.to_string()),
+                        message: format!(
+                            "{df} of {total} recipients failed in the last {} ({:.0}%)",
+                            rule.window,
+                            ratio * 100.0
+                        ),
+                        action: Some(if pause { "pause" } else { "alert" }),
+                    });
+                    acted.push((c.name.to_string(), pause));
+                } else if ratio < rule.failure_ratio {
+                    w.tripped = false;
+                }
+            }
+        }
+        self.check_faillog(now_ms, rule.faillog_rows_per_sec_alert);
+        acted
+    }
+
+    fn check_faillog(&self, now_ms: i64, limit: u64) {
+        let Some(faillog) = &self.faillog else { return };
+        let rate = faillog.rows_per_sec_recent();
+        if rate > limit as f64 {
+            self.system_alert(
+                now_ms,
+                "faillog_write_rate",
+                format!("failure log written at {rate:.0} rows/s (limit {limit})"),
+            );
+        }
+        let dropped = faillog.counters().dropped;
+        let before = self.last_dropped.swap(dropped, Ordering::Relaxed);
+        if dropped > before {
+            self.system_alert(
+                now_ms,
+                "faillog_drops",
+                format!(
+                    "{} failure events dropped (channel full); aggregates still count them",
+                    dropped - before
+                ),
+            );
+        }
+    }
+
+    fn system_alert(&self, now_ms: i64, kind: &'static str, message: String) {
+        let mut last = self.last_system_alert.lock().expect("guard lock");
+        if last
+            .get(kind)
+            .is_some_and(|t| now_ms - t < SYSTEM_ALERT_EVERY_MS)
+        {
+            return;
+        }
+        last.insert(kind, now_ms);
+        tracing::warn!(kind, %message, "failure log alert");
+        self.alert(Alert {
+            at_ms: now_ms,
+            kind,
+            campaign: None,
+            message,
+            action: None,
+        });
+    }
+
+    fn alert(&self, alert: Alert) {
+        self.stats.alerts.fetch_add(1, Ordering::Relaxed);
+        let mut recent = self.recent.lock().expect("guard lock");
+        if recent.len() == RECENT_ALERTS {
+            recent.pop_front();
+        }
+        recent.push_back(alert);
+    }
+
+    /// Recent alerts, newest last.
+    pub fn alerts(&self) -> Vec<Alert> {
+        self.recent
+            .lock()
+            .expect("guard lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
