@@ -38,12 +38,21 @@ pub fn counts_against(reason: Reason) -> bool {
     !reason.is_temporary() && reason != Reason::Purged
 }
 
-fn failed(c: &Campaign) -> u64 {
-    Reason::ALL
+/// A campaign's failures that count against it, and the recipients it presented.
+///
+/// A recipient refused at the door was presented once and failed once; one accepted and
+/// then refused by the destination was presented once (as accepted) and failed once. So
+/// the ratio `failed / presented` is 1.0 for a campaign whose every recipient fails,
+/// whichever stage fails it.
+pub fn tally(c: &Campaign) -> (u64, u64) {
+    let failed: u64 = Reason::ALL
         .iter()
         .filter(|r| counts_against(**r))
         .map(|r| c.failures(*r))
-        .sum()
+        .sum();
+    let after_acceptance = c.failures(Reason::Rejected) + c.failures(Reason::Expired);
+    let accepted = c.accepted.load(Ordering::Relaxed);
+    (failed, accepted + failed.saturating_sub(after_acceptance))
 }
 
 #[derive(Default)]
@@ -125,7 +134,13 @@ impl Guard {
             let window_ms = rule.window.0.as_millis() as i64;
             let mut windows = self.windows.lock().expect("guard lock");
             for c in self.campaigns.all() {
-                let w = windows.entry(c.name.clone()).or_default();
+                let w = windows.entry(c.name.clone()).or_insert_with(|| {
+                    // What a campaign did before the guard first saw it happened within
+                    // the window: start from zero.
+                    let mut w = Window::default();
+                    w.samples.push_back((now_ms, 0, 0));
+                    w
+                });
                 let paused = c.is_paused();
                 if w.paused && !paused {
                     // Resumed by an operator: judge it afresh, not on the failures that
@@ -134,26 +149,18 @@ impl Guard {
                     w.tripped = false;
                 }
                 w.paused = paused;
-                w.samples
-                    .push_back((now_ms, c.accepted.load(Ordering::Relaxed), failed(&c)));
-                while w
-                    .samples
-                    .front()
-                    .is_some_and(|(t, _, _)| *t < now_ms - window_ms)
-                {
+                let (failed, presented) = tally(&c);
+                w.samples.push_back((now_ms, presented, failed));
+                // Keep one sample at or before the window's start as the baseline.
+                while w.samples.len() > 2 && w.samples[1].0 <= now_ms - window_ms {
                     w.samples.pop_front();
                 }
                 let (Some(first), Some(last)) = (w.samples.front(), w.samples.back()) else {
                     continue;
                 };
-                // The window's first sample is the baseline; with one sample, compare to
-                // zero so a flood inside the first second still counts.
-                let (da, df) = if w.samples.len() == 1 {
-                    (last.1, last.2)
-                } else {
-                    (last.1 - first.1, last.2 - first.2)
-                };
-                let total = da + df;
+                let total = last.1.saturating_sub(first.1);
+                let df = last.2.saturating_sub(first.2);
+                let da = total.saturating_sub(df);
                 let ratio = if total == 0 {
                     0.0
                 } else {
