@@ -1,0 +1,458 @@
+#!/usr/bin/env bash
+# bench/intake.sh: SMTP intake throughput of three receivers, side by side, in one run.
+#
+#   smtp-sink  Postfix's accept-and-discard test server: the ceiling of the client/machine.
+#   floodgate  target/release/floodgate, delivery off: accepts, checks the recipient domain
+#              over DNS (a loopback dnsmasq), and answers 250 after an fsync'd SQLite commit.
+#   postfix    a private Postfix instance on loopback with its default durability (cleanup
+#              fsyncs every queue file); mail is put on hold so nothing is ever delivered.
+#
+# Each receiver gets the same load from Postfix's smtp-source: MESSAGES messages of SIZE
+# bytes over SESSIONS parallel sessions, every session sending many messages over one
+# connection (-d). Wall-clock time is measured around smtp-source.
+#
+# This is a benchmark, not a test: it prints figures and only fails when something
+# does not work (a receiver fails to start, smtp-source gets an error, counts mismatch).
+# Needs root (it installs packages and runs a Postfix instance). Talks to 127.0.0.1 only.
+
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: bench/intake.sh [options]
+
+  -m, --messages N   messages per receiver            (env MESSAGES, default 20000)
+  -s, --sessions N   parallel SMTP sessions           (env SESSIONS, default 20)
+  -l, --size N       message payload in bytes         (env SIZE, default 1024)
+      --sync MODE    Floodgate [queue] synchronous: full, normal or both
+                                                      (env SYNC, default full)
+      --quick        smoke run: 2000 messages
+      --no-build     do not run `cargo build --release` first
+      --keep         keep the temporary directory (logs, queues) for inspection
+      --idle-wait S  before each measurement, wait up to S seconds for the machine to
+                     be idle (<= 10% busy)           (env IDLE_WAIT, default 120)
+                     Rows during which other programs used > 15% of the CPU are
+                     marked '*' in the report.
+  -h, --help         this text
+
+Prints messages/second for smtp-sink, Floodgate and Postfix, and the ratios
+Floodgate / Postfix and Floodgate / smtp-sink.
+EOF
+}
+
+MESSAGES=${MESSAGES:-20000}
+SESSIONS=${SESSIONS:-20}
+SIZE=${SIZE:-1024}
+SYNC=${SYNC:-full}
+IDLE_WAIT=${IDLE_WAIT:-120}
+BUILD=1
+KEEP=0
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        -m|--messages) MESSAGES=$2; shift 2 ;;
+        -s|--sessions) SESSIONS=$2; shift 2 ;;
+        -l|--size) SIZE=$2; shift 2 ;;
+        --sync) SYNC=$2; shift 2 ;;
+        --quick) MESSAGES=2000; shift ;;
+        --no-build) BUILD=0; shift ;;
+        --keep) KEEP=1; shift ;;
+        --idle-wait) IDLE_WAIT=$2; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "intake.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+[[ $IDLE_WAIT =~ ^[0-9]+$ ]] || { echo "intake.sh: IDLE_WAIT must be a number of seconds" >&2; exit 2; }
+for v in MESSAGES SESSIONS SIZE; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "intake.sh: $v must be a positive integer" >&2; exit 2; }
+done
+case $SYNC in
+    full) SYNC_MODES=(full) ;;
+    normal) SYNC_MODES=(normal) ;;
+    both) SYNC_MODES=(full normal) ;;
+    *) echo "intake.sh: --sync must be full, normal or both" >&2; exit 2 ;;
+esac
+
+SENDER=bench@client.test
+RECIPIENT=user@bench.test
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PATH=$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin
+
+log() { printf '[intake] %s\n' "$*" >&2; }
+die() { printf '[intake] error: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- prerequisites
+
+[[ $(id -u) -eq 0 ]] || die "run as root: it installs packages and runs a private Postfix instance"
+
+missing=()
+command -v smtp-source >/dev/null && command -v smtp-sink >/dev/null && command -v postfix >/dev/null \
+    || missing+=(postfix)
+command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
+command -v sqlite3 >/dev/null || missing+=(sqlite3)
+if [[ ${#missing[@]} -gt 0 ]]; then
+    log "installing ${missing[*]}"
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    apt-get update -qq
+    env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+for c in smtp-source smtp-sink postfix dnsmasq sqlite3; do
+    command -v "$c" >/dev/null || die "$c not found after install"
+done
+
+if [[ $BUILD -eq 1 ]]; then
+    log "cargo build --release"
+    (cd "$REPO" && cargo build --release --quiet)
+fi
+FLOODGATE=$REPO/target/release/floodgate
+[[ -x $FLOODGATE ]] || die "$FLOODGATE missing (run without --no-build)"
+
+# ---------------------------------------------------------------- scratch and cleanup
+
+TMP=$(mktemp -d /tmp/floodgate-intake.XXXXXX)
+chmod 755 "$TMP"    # Postfix daemons run as user postfix and must traverse it
+PIDS=()
+POSTFIX_CONF=
+
+cleanup() {
+    local rc=$?
+    set +e
+    if [[ -n $POSTFIX_CONF ]]; then
+        postfix -c "$POSTFIX_CONF" stop >/dev/null 2>&1
+        local pidfile=$TMP/postfix/spool/pid/master.pid pid
+        if [[ -f $pidfile ]]; then
+            pid=$(tr -dc 0-9 <"$pidfile")
+            for _ in $(seq 50); do [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+        fi
+    fi
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
+    if [[ $KEEP -eq 1 || $rc -ne 0 ]]; then
+        log "kept $TMP (logs, queues)"
+    else
+        rm -rf "$TMP"
+    fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- helpers
+
+forget_pid() {  # drop a reaped process from PIDS, so cleanup never signals a reused pid
+    local p keep=()
+    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+USED_PORTS=" "
+port_busy() {   # in /proc/net/{tcp,udp}[6] as a local port, or already handed out
+    local hex
+    hex=$(printf '%04X' "$1")
+    [[ $USED_PORTS == *" $1 "* ]] && return 0
+    awk -v h="$hex" 'FNR > 1 { split($2, a, ":"); if (a[2] == h) found = 1 } END { exit !found }' \
+        /proc/net/tcp /proc/net/tcp6 /proc/net/udp /proc/net/udp6 2>/dev/null
+}
+free_port() {   # sets PORT
+    local p
+    for _ in $(seq 200); do
+        p=$((20000 + RANDOM % 30000))
+        if ! port_busy "$p"; then USED_PORTS+="$p "; PORT=$p; return; fi
+    done
+    die "no free port found"
+}
+
+wait_port() {   # wait_port PORT PID NAME LOG: until PORT accepts a TCP connection
+    local port=$1 pid=$2 name=$3 logf=$4
+    for _ in $(seq 300); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 30 "$logf" >&2 || true
+            die "$name exited before listening on 127.0.0.1:$port"
+        fi
+        sleep 0.1
+    done
+    tail -n 30 "$logf" >&2 || true
+    die "$name not listening on 127.0.0.1:$port after 30 s"
+}
+
+cpu_sample() {  # "busy iowait total kthreads" jiffies, all CPUs; kthreads = kernel threads' CPU
+    local k
+    # Kernel threads (children of kthreadd, pid 2: journal commits, writeback, softirqs)
+    # work for whoever runs; they are not counted as another program's noise.
+    k=$(awk 'FNR == 1 { sub(/^.*\) /, ""); if ($2 == 2) t += $12 + $13 } END { print t + 0 }' \
+        /proc/[0-9]*/stat 2>/dev/null || true)
+    awk -v k="${k:-0}" '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, $6, t, k }' /proc/stat
+}
+
+# Results: one line per receiver in $TMP/results:
+#   name messages seconds msg_per_s machine_busy_pct iowait_pct source_cpu_pct noisy
+RESULTS=$TMP/results
+: >"$RESULTS"
+
+children_cpu() {   # sets CHILD_CPU: CPU s (user + sys) of this shell's reaped children
+    times >"$TMP/times"   # not in a pipe: a forked subshell would report its own children
+    CHILD_CPU=$(awk 'NR == 2 {
+        t = 0
+        for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] }
+        printf "%.3f", t }' "$TMP/times")
+}
+
+busy_pct() {    # sets BUSY: % of all CPUs busy over the next second
+    local a b
+    a=$(cpu_sample); sleep 1; b=$(cpu_sample)
+    BUSY=$(awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ")
+        t = y[3] - x[3]; printf "%.0f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0) }')
+}
+
+wait_idle() {   # wait (up to IDLE_WAIT s) for 3 idle seconds in a row; best effort: whether a
+    local name=$1 waited=0 calm=0   # row was disturbed is judged by `other` during the run
+    while [[ $calm -lt 3 ]]; do
+        busy_pct
+        if [[ $BUSY -le 10 ]]; then calm=$((calm + 1)); continue; fi
+        calm=0
+        if [[ $waited -ge $IDLE_WAIT ]]; then
+            log "warning: machine still ${BUSY}% busy; measuring $name anyway"
+            return
+        fi
+        [[ $waited -eq 0 ]] && log "machine ${BUSY}% busy: waiting up to ${IDLE_WAIT}s for it to settle"
+        waited=$((waited + 1))
+    done
+}
+
+HZ=$(getconf CLK_TCK)
+RECV_CPU_CMD=   # a command printing the receiver's CPU jiffies so far (user + sys)
+proc_cpu() {    # proc_cpu PID [with_children]: utime + stime (+ cutime + cstime)
+    awk -v c="${2:-0}" '{ sub(/^.*\) /, ""); print $12 + $13 + (c ? $14 + $15 : 0) }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+postfix_cpu() { # master with its reaped children, plus the live daemons of user postfix
+    local t pid
+    t=$(proc_cpu "$PF_MASTER" 1)
+    for pid in $(ps -u postfix -o pid=); do t=$((t + $(proc_cpu "$pid"))); done
+    echo "$t"
+}
+
+run_source() {  # run_source NAME PORT: drive NAME with smtp-source, record the figures
+    local name=$1 port=$2 t0 t1 c0 c1 s0 s1 r0 r1 pid rc=0
+    sync
+    wait_idle "$name"
+    r0=$($RECV_CPU_CMD)
+    log "$name: smtp-source -d -s $SESSIONS -m $MESSAGES -l $SIZE -> 127.0.0.1:$port"
+    children_cpu; s0=$CHILD_CPU
+    c0=$(cpu_sample)
+    t0=$(date +%s.%N)
+    # In the background and waited for, so that a signal to this script is handled at once.
+    smtp-source -d -s "$SESSIONS" -m "$MESSAGES" -l "$SIZE" -f "$SENDER" -t "$RECIPIENT" \
+        -M client.test "127.0.0.1:$port" >"$TMP/source-$name.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    wait "$pid" || rc=$?
+    forget_pid "$pid"
+    t1=$(date +%s.%N)
+    c1=$(cpu_sample)
+    children_cpu; s1=$CHILD_CPU
+    r1=$($RECV_CPU_CMD)
+    if [[ $rc -ne 0 ]]; then
+        tail -n 20 "$TMP/source-$name.log" >&2
+        die "smtp-source against $name failed (exit $rc)"
+    fi
+    awk -v n="$name" -v m="$MESSAGES" -v t0="$t0" -v t1="$t1" -v c0="$c0" -v c1="$c1" \
+        -v s0="$s0" -v s1="$s1" -v r0="$r0" -v r1="$r1" -v hz="$HZ" -v ncpu="$NPROC" \
+        'BEGIN {
+            split(c0, a, " "); split(c1, b, " ")
+            secs = t1 - t0; tot = b[3] - a[3]; if (tot <= 0) tot = 1
+            busy = 100 * (b[1] - a[1]) / tot; src = 100 * (s1 - s0) / secs
+            recv = 100 * (r1 - r0) / hz / secs
+            # CPU used by neither our processes nor kernel threads: another program, noise
+            other = busy - (src + recv) / ncpu - 100 * (b[4] - a[4]) / tot
+            noisy = other > 15
+            # busy, iowait and other: share of all CPUs; smtp-source and receiver: of one CPU
+            printf "%s %d %.3f %.0f %.0f %.0f %.0f %d %.0f %.0f\n", n, m, secs, m / secs,
+                busy, 100 * (b[2] - a[2]) / tot, src, noisy, recv, other
+        }' >>"$RESULTS"
+    log "$name: $(tail -n 1 "$RESULTS" | awk '{ printf "%s s, %s msg/s", $3, $4 }')"
+}
+
+# ---------------------------------------------------------------- the machine
+
+NPROC=$(nproc)
+CPU_MODEL=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+DSYNC=$(cd "$TMP" && dd if=/dev/zero of=dsync.test bs=4k count=500 oflag=dsync 2>&1 \
+    | awk '/copied/ { for (i = 1; i <= NF; i++) if ($i == "s,") printf "%.2f", $(i - 1) * 1000 / 500 }')
+rm -f "$TMP/dsync.test"
+log "machine: $NPROC x $CPU_MODEL; 4 KiB O_DSYNC write: ${DSYNC} ms"
+
+# ---------------------------------------------------------------- a. smtp-sink
+
+free_port; SINK_PORT=$PORT
+# smtp-sink refuses to run as root without -u.
+smtp-sink -u nobody "127.0.0.1:$SINK_PORT" 1024 >"$TMP/sink.log" 2>&1 &
+SINK_PID=$!
+PIDS+=("$SINK_PID")
+wait_port "$SINK_PORT" "$SINK_PID" smtp-sink "$TMP/sink.log"
+RECV_CPU_CMD="proc_cpu $SINK_PID"
+run_source smtp-sink "$SINK_PORT"
+
+# ---------------------------------------------------------------- b. Floodgate
+
+free_port; DNS_PORT=$PORT
+dnsmasq --keep-in-foreground --no-resolv --no-hosts --no-poll --bind-interfaces \
+    --listen-address=127.0.0.1 --port="$DNS_PORT" --pid-file= --user=root \
+    --local=/test/ --mx-host=bench.test,mx.bench.test,10 --address=/mx.bench.test/127.0.0.1 \
+    --log-facility=- >"$TMP/dnsmasq.log" 2>&1 &
+DNS_PID=$!
+PIDS+=("$DNS_PID")
+for _ in $(seq 50); do
+    grep -q 'started' "$TMP/dnsmasq.log" 2>/dev/null && break
+    kill -0 "$DNS_PID" 2>/dev/null || { cat "$TMP/dnsmasq.log" >&2; die "dnsmasq failed"; }
+    sleep 0.1
+done
+
+for mode in "${SYNC_MODES[@]}"; do
+    name=floodgate
+    [[ ${#SYNC_MODES[@]} -gt 1 || $mode != full ]] && name=floodgate-$mode
+    FG_DIR=$TMP/$name
+    mkdir -p "$FG_DIR/queue"
+    free_port; FG_PORT=$PORT
+    cat >"$FG_DIR/floodgate.toml" <<EOF
+[server]
+hostname = "bench.floodgate"
+
+[smtp]
+listen = ["127.0.0.1:$FG_PORT"]
+max_connections = 1000
+max_connections_per_ip = 1000
+
+[http]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+token = "bench-token-0123456789"
+
+[queue]
+dir = "$FG_DIR/queue"
+synchronous = "$mode"
+
+[dns]
+nameservers = ["127.0.0.1:$DNS_PORT"]
+
+[delivery]
+enabled = false
+EOF
+    "$FLOODGATE" serve --config "$FG_DIR/floodgate.toml" 2>"$FG_DIR/floodgate.log" &
+    FG_PID=$!
+    PIDS+=("$FG_PID")
+    for _ in $(seq 300); do
+        grep -q 'smtp listening' "$FG_DIR/floodgate.log" 2>/dev/null && break
+        kill -0 "$FG_PID" 2>/dev/null || { tail -n 30 "$FG_DIR/floodgate.log" >&2; die "floodgate exited"; }
+        sleep 0.1
+    done
+    wait_port "$FG_PORT" "$FG_PID" floodgate "$FG_DIR/floodgate.log"
+    RECV_CPU_CMD="proc_cpu $FG_PID"
+    run_source "$name" "$FG_PORT"
+    count=$(sqlite3 "$FG_DIR/queue/queue.db" 'select count(*) from messages')
+    log "$name: queue.db holds $count messages (expected $MESSAGES)"
+    [[ $count -eq $MESSAGES ]] || die "$name queued $count messages, expected $MESSAGES"
+    kill "$FG_PID" 2>/dev/null || true
+    wait "$FG_PID" 2>/dev/null || true
+    forget_pid "$FG_PID"
+done
+
+# ---------------------------------------------------------------- c. Postfix
+
+PF=$TMP/postfix
+free_port; PF_PORT=$PORT
+mkdir -p "$PF/etc" "$PF/spool" "$PF/data"
+chown postfix "$PF/data"
+cat >"$PF/etc/main.cf" <<EOF
+compatibility_level = 3.6
+queue_directory = $PF/spool
+data_directory = $PF/data
+myhostname = bench.postfix
+mydomain = postfix.invalid
+myorigin = \$myhostname
+mydestination =
+relay_domains =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_recipient_restrictions = permit_mynetworks, reject
+# Intake only, like Floodgate with delivery off: every message is accepted, written and
+# fsync'd by cleanup as usual, but lands in the hold queue so the queue manager never
+# tries to deliver it (and nothing leaves the machine).
+smtpd_data_restrictions = check_client_access static:HOLD
+alias_maps =
+alias_database =
+biff = no
+maillog_file = $PF/maillog
+maillog_file_prefixes = $PF
+EOF
+# Debian's master.cf, minus chroot (a chroot would need copies of /etc files) and with
+# smtpd on 127.0.0.1:PORT.
+cat >"$PF/etc/master.cf" <<EOF
+127.0.0.1:$PF_PORT inet n - n - - smtpd
+pickup     unix n - n 60 1 pickup
+cleanup    unix n - n - 0 cleanup
+qmgr       unix n - n 300 1 qmgr
+rewrite    unix - - n - - trivial-rewrite
+bounce     unix - - n - 0 bounce
+defer      unix - - n - 0 bounce
+trace      unix - - n - 0 bounce
+verify     unix - - n - 1 verify
+flush      unix n - n 1000? 0 flush
+proxymap   unix - - n - - proxymap
+proxywrite unix - - n - 1 proxymap
+smtp       unix - - n - - smtp
+relay      unix - - n - - smtp
+showq      unix n - n - - showq
+error      unix - - n - - error
+retry      unix - - n - - error
+discard    unix - - n - - discard
+local      unix - n n - - local
+anvil      unix - - n - 1 anvil
+scache     unix - - n - 1 scache
+postlog    unix-dgram n - n - 1 postlogd
+EOF
+POSTFIX_CONF=$PF/etc
+# Postfix reports errors on stderr only when it is a terminal; otherwise see maillog.
+postfix -c "$PF/etc" check >"$PF/check.log" 2>&1 || { cat "$PF/check.log" "$PF/maillog" >&2 2>/dev/null; die "postfix check failed"; }
+postfix -c "$PF/etc" start >"$PF/start.log" 2>&1 || { cat "$PF/start.log" "$PF/maillog" >&2 2>/dev/null; die "postfix start failed"; }
+wait_port "$PF_PORT" "" postfix "$PF/maillog"
+log "postfix: $(postconf -c "$PF/etc" -h mail_version) on 127.0.0.1:$PF_PORT"
+PF_MASTER=$(tr -dc 0-9 <"$PF/spool/pid/master.pid")
+RECV_CPU_CMD=postfix_cpu
+run_source postfix "$PF_PORT"
+count=$(find "$PF/spool/hold" -type f | wc -l)
+log "postfix: hold queue holds $count messages (expected $MESSAGES)"
+[[ $count -eq $MESSAGES ]] || die "postfix queued $count messages, expected $MESSAGES"
+
+# ---------------------------------------------------------------- report
+
+fg_name=floodgate
+[[ ${#SYNC_MODES[@]} -gt 1 || ${SYNC_MODES[0]} != full ]] && fg_name=floodgate-${SYNC_MODES[0]}
+echo
+echo "SMTP intake: $MESSAGES messages x $SIZE bytes, $SESSIONS sessions (smtp-source -d)," \
+    "$NPROC x $CPU_MODEL, $(date -u +%Y-%m-%d)"
+echo
+awk -v fg="$fg_name" '
+    { name[NR] = $1; m[NR] = $2; s[NR] = $3; r[NR] = $4; busy[NR] = $5; io[NR] = $6; src[NR] = $7
+      mark[NR] = $8 ? "*" : " "; if ($8) noisy = 1; recv[NR] = $9; other[NR] = $10; rate[$1] = $4 }
+    END {
+        printf "| %-16s | %8s | %7s | %8s | %8s | %6s | %10s | %12s | %5s |\n", "receiver", "messages", "seconds", "msg/s", "CPU busy", "iowait", "source CPU", "receiver CPU", "other"
+        printf "|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n", "------------------", "---------:", "--------:", "---------:", "---------:", "-------:", "-----------:", "-------------:", "------:"
+        for (i = 1; i <= NR; i++)
+            printf "| %-16s | %8d | %7.2f | %7d%s | %7d%% | %5d%% | %9d%% | %11d%% | %4d%% |\n", name[i], m[i], s[i], r[i], mark[i], busy[i], io[i], src[i], recv[i], other[i]
+        print ""
+        for (i = 1; i <= NR; i++) if (name[i] ~ /^floodgate/) {
+            n = name[i]
+            printf "%-16s / postfix:   %6.2fx   (target >= 5x)\n", n, rate[n] / rate["postfix"]
+            printf "%-16s / smtp-sink: %6.1f%%   (target >= 50%%)\n", n, 100 * rate[n] / rate["smtp-sink"]
+        }
+        if (noisy) print "\n* machine busy with something else before or during this measurement (other > 15%): rerun"
+    }' "$RESULTS"
+echo
+echo "CPU busy, iowait, other: share of all $NPROC CPUs during the run (other = busy minus"
+echo "smtp-source, receiver and kernel threads: other programs). source CPU, receiver CPU:"
+echo "smtp-source's and the receiver's own processes, share of one CPU (100% = one core)."
