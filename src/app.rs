@@ -15,9 +15,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::campaign::Campaigns;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, TlsConfig, Transport};
+use crate::config::{Config, TlsConfig};
 use crate::deliver::smtp::SmtpCourier;
+use crate::deliver::webhook::WebhookCourier;
 use crate::dns::{Hickory, MailDns, Resolver};
+use crate::events::{Events, EventsTask, Reporting};
 use crate::faillog::{FailLog, FailLogError, FailLogSettings};
 use crate::guard::Guard;
 use crate::http::admin::Admin;
@@ -68,9 +70,14 @@ impl Default for Deps {
 
 pub struct App {
     pub smtp_addrs: Vec<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub faillog: FailLog,
     pub guard: Arc<Guard>,
+    /// Webhook endpoints' state (disabled by 410, circuit breakers).
+    pub webhook: Arc<WebhookCourier>,
+    pub events: Events,
+    events_task: Option<EventsTask>,
     faillog_thread: Option<JoinHandle<()>>,
     background: CancellationToken,
     pub intake: Arc<Intake>,
@@ -102,15 +109,6 @@ impl App {
     /// Opens the queue, binds every listener and starts serving. When this returns the
     /// daemon is ready (the moment to tell systemd).
     pub async fn start(config: Config, deps: Deps) -> Result<App, AppError> {
-        if config
-            .routes
-            .iter()
-            .any(|r| r.transport == Transport::Webhook)
-        {
-            return Err(AppError::Unsupported(
-                "route transport `webhook` is not available in this build yet".into(),
-            ));
-        }
         let tls = load_tls(config.smtp.tls.as_ref())?;
         let injected_resolver = deps.resolver.is_some();
         let resolver = match deps.resolver {
@@ -134,6 +132,14 @@ impl App {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
+        let http_listener = match config.http.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AppError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
         let admin_listener = match config.admin.listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -170,17 +176,27 @@ impl App {
             Some(faillog.clone()),
         ));
         tokio::spawn(guard.clone().run(background.clone()));
+        let (events, events_task) = Events::start(
+            intake.config.clone(),
+            campaigns.clone(),
+            intake.clock.clone(),
+        );
+        let webhook = Arc::new(WebhookCourier::new(intake.clock.clone()));
         let scheduler = delivery_enabled.then(|| {
             let couriers = Couriers {
                 smtp: Arc::new(SmtpCourier::new(intake.config.clone(), dns)),
-                webhook: None,
+                webhook: Some(webhook.clone()),
             };
+            let sink = Arc::new(Reporting {
+                inner: intake.clone(),
+                events: events.clone(),
+            });
             let scheduler = Arc::new(Scheduler::new(
                 queue,
                 intake.config.clone(),
                 campaigns,
                 couriers,
-                intake.clone(),
+                sink,
                 intake.wake.clone(),
             ));
             let task = tokio::spawn(scheduler.clone().run());
@@ -198,6 +214,17 @@ impl App {
         for (listener, addr) in listeners.into_iter().zip(&smtp_addrs) {
             tracing::info!(%addr, "smtp listening");
             tracker.spawn(server.clone().run(listener));
+        }
+        let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(listener) = http_listener {
+            let api = Arc::new(crate::http::api::Api::new(intake.clone()));
+            tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "http listening");
+            tracker.spawn(crate::http::serve(
+                listener,
+                move |req| api.clone().handle(req),
+                server.shutdown.clone(),
+                TaskTracker::new(),
+            ));
         }
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(listener) = admin_listener {
@@ -217,9 +244,13 @@ impl App {
         }
         Ok(App {
             smtp_addrs,
+            http_addr,
             admin_addr,
             faillog,
             guard,
+            webhook,
+            events,
+            events_task: Some(events_task),
             faillog_thread: Some(faillog_thread),
             background,
             intake,
@@ -309,10 +340,18 @@ impl App {
                 format!("{:?}", old.admin),
                 format!("{:?}", new.admin),
             ),
+            (
+                "events",
+                format!("{:?}", old.events),
+                format!("{:?}", new.events),
+            ),
         ] {
             if a != b && !changed.iter().any(|c| c.starts_with(name)) {
                 changed.push(name.to_owned());
             }
+        }
+        if self.webhook.enable_all() > 0 {
+            changed.push("webhook endpoints re-enabled".to_owned());
         }
         self.intake.config.store(Arc::new(new));
         Ok(changed)
@@ -349,6 +388,10 @@ impl App {
                     task.abort();
                 }
             }
+        }
+        if let Some(events) = self.events_task.take() {
+            // After the scheduler: the last outcomes recorded are in the final batch.
+            events.close(Duration::from_secs(5)).await;
         }
         let writer = self.writer.take();
         let faillog_thread = self.faillog_thread.take();

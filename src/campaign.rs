@@ -24,6 +24,9 @@ pub struct Campaign {
     pub accepted: AtomicU64,
     pub delivered: AtomicU64,
     failures: [AtomicU64; REASONS],
+    /// The share of `failures` refused at the door (never queued), for the periodic
+    /// `intake_rejections` event.
+    refusals: [AtomicU64; REASONS],
     paused: AtomicBool,
     /// Until when (ms since the epoch) new submissions are refused after a purge.
     blocked_until_ms: AtomicI64,
@@ -36,6 +39,7 @@ impl Campaign {
             accepted: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             failures: std::array::from_fn(|_| AtomicU64::new(0)),
+            refusals: std::array::from_fn(|_| AtomicU64::new(0)),
             paused: AtomicBool::new(false),
             blocked_until_ms: AtomicI64::new(0),
         }
@@ -43,6 +47,11 @@ impl Campaign {
 
     pub fn failures(&self, reason: Reason) -> u64 {
         self.failures[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// Failures for `reason` refused at intake (a subset of [`Campaign::failures`]).
+    pub fn refusals(&self, reason: Reason) -> u64 {
+        self.refusals[reason.index()].load(Ordering::Relaxed)
     }
 
     pub fn total_failures(&self) -> u64 {
@@ -119,6 +128,13 @@ impl Campaigns {
     pub fn record_failure(&self, campaign: Option<&str>, reason: Reason) -> Arc<Campaign> {
         let c = self.get(campaign);
         c.failures[reason.index()].fetch_add(1, Ordering::Relaxed);
+        c
+    }
+
+    /// As [`Campaigns::record_failure`], for a recipient refused at the door.
+    pub fn record_refusal(&self, campaign: Option<&str>, reason: Reason) -> Arc<Campaign> {
+        let c = self.record_failure(campaign, reason);
+        c.refusals[reason.index()].fetch_add(1, Ordering::Relaxed);
         c
     }
 

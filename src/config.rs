@@ -12,10 +12,12 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub mod duration;
+pub mod events;
 pub mod faillog;
 pub mod route;
 
 pub use duration::Dur;
+pub use events::EventsConfig;
 pub use faillog::{FailLogConfig, FailLogMode, GuardAction, GuardConfig};
 pub use route::{Route, TlsMode, Transport};
 
@@ -59,6 +61,8 @@ pub struct Config {
     pub faillog: FailLogConfig,
     #[serde(default)]
     pub guard: GuardConfig,
+    #[serde(default)]
+    pub events: EventsConfig,
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
 }
@@ -151,14 +155,34 @@ pub struct UserConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: Option<SocketAddr>,
+    /// Largest request body accepted (bytes); larger ones get 413 before being read.
+    pub max_request_size: usize,
+    /// How long the response to an `Idempotency-Key` is kept for replay.
+    pub idempotency_ttl: Dur,
+    pub api_keys: Vec<ApiKeyConfig>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: Some("127.0.0.1:8025".parse().expect("literal address")),
+            max_request_size: 35 * 1024 * 1024,
+            idempotency_ttl: Dur::secs(86_400),
+            api_keys: Vec::new(),
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub name: String,
+    /// Hex SHA-256 of the key, as printed by `floodgate gen-key`.
+    pub key_sha256: String,
+    /// Campaign for requests that name none (default: the key's name).
+    pub campaign: Option<String>,
+    /// Requests per period for this key (`"100/s"`); beyond it, 429.
+    pub rate: Option<Rate>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -449,6 +473,20 @@ impl Config {
                 *file.get_mut() = full;
             }
         }
+        for key in &self.http.api_keys {
+            let ok =
+                key.key_sha256.len() == 64 && key.key_sha256.chars().all(|c| c.is_ascii_hexdigit());
+            if !ok {
+                return Err(invalid(
+                    "http.api_keys.key_sha256",
+                    None,
+                    format!(
+                        "key `{}`: expected 64 hex digits (make one with `floodgate gen-key`)",
+                        key.name
+                    ),
+                ));
+            }
+        }
         if self.admin.listen.is_some() && self.admin.token.len() < 16 {
             return Err(invalid(
                 "admin.token",
@@ -503,6 +541,9 @@ impl Config {
                 "failure_ratio must be within 0..=1 and window above 0".into(),
             ));
         }
+        self.events
+            .validate()
+            .map_err(|why| invalid("events", None, why))?;
         for (i, route) in self.routes.iter().enumerate() {
             route
                 .validate()

@@ -34,7 +34,7 @@ impl Intake {
     pub fn refused(&self, campaign: Option<&str>, reason: Reason, recipient: &str) {
         // The counted campaign's name is bounded (unattributed and overflow buckets), so
         // the failure log's keys are too, whatever names clients invent.
-        let counted = self.policy.campaigns.record_failure(campaign, reason);
+        let counted = self.policy.campaigns.record_refusal(campaign, reason);
         self.log_failure(
             Some(&counted.name),
             Stage::Intake,
@@ -96,8 +96,46 @@ impl Intake {
     }
 }
 
+impl Intake {
+    /// As [`Intake::enqueue`], storing `response` under an idempotency key in the same
+    /// transaction. Returns the earlier response instead when the key was seen already
+    /// (and then nothing is queued or counted).
+    pub async fn enqueue_idempotent(
+        &self,
+        msg: NewMessage,
+        key: String,
+        response: (u16, String),
+        ttl: std::time::Duration,
+    ) -> Result<Option<(u16, String)>, Reason> {
+        let campaign = msg.campaign.clone();
+        let recipients: Vec<String> = msg.recipients.iter().map(|r| r.address.clone()).collect();
+        match self
+            .queue
+            .enqueue_idempotent(Some(msg), key, response, ttl)
+            .await
+        {
+            Ok(Some(earlier)) => Ok(Some(earlier)),
+            Ok(None) => {
+                self.policy
+                    .campaigns
+                    .record_accepted(campaign.as_deref(), recipients.len() as u64);
+                self.wake.notify_one();
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, campaign, "message not queued");
+                for r in &recipients {
+                    self.refused(campaign.as_deref(), Reason::QueueUnavailable, r);
+                }
+                Err(Reason::QueueUnavailable)
+            }
+        }
+    }
+}
+
 impl crate::deliver::FailureSink for Intake {
-    fn relay_failed(&self, campaign: Option<&str>, reason: Reason, recipient: &str, reply: &str) {
+    fn relay_failed(&self, r: &crate::queue::Claimed, reason: Reason, reply: &str) {
+        let (campaign, recipient) = (r.campaign.as_deref(), r.address.as_str());
         let counted = self.policy.campaigns.record_failure(campaign, reason);
         self.log_failure(
             Some(&counted.name),
@@ -110,17 +148,18 @@ impl crate::deliver::FailureSink for Intake {
         tracing::info!(campaign, %reason, recipient, reply, "delivery failed");
     }
 
-    fn relay_deferred(&self, campaign: Option<&str>, recipient: &str, reply: &str) {
+    fn relay_deferred(&self, r: &crate::queue::Claimed, reply: &str) {
+        let (campaign, recipient) = (r.campaign.as_deref(), r.address.as_str());
         self.policy
             .campaigns
             .record_failure(campaign, Reason::Deferred);
         tracing::debug!(campaign, recipient, reply, "delivery deferred");
     }
 
-    fn relay_delivered(&self, campaign: Option<&str>) {
+    fn relay_delivered(&self, r: &crate::queue::Claimed, _reply: &str) {
         self.policy
             .campaigns
-            .get(campaign)
+            .get(r.campaign.as_deref())
             .delivered
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }

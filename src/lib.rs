@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod deliver;
 pub mod dns;
+pub mod events;
 pub mod faillog;
 pub mod guard;
 pub mod http;

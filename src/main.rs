@@ -37,6 +37,8 @@ enum Command {
     },
     /// Read a password on standard input and print its Argon2 hash for `[[smtp.users]]`.
     HashPassword,
+    /// Print a new random API key and the `key_sha256` line for `[[http.api_keys]]`.
+    GenKey,
 }
 
 /// Exit code for a config that cannot be used (sysexits' EX_USAGE is 64; systemd and
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(&config),
         Command::CheckConfig { config } => check_config(&config),
         Command::HashPassword => hash_password(),
+        Command::GenKey => gen_key(),
     }
 }
 
@@ -97,6 +100,15 @@ fn hash_password() -> ExitCode {
         "{}",
         floodgate::smtp::auth::hash_password(line.trim_end_matches(['\r', '\n']))
     );
+    ExitCode::SUCCESS
+}
+
+fn gen_key() -> ExitCode {
+    let bytes: [u8; 32] = rand::random();
+    let key = format!("fg_{}", hex::encode(bytes));
+    println!("key: {key}");
+    println!("key_sha256 = \"{}\"", floodgate::http::api::key_hash(&key));
+    eprintln!("Give the key to the integration; put only key_sha256 in the config.");
     ExitCode::SUCCESS
 }
 

@@ -333,23 +333,21 @@ impl Scheduler {
         let mut updates = Vec::with_capacity(recipients.len());
         let mut failed = Vec::new();
         for (r, outcome) in recipients.iter().zip(outcomes) {
-            let campaign = r.campaign.as_deref();
             let update = match outcome {
                 Outcome::Delivered { reply } => {
-                    self.sink.relay_delivered(campaign);
+                    self.sink.relay_delivered(r, &reply);
                     Update::Delivered { reply }
                 }
                 Outcome::Transient { reply, retry_after } => {
                     if now - r.received_at >= delivery.max_age.0.as_millis() as i64 {
-                        self.sink
-                            .relay_failed(campaign, Reason::Expired, &r.address, &reply);
+                        self.sink.relay_failed(r, Reason::Expired, &reply);
                         failed.push((r.address.clone(), reply.clone()));
                         Update::Failed {
                             reason: Reason::Expired.as_str().into(),
                             reply,
                         }
                     } else {
-                        self.sink.relay_deferred(campaign, &r.address, &reply);
+                        self.sink.relay_deferred(r, &reply);
                         let schedule: Vec<Duration> =
                             delivery.backoff.iter().map(|d| d.0).collect();
                         let wait = backoff(&schedule, r.attempts + 1, rand::random::<f64>())
@@ -361,7 +359,7 @@ impl Scheduler {
                     }
                 }
                 Outcome::Permanent { reason, reply } => {
-                    self.sink.relay_failed(campaign, reason, &r.address, &reply);
+                    self.sink.relay_failed(r, reason, &reply);
                     failed.push((r.address.clone(), reply.clone()));
                     Update::Failed {
                         reason: reason.as_str().into(),

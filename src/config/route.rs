@@ -55,7 +55,13 @@ pub struct Route {
     /// webhook: the endpoint and its `whsec_` signing secret.
     pub url: Option<String>,
     pub secret: Option<String>,
+    /// webhook: total time for one request, connect to response body (default 10 s).
     pub timeout: Option<Dur>,
+    /// webhook: consecutive failures (timeouts, connection errors, 5xx) that open the
+    /// endpoint's circuit (default 5).
+    pub breaker_threshold: Option<u32>,
+    /// webhook: how long an open circuit waits before one probe request (default 30 s).
+    pub breaker_cooldown: Option<Dur>,
 }
 
 impl Route {
@@ -75,12 +81,28 @@ impl Route {
             url: None,
             secret: None,
             timeout: None,
+            breaker_threshold: None,
+            breaker_cooldown: None,
         }
     }
 
     pub fn check_dns(&self) -> bool {
         self.check_dns
             .unwrap_or(!matches!(self.transport, Transport::Webhook))
+    }
+
+    pub fn webhook_timeout(&self) -> std::time::Duration {
+        self.timeout
+            .map_or(std::time::Duration::from_secs(10), |d| d.0)
+    }
+
+    pub fn breaker_threshold(&self) -> u32 {
+        self.breaker_threshold.unwrap_or(5).max(1)
+    }
+
+    pub fn breaker_cooldown(&self) -> std::time::Duration {
+        self.breaker_cooldown
+            .map_or(std::time::Duration::from_secs(30), |d| d.0)
     }
 
     /// Whether this route serves `domain` and how specifically: exact beats the longest
@@ -121,6 +143,13 @@ impl Route {
                 let url = self.url.as_deref().unwrap_or_default();
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
                     return Err("transport `webhook` needs an http:// or https:// `url`".into());
+                }
+                let secret = self.secret.as_deref().unwrap_or_default();
+                crate::deliver::webhook::Secret::parse(secret)
+                    .map_err(|e| format!("webhook `secret` (whsec_<base64>): {e}"))?;
+                if self.timeout.is_some_and(|t| t.0.is_zero()) || self.breaker_threshold == Some(0)
+                {
+                    return Err("webhook `timeout` and `breaker_threshold` must be above 0".into());
                 }
             }
         }

@@ -13,6 +13,7 @@ pub mod client;
 pub mod dsn;
 pub mod smtp;
 pub mod tls;
+pub mod webhook;
 
 /// Where a batch goes: the route, and within it the destination that has its own rate
 /// and concurrency (an MX domain, a smarthost, a webhook URL).
@@ -90,12 +91,12 @@ pub trait Courier: Send + Sync + 'static {
     fn deliver<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Vec<Outcome>>;
 }
 
-/// Where relay failures are reported (counters, failure log). Called once per failed
-/// recipient: must be cheap and never block.
+/// Where relay outcomes are reported (counters, failure log, delivery events). Called
+/// once per recipient and attempt: must be cheap and never block.
 pub trait FailureSink: Send + Sync + 'static {
-    fn relay_failed(&self, campaign: Option<&str>, reason: Reason, recipient: &str, reply: &str);
-    fn relay_deferred(&self, campaign: Option<&str>, recipient: &str, reply: &str);
-    fn relay_delivered(&self, campaign: Option<&str>);
+    fn relay_failed(&self, recipient: &Claimed, reason: Reason, reply: &str);
+    fn relay_deferred(&self, recipient: &Claimed, reply: &str);
+    fn relay_delivered(&self, recipient: &Claimed, reply: &str);
 }
 
 #[cfg(test)]

@@ -104,6 +104,10 @@ impl Admin {
             (&Method::GET, "/readyz") => return self.readyz().await,
             _ => {}
         }
+        // The dashboard's page and assets carry no data; the page asks for the token.
+        if let Some(asset) = super::dashboard::asset(req.method(), &path) {
+            return asset;
+        }
         if !self.authorized(&req) {
             let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
             r.headers_mut().insert(
@@ -391,10 +395,17 @@ impl Admin {
             })
             .unwrap_or_default();
         let campaigns = self.campaign_views();
+        // Totals since start, so that clients (dashboard, ctl) compute rates from samples.
+        let all = self.intake.campaigns().all();
+        let total = |f: &dyn Fn(&Campaign) -> u64| all.iter().map(|c| f(c)).sum::<u64>();
         json(
             StatusCode::OK,
             &serde_json::json!({
                 "uptime_secs": self.started.elapsed().as_secs(),
+                "accepted_total": total(&|c| c.accepted.load(std::sync::atomic::Ordering::Relaxed)),
+                "delivered_total": total(&|c| c.delivered.load(std::sync::atomic::Ordering::Relaxed)),
+                "failures_total": total(&|c| c.total_failures()),
+                "failed_total": campaigns.iter().map(|c| c.failed).sum::<u64>(),
                 "intake_paused": self.intake.campaigns().intake_paused(),
                 "queue": by_state,
                 "campaigns": campaigns.len(),

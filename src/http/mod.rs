@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub mod admin;
+pub mod api;
+pub mod client;
+pub mod dashboard;
 pub mod metrics;
 
 pub type Body = Full<Bytes>;

@@ -187,6 +187,43 @@ impl Queue {
             .await
     }
 
+    /// Stores a message together with the HTTP response that acknowledges it, keyed by
+    /// an idempotency key, in one transaction. If the key already has a fresh response,
+    /// nothing is stored and that response is returned: a repeat never enqueues twice.
+    pub async fn enqueue_idempotent(
+        &self,
+        msg: Option<NewMessage>,
+        key: String,
+        response: (u16, String),
+        ttl: std::time::Duration,
+    ) -> Result<Option<(u16, String)>, QueueError> {
+        let now = self.clock.now_ms();
+        let not_before = now - ttl.as_millis() as i64;
+        self.writer
+            .run(move |conn| {
+                if let Some(existing) = store::idempotent_response(conn, &key, not_before)? {
+                    return Ok(Some(existing));
+                }
+                if let Some(msg) = &msg {
+                    store::insert_message(conn, msg, now)?;
+                }
+                store::remember_response(conn, &key, &response, now, not_before)
+            })
+            .await
+    }
+
+    /// The stored response for an idempotency key, if fresh.
+    pub async fn idempotent_response(
+        &self,
+        key: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<(u16, String)>, QueueError> {
+        let key = key.to_owned();
+        let not_before = self.clock.now_ms() - ttl.as_millis() as i64;
+        self.read(move |conn| store::idempotent_response(conn, &key, not_before))
+            .await
+    }
+
     /// Proves the writer thread is alive and committing (the systemd watchdog asks).
     pub async fn ping(&self) -> Result<(), QueueError> {
         self.writer.run(|_| Ok(())).await

@@ -45,6 +45,15 @@ const MIGRATIONS: &[&str] = &[
         blocked_until INTEGER,
         updated_at INTEGER NOT NULL
     );",
+    // 2: responses kept for HTTP Idempotency-Key replays, written in the same
+    // transaction as the message they describe.
+    "CREATE TABLE idempotency (
+        key TEXT PRIMARY KEY,
+        status INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX idempotency_created ON idempotency(created_at);",
 ];
 
 /// Opens queue.db for writing, applies pragmas and migrations.
@@ -456,4 +465,35 @@ pub struct QueueSummary {
     pub by_state: Vec<(RecipientState, u64)>,
     pub by_domain: Vec<(String, u64)>,
     pub by_campaign: Vec<(String, u64)>,
+}
+
+/// A stored HTTP response for an idempotency key, if still fresh.
+pub fn idempotent_response(
+    conn: &Connection,
+    key: &str,
+    not_before: i64,
+) -> Result<Option<(u16, String)>, QueueError> {
+    Ok(conn
+        .prepare_cached("SELECT status, body FROM idempotency WHERE key = ?1 AND created_at >= ?2")?
+        .query_row(params![key, not_before], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?)
+}
+
+/// Stores `response` under `key` unless a fresh one is there already, which is returned
+/// instead (and nothing else happens). Old entries are swept in passing.
+pub fn remember_response(
+    conn: &Connection,
+    key: &str,
+    response: &(u16, String),
+    now_ms: i64,
+    not_before: i64,
+) -> Result<Option<(u16, String)>, QueueError> {
+    if let Some(existing) = idempotent_response(conn, key, not_before)? {
+        return Ok(Some(existing));
+    }
+    conn.prepare_cached("DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency WHERE created_at < ?1 LIMIT 100)")?
+        .execute([not_before])?;
+    conn.prepare_cached("INSERT OR REPLACE INTO idempotency (key, status, body, created_at) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![key, response.0, response.1, now_ms])?;
+    Ok(None)
 }

@@ -3,10 +3,12 @@
 //! * [`dns`]: a real authoritative DNS server (hickory-server) and a black-hole nameserver,
 //!   plus the reference notes on how hickory-resolver 0.26 reports each DNS outcome.
 //! * [`sink`]: a scriptable receiving SMTP server (STARTTLS, AUTH, failure injection).
+//! * [`http_receiver`]: a scriptable receiving HTTP server (webhooks, delivery events).
 
 // Each test binary compiles its own copy of this module and uses only part of it.
 #![allow(dead_code)]
 
 pub mod dns;
 pub mod floodgate;
+pub mod http_receiver;
 pub mod sink;

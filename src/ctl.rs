@@ -1,0 +1,362 @@
+//! `floodgate ctl`: the admin API from a shell — find the failing campaign, pause, purge,
+//! resume it, pause intake, switch the failure log — with exit codes scripts can rely on.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+pub mod client;
+pub mod render;
+
+use client::{Client, CtlError, encode};
+
+const DEFAULT_CONFIG: &str = "/etc/floodgate/floodgate.toml";
+/// Where the daemon's admin listener is when the config does not say (`[admin] listen`).
+const DEFAULT_ADMIN: &str = "127.0.0.1:8026";
+const TOKEN_ENV: &str = "FLOODGATE_ADMIN_TOKEN";
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the admin API answered with an error (any non-2xx other than 401)
+  2  usage or configuration error (bad arguments, unreadable config, no token,
+     purge without --yes and without a terminal to confirm on)
+  3  the daemon is unreachable (connection refused, timed out, broken connection)
+  4  the admin token was refused (401)
+
+The admin address and token come from --admin and --token, then FLOODGATE_ADMIN_TOKEN
+(token only), then [admin] listen and [admin] token in the --config file.";
+
+#[derive(Args, Debug)]
+#[command(after_help = EXIT_CODES)]
+pub struct CtlArgs {
+    /// Config file holding `[admin] listen` and `[admin] token`.
+    #[arg(long, short, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Admin API address, `HOST:PORT` (default: `[admin] listen` from the config).
+    #[arg(long, global = true, value_name = "ADDR")]
+    admin: Option<String>,
+    /// Admin bearer token (default: $FLOODGATE_ADMIN_TOKEN, then `[admin] token`).
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
+    /// Print the API's JSON answer instead of a table (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCommand {
+    /// Intake, queue depth, totals, held campaigns, failure log, alerts.
+    Status,
+    /// Every campaign, most failures first: state, accepted, failed, ratio, top reasons.
+    Campaigns,
+    /// Pause a campaign: its new mail is answered 451 4.7.1 and its queued mail waits.
+    Pause { campaign: String },
+    /// Resume a paused or blocked campaign.
+    Resume { campaign: String },
+    /// Delete every queued recipient of a campaign (asks for confirmation).
+    Purge {
+        campaign: String,
+        /// Also refuse the campaign's new mail for this long, e.g. `10m`, `1h`.
+        #[arg(long, value_name = "DURATION")]
+        block_for: Option<String>,
+        /// Do not ask; required when not run from a terminal.
+        #[arg(long, short)]
+        yes: bool,
+    },
+    /// Pause or resume intake for every campaign (SMTP and HTTP answer 451 4.7.1).
+    Intake { action: IntakeAction },
+    /// Show the failure log's mode and write rate, or switch it.
+    Faillog {
+        /// New mode; omit to show the current settings.
+        mode: Option<Mode>,
+        /// Mode sampled: keep one event row in this many, per campaign.
+        #[arg(long, value_name = "N")]
+        sample_rate: Option<u32>,
+        /// Modes full and sampled: most event rows per second per campaign.
+        #[arg(long, value_name = "N")]
+        rows_per_sec: Option<u32>,
+    },
+    /// Queued recipients by state, domain and campaign.
+    Queue,
+    /// Recent failure rows of a campaign, newest first.
+    Failures {
+        campaign: String,
+        /// Only this reason, e.g. `no_such_domain`, `malformed_address`, `rejected`.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Most rows to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Guard alerts (failure ratios, failure-log write rate), newest first.
+    Alerts,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum IntakeAction {
+    Pause,
+    Resume,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum Mode {
+    Full,
+    Sampled,
+    Aggregate,
+    Off,
+}
+
+/// Runs one `ctl` command; the exit code is the documented one.
+pub fn main(args: CtlArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("floodgate ctl: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("floodgate ctl: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn run(args: CtlArgs) -> Result<String, CtlError> {
+    let client = connect(&args)?;
+    let json = args.json;
+    let show = |v: &Value, human: &dyn Fn(&Value) -> String| {
+        if json {
+            serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
+        } else {
+            human(v)
+        }
+    };
+    Ok(match &args.command {
+        CtlCommand::Status => {
+            let v = client.get("/admin/v1/status").await?;
+            show(&v, &|v| render::status(&client.addr, v))
+        }
+        CtlCommand::Campaigns => show(
+            &client.get("/admin/v1/campaigns").await?,
+            &render::campaigns,
+        ),
+        CtlCommand::Pause { campaign } | CtlCommand::Resume { campaign } => {
+            let action = match args.command {
+                CtlCommand::Pause { .. } => "pause",
+                _ => "resume",
+            };
+            let v = client.post(&campaign_path(campaign, action), None).await?;
+            show(&v, &|v| {
+                format!("campaign {campaign}: {}\n", render::state(v))
+            })
+        }
+        CtlCommand::Purge {
+            campaign,
+            block_for,
+            yes,
+        } => {
+            if let Some(d) = block_for {
+                crate::config::duration::parse(d)
+                    .map_err(|e| CtlError::Usage(format!("--block-for {d}: {e}")))?;
+            }
+            if !yes {
+                confirm_purge(campaign, block_for.as_deref())?;
+            }
+            let body = json!({ "block_for": block_for });
+            let v = client
+                .post(&campaign_path(campaign, "purge"), Some(body))
+                .await?;
+            show(&v, &|v| {
+                format!(
+                    "campaign {campaign}: purged {} queued recipients; now {}\n",
+                    v.get("purged").and_then(Value::as_u64).unwrap_or(0),
+                    render::state(v)
+                )
+            })
+        }
+        CtlCommand::Intake { action } => {
+            let (path, words) = match action {
+                IntakeAction::Pause => (
+                    "/admin/v1/intake/pause",
+                    "intake paused: new mail is answered 451 4.7.1 until `floodgate ctl intake resume`",
+                ),
+                IntakeAction::Resume => ("/admin/v1/intake/resume", "intake resumed: accepting mail"),
+            };
+            let v = client.post(path, None).await?;
+            show(&v, &|_| format!("{words}\n"))
+        }
+        CtlCommand::Faillog {
+            mode,
+            sample_rate,
+            rows_per_sec,
+        } => {
+            let v = if mode.is_none() && sample_rate.is_none() && rows_per_sec.is_none() {
+                client.get("/admin/v1/faillog").await?
+            } else {
+                let mode = mode.and_then(|m| m.to_possible_value()).map(|p| p.get_name().to_owned());
+                let body = json!({ "mode": mode, "sample_rate": sample_rate, "rows_per_sec": rows_per_sec });
+                client.put("/admin/v1/faillog", body).await?
+            };
+            show(&v, &render::faillog)
+        }
+        CtlCommand::Queue => show(&client.get("/admin/v1/queue").await?, &render::queue),
+        CtlCommand::Failures {
+            campaign,
+            reason,
+            limit,
+        } => {
+            let mut path = format!("/admin/v1/failures?campaign={}&limit={limit}", encode(campaign));
+            if let Some(r) = reason {
+                path.push_str(&format!("&reason={}", encode(r)));
+            }
+            show(&client.get(&path).await?, &render::failures)
+        }
+        CtlCommand::Alerts => show(&client.get("/admin/v1/alerts").await?, &render::alerts),
+    })
+}
+
+fn campaign_path(campaign: &str, action: &str) -> String {
+    format!("/admin/v1/campaigns/{}/{action}", encode(campaign))
+}
+
+/// A purge cannot be undone: ask on a terminal, refuse without one unless `--yes`.
+fn confirm_purge(campaign: &str, block_for: Option<&str>) -> Result<(), CtlError> {
+    if !std::io::stdin().is_terminal() {
+        return Err(CtlError::Usage(format!(
+            "purge of `{campaign}` not confirmed: pass --yes (standard input is not a terminal)"
+        )));
+    }
+    let block = block_for
+        .map(|d| format!(" and refuse its new mail for {d}"))
+        .unwrap_or_default();
+    eprint!(
+        "Purge every queued recipient of campaign `{campaign}`{block}? This cannot be undone. [y/N] "
+    );
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut answer);
+    if matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+        Ok(())
+    } else {
+        Err(CtlError::Usage("purge cancelled".into()))
+    }
+}
+
+/// Only the `[admin]` table is read, leniently: `ctl` must work with a config that a newer
+/// or older daemon accepts, so the rest of the file is not validated here.
+#[derive(Deserialize, Default)]
+struct ConfigFile {
+    #[serde(default)]
+    admin: AdminSection,
+}
+
+#[derive(Deserialize, Default)]
+struct AdminSection {
+    listen: Option<String>,
+    token: Option<String>,
+}
+
+/// Resolves the admin address and token: flags, then the environment, then the config.
+fn connect(args: &CtlArgs) -> Result<Client, CtlError> {
+    let env_token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
+    let flag_token = args.token.clone().or(env_token);
+    let explicit = args.config.is_some();
+    let path = args.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
+    // The file is only needed for what the flags do not give; an absent default file is
+    // then no error.
+    let file = if flag_token.is_some() && args.admin.is_some() && !explicit {
+        ConfigFile::default()
+    } else {
+        match read_config(&path) {
+            Ok(f) => f,
+            Err(e) if explicit || flag_token.is_none() => return Err(e),
+            Err(_) => ConfigFile::default(),
+        }
+    };
+    let token = flag_token.or(file.admin.token).filter(|t| !t.is_empty());
+    let Some(token) = token else {
+        return Err(CtlError::Usage(format!(
+            "no admin token: pass --token, set {TOKEN_ENV}, or set [admin] token in {}",
+            path.display()
+        )));
+    };
+    let addr = match (&args.admin, file.admin.listen) {
+        (Some(a), _) => a.clone(),
+        (None, Some(listen)) => loopback_for(&listen),
+        (None, None) => DEFAULT_ADMIN.to_owned(),
+    };
+    let addr = addr
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    if !addr.contains(':') {
+        return Err(CtlError::Usage(format!(
+            "admin address `{addr}`: expected HOST:PORT, e.g. 127.0.0.1:8026"
+        )));
+    }
+    Ok(Client::new(addr, token))
+}
+
+fn read_config(path: &Path) -> Result<ConfigFile, CtlError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::PermissionDenied => " (run as root or the floodgate group, or pass --token)",
+            std::io::ErrorKind::NotFound => " (pass --config PATH, or --admin and --token)",
+            _ => "",
+        };
+        CtlError::Usage(format!("cannot read {}: {e}{hint}", path.display()))
+    })?;
+    toml::from_str(&text).map_err(|e| CtlError::Usage(format!("{}: {e}", path.display())))
+}
+
+/// A daemon listening on every address (`0.0.0.0`, `[::]`) is reached on loopback.
+fn loopback_for(listen: &str) -> String {
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => {
+            let ip: std::net::IpAddr = if a.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            std::net::SocketAddr::new(ip, a.port()).to_string()
+        }
+        _ => listen.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_listen_addresses_are_reached_on_loopback() {
+        assert_eq!(loopback_for("0.0.0.0:8026"), "127.0.0.1:8026");
+        assert_eq!(loopback_for("[::]:8026"), "[::1]:8026");
+        assert_eq!(loopback_for("10.0.0.5:8026"), "10.0.0.5:8026");
+    }
+
+    #[test]
+    fn only_the_admin_table_is_read() {
+        let f: ConfigFile =
+            toml::from_str("[smtp]\nsomething_new = 1\n[admin]\nlisten = \"127.0.0.1:9\"\ntoken = \"t\"\n")
+                .unwrap();
+        assert_eq!(f.admin.listen.as_deref(), Some("127.0.0.1:9"));
+        assert_eq!(f.admin.token.as_deref(), Some("t"));
+    }
+}
