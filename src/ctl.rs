@@ -34,7 +34,8 @@ The admin address and token come from --admin and --token, then FLOODGATE_ADMIN_
 #[derive(Args, Debug)]
 #[command(after_help = EXIT_CODES)]
 pub struct CtlArgs {
-    /// Config file holding `[admin] listen` and `[admin] token`.
+    /// Config file holding `[admin] listen` and `[admin] token`
+    /// [default: /etc/floodgate/floodgate.toml].
     #[arg(long, short, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
     /// Admin API address, `HOST:PORT` (default: `[admin] listen` from the config).
@@ -196,7 +197,9 @@ async fn run(args: CtlArgs) -> Result<String, CtlError> {
                     "/admin/v1/intake/pause",
                     "intake paused: new mail is answered 451 4.7.1 until `floodgate ctl intake resume`",
                 ),
-                IntakeAction::Resume => ("/admin/v1/intake/resume", "intake resumed: accepting mail"),
+                IntakeAction::Resume => {
+                    ("/admin/v1/intake/resume", "intake resumed: accepting mail")
+                }
             };
             let v = client.post(path, None).await?;
             show(&v, &|_| format!("{words}\n"))
@@ -209,7 +212,9 @@ async fn run(args: CtlArgs) -> Result<String, CtlError> {
             let v = if mode.is_none() && sample_rate.is_none() && rows_per_sec.is_none() {
                 client.get("/admin/v1/faillog").await?
             } else {
-                let mode = mode.and_then(|m| m.to_possible_value()).map(|p| p.get_name().to_owned());
+                let mode = mode
+                    .and_then(|m| m.to_possible_value())
+                    .map(|p| p.get_name().to_owned());
                 let body = json!({ "mode": mode, "sample_rate": sample_rate, "rows_per_sec": rows_per_sec });
                 client.put("/admin/v1/faillog", body).await?
             };
@@ -221,7 +226,10 @@ async fn run(args: CtlArgs) -> Result<String, CtlError> {
             reason,
             limit,
         } => {
-            let mut path = format!("/admin/v1/failures?campaign={}&limit={limit}", encode(campaign));
+            let mut path = format!(
+                "/admin/v1/failures?campaign={}&limit={limit}",
+                encode(campaign)
+            );
             if let Some(r) = reason {
                 path.push_str(&format!("&reason={}", encode(r)));
             }
@@ -316,7 +324,9 @@ fn connect(args: &CtlArgs) -> Result<Client, CtlError> {
 fn read_config(path: &Path) -> Result<ConfigFile, CtlError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         let hint = match e.kind() {
-            std::io::ErrorKind::PermissionDenied => " (run as root or the floodgate group, or pass --token)",
+            std::io::ErrorKind::PermissionDenied => {
+                " (run as root or the floodgate group, or pass --token)"
+            }
             std::io::ErrorKind::NotFound => " (pass --config PATH, or --admin and --token)",
             _ => "",
         };
@@ -353,9 +363,10 @@ mod tests {
 
     #[test]
     fn only_the_admin_table_is_read() {
-        let f: ConfigFile =
-            toml::from_str("[smtp]\nsomething_new = 1\n[admin]\nlisten = \"127.0.0.1:9\"\ntoken = \"t\"\n")
-                .unwrap();
+        let f: ConfigFile = toml::from_str(
+            "[smtp]\nsomething_new = 1\n[admin]\nlisten = \"127.0.0.1:9\"\ntoken = \"t\"\n",
+        )
+        .unwrap();
         assert_eq!(f.admin.listen.as_deref(), Some("127.0.0.1:9"));
         assert_eq!(f.admin.token.as_deref(), Some("t"));
     }

@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::campaign::{Campaign, Campaigns};
 use crate::config::{Config, GuardAction};
+use crate::deliver::webhook::Secret;
 use crate::faillog::FailLog;
+use crate::http::client::HttpClient;
 use crate::queue::{CampaignState, Queue};
 use crate::reason::Reason;
 
@@ -67,7 +69,14 @@ pub struct GuardStats {
     pub trips: AtomicU64,
     pub pauses: AtomicU64,
     pub alerts: AtomicU64,
+    /// Alerts the webhook delivered, and those it skipped (over its rate) or failed.
+    pub webhook_sent: AtomicU64,
+    pub webhook_skipped: AtomicU64,
+    pub webhook_failed: AtomicU64,
 }
+
+/// Alerts waiting for the alert webhook; beyond it they are skipped (and counted).
+const ALERT_BACKLOG: usize = 100;
 
 pub struct Guard {
     campaigns: Arc<Campaigns>,
@@ -78,6 +87,8 @@ pub struct Guard {
     recent: Mutex<VecDeque<Alert>>,
     last_system_alert: Mutex<HashMap<&'static str, i64>>,
     last_dropped: AtomicU64,
+    hook: tokio::sync::mpsc::Sender<Alert>,
+    hook_rx: Mutex<Option<tokio::sync::mpsc::Receiver<Alert>>>,
     pub stats: GuardStats,
 }
 
@@ -88,6 +99,7 @@ impl Guard {
         queue: Queue,
         faillog: Option<FailLog>,
     ) -> Guard {
+        let (tx, rx) = tokio::sync::mpsc::channel(ALERT_BACKLOG);
         Guard {
             campaigns,
             config,
@@ -97,12 +109,86 @@ impl Guard {
             recent: Mutex::default(),
             last_system_alert: Mutex::default(),
             last_dropped: AtomicU64::new(0),
+            hook: tx,
+            hook_rx: Mutex::new(Some(rx)),
             stats: GuardStats::default(),
+        }
+    }
+
+    /// Posts alerts to `[guard] alert_webhook` as signed JSON (Standard Webhooks), at
+    /// most `alert_webhook_per_minute`; a flood of alerts must not become a flood of
+    /// requests.
+    async fn run_hook(
+        self: Arc<Self>,
+        mut rx: tokio::sync::mpsc::Receiver<Alert>,
+        shutdown: CancellationToken,
+    ) {
+        let tls = crate::deliver::tls::verified(None)
+            .unwrap_or_else(|_| crate::deliver::tls::opportunistic());
+        let client = HttpClient::new(tls, Duration::from_secs(30), 64 * 1024);
+        let mut limiter: Option<(u32, governor::DefaultDirectRateLimiter)> = None;
+        loop {
+            let alert = tokio::select! {
+                a = rx.recv() => match a { Some(a) => a, None => return },
+                () = shutdown.cancelled() => return,
+            };
+            let config = self.config.load_full();
+            let rule = &config.guard;
+            let Some(url) = rule.alert_webhook.as_deref() else {
+                continue;
+            };
+            let per_minute = rule.alert_webhook_per_minute.max(1);
+            if limiter.as_ref().is_none_or(|(n, _)| *n != per_minute) {
+                let quota = governor::Quota::per_minute(
+                    std::num::NonZeroU32::new(per_minute).expect("at least 1"),
+                );
+                limiter = Some((per_minute, governor::RateLimiter::direct(quota)));
+            }
+            if limiter.as_ref().is_some_and(|(_, l)| l.check().is_err()) {
+                self.stats.webhook_skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let body = serde_json::to_vec(
+                &serde_json::json!({ "type": "floodgate.alert", "alert": alert }),
+            )
+            .unwrap_or_default();
+            let id = format!(
+                "alert_{}_{}",
+                alert.at_ms,
+                self.stats.alerts.load(Ordering::Relaxed)
+            );
+            let mut headers = vec![("content-type", "application/json".to_owned())];
+            if let Some(secret) = rule
+                .alert_webhook_secret
+                .as_deref()
+                .and_then(|s| Secret::parse(s).ok())
+            {
+                headers = secret.headers(&id, alert.at_ms / 1000, &body);
+            }
+            match client
+                .post(url, &headers, body.into(), Duration::from_secs(10))
+                .await
+            {
+                Ok(r) if (200..300).contains(&r.status) => {
+                    self.stats.webhook_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(r) => {
+                    self.stats.webhook_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(status = r.status, "alert webhook refused the alert");
+                }
+                Err(e) => {
+                    self.stats.webhook_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "alert webhook unreachable");
+                }
+            }
         }
     }
 
     /// Ticks once a second until shutdown.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        if let Some(rx) = self.hook_rx.lock().expect("guard lock").take() {
+            tokio::spawn(self.clone().run_hook(rx, shutdown.clone()));
+        }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -245,6 +331,11 @@ impl Guard {
 
     fn alert(&self, alert: Alert) {
         self.stats.alerts.fetch_add(1, Ordering::Relaxed);
+        if self.config.load().guard.alert_webhook.is_some()
+            && self.hook.try_send(alert.clone()).is_err()
+        {
+            self.stats.webhook_skipped.fetch_add(1, Ordering::Relaxed);
+        }
         let mut recent = self.recent.lock().expect("guard lock");
         if recent.len() == RECENT_ALERTS {
             recent.pop_front();

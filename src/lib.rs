@@ -7,6 +7,7 @@ pub mod app;
 pub mod campaign;
 pub mod clock;
 pub mod config;
+pub mod ctl;
 pub mod deliver;
 pub mod dns;
 pub mod events;

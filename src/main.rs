@@ -1,5 +1,5 @@
-//! The `floodgate` command line: `serve`, `check-config`, `hash-password`. No logic lives
-//! here beyond turning arguments and signals into calls on the library.
+//! The `floodgate` command line: `serve`, `check-config`, `hash-password`, `gen-key`, `ctl`.
+//! No logic lives here beyond turning arguments and signals into calls on the library.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -39,6 +39,8 @@ enum Command {
     HashPassword,
     /// Print a new random API key and the `key_sha256` line for `[[http.api_keys]]`.
     GenKey,
+    /// Talk to a running daemon's admin API: campaigns, pause, purge, intake, failure log.
+    Ctl(floodgate::ctl::CtlArgs),
 }
 
 /// Exit code for a config that cannot be used (sysexits' EX_USAGE is 64; systemd and
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(&config),
         Command::HashPassword => hash_password(),
         Command::GenKey => gen_key(),
+        Command::Ctl(args) => floodgate::ctl::main(args),
     }
 }
 

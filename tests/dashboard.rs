@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::dns::{TestDns, Zone};
-use common::floodgate::{Smtp, TOKEN, TestApp, admin, http, message};
+use common::floodgate::{Smtp, TOKEN, TestApp, admin, message};
 use serde_json::{Value, json};
 
 const FLOOD: &str = "spring-sale@client.test";
 const GOOD: &str = "receipts@client.test";
 /// The W3C name of the key under which an element reference is returned.
-const ELEMENT: &str = "element-6066-11e4-a52f-4f735466cecf";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// Guard off: the click, not the guard, must be what pauses the campaign.
 const CONFIG: &str = r#"
@@ -57,24 +57,27 @@ impl Driver {
             .spawn()
             .expect("chromedriver (apt-get install chromium-driver)");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let start = Instant::now();
-        loop {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                let (status, body) = http(addr, "GET", "/status", None, None).await;
-                if status == 200 && body.contains("\"ready\":true") {
-                    break;
-                }
-            }
-            assert!(start.elapsed() < Duration::from_secs(20), "chromedriver did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let profile = tempfile::tempdir().expect("profile dir");
+        // Owned by `d` from here on, so that a panic below still kills chromedriver.
         let mut d = Driver {
             child,
             addr,
             session: String::new(),
-            _profile: profile,
+            _profile: tempfile::tempdir().expect("profile dir"),
         };
+        let start = Instant::now();
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                let (status, body) = request(addr, "GET", "/status", None).await;
+                if status == 200 && body.contains("\"ready\":true") {
+                    break;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "chromedriver did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let args = [
             "--headless",
             "--no-sandbox",
@@ -100,9 +103,9 @@ impl Driver {
     async fn call(&self, method: &str, path: &str, body: Value) -> Value {
         let body = body.to_string();
         let body = (method == "POST").then_some(body.as_str());
-        let (status, text) = http(self.addr, method, path, None, body).await;
-        let v: Value = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}: {text}"));
+        let (status, text) = request(self.addr, method, path, body).await;
+        let v: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text}"));
         assert_eq!(status, 200, "{method} {path}: {text}");
         v["value"].clone()
     }
@@ -118,8 +121,12 @@ impl Driver {
 
     /// Runs `script` in the page (arguments as `arguments[i]`), returning its value.
     async fn js(&self, script: &str, args: Value) -> Value {
-        self.session("POST", "/execute/sync", json!({ "script": script, "args": args }))
-            .await
+        self.session(
+            "POST",
+            "/execute/sync",
+            json!({ "script": script, "args": args }),
+        )
+        .await
     }
 
     /// Waits until `script` returns something truthy; returns it.
@@ -140,9 +147,16 @@ impl Driver {
 
     async fn find(&self, css: &str) -> String {
         let v = self
-            .session("POST", "/element", json!({ "using": "css selector", "value": css }))
+            .session(
+                "POST",
+                "/element",
+                json!({ "using": "css selector", "value": css }),
+            )
             .await;
-        v[ELEMENT].as_str().expect("element id").to_owned()
+        v[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {v}"))
+            .to_owned()
     }
 
     async fn click(&self, css: &str) {
@@ -155,8 +169,12 @@ impl Driver {
         let id = self.find(css).await;
         self.session("POST", &format!("/element/{id}/clear"), json!({}))
             .await;
-        self.session("POST", &format!("/element/{id}/value"), json!({ "text": text }))
-            .await;
+        self.session(
+            "POST",
+            &format!("/element/{id}/value"),
+            json!({ "text": text }),
+        )
+        .await;
     }
 
     async fn screenshot(&self, name: &str) -> std::path::PathBuf {
@@ -173,14 +191,61 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        // The session's browser exits with chromedriver; a leftover one would hold the
-        // profile directory open.
+        // Ending the session closes the browser; do it even when the test failed, so no
+        // chromium outlives the test. Blocking is fine here: the test is over.
         if !self.session.is_empty() {
-            let _ = std::process::Command::new("true").status();
+            use std::io::{Read, Write};
+            if let Ok(mut s) = std::net::TcpStream::connect(self.addr) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = write!(
+                    s,
+                    "DELETE /session/{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                    self.session, self.addr
+                );
+                let _ = s.read_to_end(&mut Vec::new());
+            }
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One HTTP/1.1 exchange with chromedriver, which keeps connections open whatever the
+/// client asks, so the answer is read by its length (hyper) rather than to the close.
+async fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    use http_body_util::{BodyExt, Full};
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect chromedriver");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("http handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body.unwrap_or("").to_owned())))
+        .expect("request");
+    let exchange = async {
+        let response = sender
+            .send_request(req)
+            .await
+            .expect("chromedriver answers");
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(60), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path}: no answer within 60 s"))
 }
 
 /// Keeps sending one good recipient and a batch of bad ones for the flooding campaign, so
@@ -197,23 +262,21 @@ async fn keep_flooding(smtp: SocketAddr) {
         for _ in 0..20 {
             n += 1;
             // 550 while active; 451 once paused. Either way, refused at the door.
-            let reply = c.reply_to(&format!("RCPT TO:<u{n}@nx.test>")).await;
-            assert!(reply.starts_with("550") || reply.starts_with("451"), "{reply}");
+            let reply = reply_to(&mut c, &format!("RCPT TO:<u{n}@nx.test>")).await;
+            assert!(
+                reply.starts_with("550") || reply.starts_with("451"),
+                "{reply}"
+            );
         }
         c.cmd("RSET", "250").await;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
 }
 
-trait ReplyTo {
-    async fn reply_to(&mut self, line: &str) -> String;
-}
-
-impl ReplyTo for Smtp {
-    async fn reply_to(&mut self, line: &str) -> String {
-        self.send(format!("{line}\r\n").as_bytes()).await;
-        self.reply().await
-    }
+/// Sends one command and returns its reply, whatever it is.
+async fn reply_to(c: &mut Smtp, line: &str) -> String {
+    c.send(format!("{line}\r\n").as_bytes()).await;
+    c.reply().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,8 +305,14 @@ async fn an_operator_finds_the_failing_campaign_and_pauses_it() {
         )
         .await;
     assert!(error.as_str().unwrap().contains("401"), "{error}");
-    let hidden = d.js("return document.getElementById('dashboard').hidden;", json!([])).await;
+    let hidden = d
+        .js(
+            "return document.getElementById('dashboard').hidden;",
+            json!([]),
+        )
+        .await;
     assert_eq!(hidden, true);
+    d.screenshot("dashboard-login.png").await;
 
     d.type_into("#token", TOKEN).await;
     d.click("#login-submit").await;
@@ -262,7 +331,9 @@ async fn an_operator_finds_the_failing_campaign_and_pauses_it() {
     assert_eq!(ratio, "100.0 %");
     let state = d
         .js(
-            &format!("return document.querySelector('tr[data-campaign=\"{FLOOD}\"]').dataset.state;"),
+            &format!(
+                "return document.querySelector('tr[data-campaign=\"{FLOOD}\"]').dataset.state;"
+            ),
             json!([]),
         )
         .await;
@@ -276,8 +347,10 @@ async fn an_operator_finds_the_failing_campaign_and_pauses_it() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     d.screenshot("dashboard.png").await;
 
-    d.click(&format!("tr[data-campaign=\"{FLOOD}\"] button[data-action=\"pause\"]"))
-        .await;
+    d.click(&format!(
+        "tr[data-campaign=\"{FLOOD}\"] button[data-action=\"pause\"]"
+    ))
+    .await;
 
     // The admin API, not the page, is the judge.
     let start = Instant::now();
@@ -297,7 +370,12 @@ async fn an_operator_finds_the_failing_campaign_and_pauses_it() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let good = admin(admin_addr, "GET", "/admin/v1/campaigns", None).await;
-    let good = good.as_array().unwrap().iter().find(|c| c["name"] == GOOD).cloned();
+    let good = good
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == GOOD)
+        .cloned();
     assert_eq!(good.expect("good campaign listed")["state"], "active");
 
     // And the page says so, in words.
@@ -313,6 +391,18 @@ async fn an_operator_finds_the_failing_campaign_and_pauses_it() {
         .await;
     assert_eq!(shown, "PAUSED");
     d.screenshot("dashboard-paused.png").await;
-    d.session("DELETE", "", Value::Null).await;
+
+    // The failure-log selector switches the mode live.
+    d.click("#faillog-mode option[value=\"aggregate\"]").await;
+    let start = Instant::now();
+    while admin(admin_addr, "GET", "/admin/v1/faillog", None).await["settings"]["mode"]
+        != "aggregate"
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "failure log not switched"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     flood.abort();
 }

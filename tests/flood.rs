@@ -218,16 +218,17 @@ async fn a_small_flood_is_absorbed_and_the_good_campaign_delivered() {
     // what the relay failed, equals the sum of the aggregates.
     let faillog = t.app.faillog.clone();
     let db = faillog.path().to_owned();
-    let relay_failed = t
-        .app
-        .campaigns()
-        .all()
-        .iter()
-        .map(|c| c.failures(floodgate::reason::Reason::Rejected))
-        .sum::<u64>();
-    let expected = intake_refused as i64 + relay_failed as i64;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
+        // Relay failures may still be arriving: read them afresh each round.
+        let relay_failed = t
+            .app
+            .campaigns()
+            .all()
+            .iter()
+            .map(|c| c.failures(floodgate::reason::Reason::Rejected))
+            .sum::<u64>();
+        let expected = intake_refused as i64 + relay_failed as i64;
         let counted = sqlite_count(
             &db,
             "SELECT COALESCE(SUM(count), 0) FROM failure_stats WHERE reason != 'deferred'",

@@ -60,3 +60,57 @@ impl EventsConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    const BASE: &str = "[admin]\ntoken = \"0123456789abcdef\"\n";
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn parse(extra: &str) -> Result<Config, String> {
+        Config::parse(&format!("{BASE}{extra}"), Path::new("t.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn events_need_a_valid_secret_with_urls() {
+        let c = parse("").unwrap();
+        assert!(c.events.urls.is_empty());
+        assert_eq!(c.events.batch_max, 100);
+        let err = parse("[events]\nurls = [\"http://127.0.0.1:1/e\"]\n").unwrap_err();
+        assert!(err.contains("events") && err.contains("secret"), "{err}");
+        let err = parse("[events]\nurls = [\"ftp://x/\"]\n").unwrap_err();
+        assert!(err.contains("ftp://x/"), "{err}");
+        parse(&format!(
+            "[events]\nurls = [\"http://127.0.0.1:1/e\"]\nsecret = \"{SECRET}\"\n"
+        ))
+        .unwrap();
+        let err = parse("[events]\nbatch_size = 5\n").unwrap_err();
+        assert!(err.contains("batch_size"), "{err}");
+    }
+
+    #[test]
+    fn webhook_routes_need_a_whsec_secret() {
+        let route = "[[route]]\ndomains = [\"h.test\"]\ntransport = \"webhook\"\nurl = \"http://127.0.0.1:1/\"\n";
+        let err = parse(route).unwrap_err();
+        assert!(err.contains("route[0]") && err.contains("whsec_"), "{err}");
+        let err = parse(&format!("{route}secret = \"not-a-secret\"\n")).unwrap_err();
+        assert!(err.contains("whsec_"), "{err}");
+        let c = parse(&format!(
+            "{route}secret = \"{SECRET}\"\nbreaker_threshold = 3\nbreaker_cooldown = \"2s\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.routes[0].breaker_threshold(), 3);
+        assert_eq!(
+            c.routes[0].webhook_timeout(),
+            std::time::Duration::from_secs(10)
+        );
+        let err = parse(&format!(
+            "{route}secret = \"{SECRET}\"\nbreaker_threshold = 0\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("breaker_threshold"), "{err}");
+    }
+}

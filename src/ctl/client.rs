@@ -143,7 +143,10 @@ impl Client {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, self.addr.as_str())
-            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header(hyper::header::USER_AGENT, "floodgate-ctl")
             .body(Full::new(Bytes::from(body)))

@@ -105,14 +105,39 @@ fn top_reasons(reasons: &Value, n: usize) -> String {
         .join(", ")
 }
 
-/// A campaign's state in words, with the end of a purge block.
+/// A campaign's state in words, with the end of a purge block (which a pause hides in the
+/// API's one-word state, and which `resume` lifts too).
 pub fn state(c: &Value) -> String {
+    let until = c
+        .get("blocked_until_ms")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
     match s(c, "state") {
-        "blocked" => format!(
-            "blocked until {} UTC",
-            utc(c.get("blocked_until_ms").and_then(Value::as_i64).unwrap_or(0))
-        ),
+        "blocked" => format!("blocked until {} UTC", utc(until)),
+        "paused" if until > chrono::Utc::now().timestamp_millis() => {
+            format!("paused, and blocked until {} UTC", utc(until))
+        }
         other => other.to_owned(),
+    }
+}
+
+/// As [`state`], short enough for a table column: `paused, blocked to 06:02 UTC`.
+fn state_short(c: &Value) -> String {
+    let until = c
+        .get("blocked_until_ms")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let word = s(c, "state");
+    if until > chrono::Utc::now().timestamp_millis() {
+        let hm = chrono::DateTime::from_timestamp_millis(until)
+            .map(|t| t.format("%H:%M").to_string())
+            .unwrap_or_default();
+        match word {
+            "blocked" => format!("blocked to {hm} UTC"),
+            other => format!("{other}, blocked to {hm} UTC"),
+        }
+    } else {
+        word.to_owned()
     }
 }
 
@@ -131,10 +156,13 @@ pub fn campaigns(list: &Value) -> String {
         ("TOP REASONS", false),
     ]);
     for c in items {
-        let ratio = c.get("failure_ratio").and_then(Value::as_f64).unwrap_or(0.0);
+        let ratio = c
+            .get("failure_ratio")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0);
         t.row(vec![
             s(c, "name").to_owned(),
-            state(c),
+            state_short(c),
             u(c, "accepted").to_string(),
             u(c, "failed").to_string(),
             format!("{:.1}%", ratio * 100.0),
@@ -264,7 +292,11 @@ pub fn queue(v: &Value) -> String {
     out.push_str(&t.render());
     for (key, header) in [("by_domain", "DOMAIN"), ("by_campaign", "CAMPAIGN")] {
         out.push('\n');
-        let pairs = v.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
+        let pairs = v
+            .get(key)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let mut t = Table::new(&[(header, false), ("QUEUED", true)]);
         for p in &pairs {
             let name = p.get(0).and_then(Value::as_str).unwrap_or("-");
@@ -301,7 +333,10 @@ pub fn failures(v: &Value) -> String {
             utc(r.get("at_ms").and_then(Value::as_i64).unwrap_or(0)),
             s(r, "stage").to_owned(),
             s(r, "reason").to_owned(),
-            s(r, "recipient").to_owned(),
+            match s(r, "recipient") {
+                "" => "<>".to_owned(),
+                other => other.to_owned(),
+            },
             s(r, "detail").to_owned(),
         ]);
     }

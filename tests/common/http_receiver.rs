@@ -1,6 +1,7 @@
 //! A real HTTP/1.1 receiver (hyper) on 127.0.0.1 for webhook and event tests: it answers
 //! each request from a script (status, headers, delay), then with a default reply, and
-//! records every request's headers, body and arrival time.
+//! records every request's headers, body and arrival time. Plain HTTP, or HTTPS with a
+//! given certificate.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -14,7 +15,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 /// How the receiver answers one request.
@@ -89,6 +93,7 @@ struct State {
 
 pub struct Receiver {
     pub addr: SocketAddr,
+    tls: bool,
     state: Arc<Mutex<State>>,
     shutdown: CancellationToken,
 }
@@ -101,6 +106,26 @@ impl Receiver {
 
     /// A receiver answering `default` unless scripted otherwise.
     pub async fn start_with(default: Reply) -> Receiver {
+        Receiver::start_inner(default, None).await
+    }
+
+    /// An HTTPS receiver presenting `cert_pem` (e.g. from `sink::self_signed`).
+    pub async fn start_tls(default: Reply, cert_pem: &str, key_pem: &str) -> Receiver {
+        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("cert pem");
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key pem");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server cert");
+        Receiver::start_inner(default, Some(TlsAcceptor::from(Arc::new(cfg)))).await
+    }
+
+    async fn start_inner(default: Reply, tls: Option<TlsAcceptor>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind receiver");
@@ -111,9 +136,11 @@ impl Receiver {
             received: Vec::new(),
         }));
         let shutdown = CancellationToken::new();
-        tokio::spawn(accept_loop(listener, state.clone(), shutdown.clone()));
+        let is_tls = tls.is_some();
+        tokio::spawn(accept_loop(listener, tls, state.clone(), shutdown.clone()));
         Receiver {
             addr,
+            tls: is_tls,
             state,
             shutdown,
         }
@@ -121,7 +148,8 @@ impl Receiver {
 
     /// The URL of this receiver with `path` (e.g. `/hook`).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
     }
 
     /// The next requests get these replies, in order; then the default again.
@@ -165,7 +193,12 @@ impl Drop for Receiver {
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, shutdown: CancellationToken) {
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    state: Arc<Mutex<State>>,
+    shutdown: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -176,11 +209,23 @@ async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, shutdown: 
         };
         let state = state.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(req, state.clone()));
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let builder = http1::Builder::new();
             tokio::select! {
-                _ = conn => {}
+                _ = async {
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
+                } => {}
                 () = shutdown.cancelled() => {}
             }
         });

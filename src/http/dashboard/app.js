@@ -20,7 +20,7 @@ const $ = (id) => document.getElementById(id);
 let token = sessionStorage.getItem(TOKEN_KEY) || "";
 let timer = null;
 let tick = 0;
-/** {t, accepted, delivered, failures, campaigns: Map(name -> failed)} */
+/** {t, accepted, delivered, failed, refused, campaigns: Map(name -> failed)} */
 let samples = [];
 const rows = new Map();
 
@@ -167,7 +167,9 @@ function record(status, campaigns) {
     t: now,
     accepted: status.accepted_total ?? 0,
     delivered: status.delivered_total ?? 0,
-    failures: status.failures_total ?? 0,
+    // `failed`: failures that are the campaign's doing; `refused`: all others (temporary).
+    failed: status.failed_total ?? 0,
+    refused: (status.failures_total ?? 0) - (status.failed_total ?? 0),
     campaigns: perCampaign,
   });
   while (samples.length > 2 && samples[0].t < now - HISTORY_MS) samples.shift();
@@ -207,17 +209,22 @@ function render(status, campaigns, alerts, queue) {
   for (const [key, pick] of [
     ["accepted", (s) => s.accepted],
     ["delivered", (s) => s.delivered],
-    ["failures", (s) => s.failures],
+    ["failures", (s) => s.failed],
   ]) {
     const r = rate(pick);
     $("rate-" + key).textContent = r == null ? "–" : fmtRate(r);
     sparkline($("spark-" + key), series(pick));
   }
+  const temporary = rate((s) => s.refused);
+  $("rate-temporary").textContent = temporary == null ? "–" : fmtRate(temporary);
   renderCampaigns(campaigns);
   renderPaused(campaigns);
   renderFailLog(status.faillog);
   renderQueueStates(status.queue || {});
-  if (queue) renderDomains(queue.by_domain || []);
+  if (queue) {
+    renderDomains(queue.by_domain || []);
+    $("queue-asof").textContent = "at " + clock(Date.now());
+  }
   renderAlerts(alerts || []);
 }
 
@@ -284,7 +291,9 @@ function campaignRow(name) {
   svg.setAttribute("class", "spark bad");
   svg.setAttribute("viewBox", "0 0 120 28");
   svg.setAttribute("preserveAspectRatio", "none");
-  cells.trend.appendChild(svg);
+  const now = document.createElement("span");
+  now.className = "now";
+  cells.trend.append(svg, now);
   for (const [action, label, cls] of [
     ["pause", "Pause", "warn"],
     ["resume", "Resume", ""],
@@ -321,6 +330,8 @@ function updateRow(row, c) {
   const trend = series((s) => s.campaigns.get(c.name));
   const svg = cell("trend").firstChild;
   sparkline(svg, trend);
+  const recent = rate((s) => s.campaigns.get(c.name) ?? 0);
+  cell("trend").lastChild.textContent = recent == null ? "" : fmtRate(recent) + "/s";
   cell("reasons").textContent = Object.entries(c.reasons || {})
     .sort((a, b) => b[1] - a[1])
     .slice(0, 3)
