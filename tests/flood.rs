@@ -527,3 +527,66 @@ async fn a_locked_failure_log_never_stalls_intake_and_the_loss_is_counted() {
         "{counters:?}"
     );
 }
+
+/// Guard alerts reach the alert webhook signed (Standard Webhooks), and no faster than
+/// `alert_webhook_per_minute`: three trips, a limit of two, two requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_alerts_are_posted_signed_and_rate_limited() {
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+
+    let key = b"floodgate-alert-test-key-0123456";
+    let secret = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    );
+    let hook = common::http_receiver::Receiver::start().await;
+    let dns = TestDns::start(zone()).await;
+    let extra = format!(
+        r#"
+[guard]
+min_events = 50
+failure_ratio = 0.5
+action = "pause"
+alert_webhook = "{}"
+alert_webhook_secret = "{secret}"
+alert_webhook_per_minute = 2
+"#,
+        hook.url("/alerts")
+    );
+    let t = TestApp::start_full("", "", &extra, dns.addr, Arc::new(SystemClock)).await;
+    for k in 0..3 {
+        flood(t.smtp(), &format!("bad{k}@client.test"), 100, |i| {
+            format!("u{i}@nx.test")
+        })
+        .await;
+    }
+    let got = hook.wait_for(2, Duration::from_secs(15)).await;
+    // The third alert is over the limit: give it time to (not) arrive.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(hook.count(), 2, "rate-limited to 2 a minute");
+    assert_eq!(
+        t.app
+            .guard
+            .stats
+            .webhook_skipped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    for req in &got {
+        let body = req.json();
+        assert_eq!(body["type"], "floodgate.alert");
+        assert_eq!(body["alert"]["kind"], "campaign_failure_ratio");
+        let id = req.header("webhook-id").unwrap();
+        let ts = req.header("webhook-timestamp").unwrap();
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+        mac.update(format!("{id}.{ts}.").as_bytes());
+        mac.update(&req.body);
+        let expected = format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        );
+        assert_eq!(req.header("webhook-signature"), Some(expected.as_str()));
+    }
+}
