@@ -49,6 +49,24 @@ async fn start(dns: &TestDns, config: &str, clock: Arc<ShiftedClock>) -> TestApp
     TestApp::start_full("", "lease = \"30s\"", config, dns.addr, clock).await
 }
 
+/// A sink that answers 451 to every RCPT until the returned switch is turned on.
+async fn deferring_sink() -> (Arc<AtomicBool>, Sink) {
+    let accept = Arc::new(AtomicBool::new(false));
+    let flag = accept.clone();
+    let sink = Sink::start_with(SinkConfig {
+        rcpt: Box::new(move |_| {
+            if flag.load(Ordering::SeqCst) {
+                RcptScript::Accept
+            } else {
+                RcptScript::Reply(451, "4.3.0 try later")
+            }
+        }),
+        ..Default::default()
+    })
+    .await;
+    (accept, sink)
+}
+
 /// Polls until the recipient reaches `state`, returning its last reply and reason.
 async fn wait_state(
     t: &TestApp,
@@ -188,19 +206,7 @@ async fn partial_acceptance_gives_per_recipient_outcomes() {
 #[tokio::test]
 async fn retry_follows_the_schedule_on_a_moved_clock() {
     let dns = TestDns::start(zone()).await;
-    let accept = Arc::new(AtomicBool::new(false));
-    let flag = accept.clone();
-    let sink = Sink::start_with(SinkConfig {
-        rcpt: Box::new(move |_| {
-            if flag.load(Ordering::SeqCst) {
-                RcptScript::Accept
-            } else {
-                RcptScript::Reply(451, "4.3.0 try later")
-            }
-        }),
-        ..Default::default()
-    })
-    .await;
+    let (accept, sink) = deferring_sink().await;
     let clock = Arc::new(ShiftedClock::default());
     let t = start(
         &dns,
@@ -463,19 +469,7 @@ async fn per_domain_rate_holds() {
 #[tokio::test]
 async fn paused_campaign_is_held_until_resumed() {
     let dns = TestDns::start(zone()).await;
-    let accept = Arc::new(AtomicBool::new(false));
-    let flag = accept.clone();
-    let sink = Sink::start_with(SinkConfig {
-        rcpt: Box::new(move |_| {
-            if flag.load(Ordering::SeqCst) {
-                RcptScript::Accept
-            } else {
-                RcptScript::Reply(451, "4.3.0 later")
-            }
-        }),
-        ..Default::default()
-    })
-    .await;
+    let (accept, sink) = deferring_sink().await;
     let clock = Arc::new(ShiftedClock::default());
     let t = start(
         &dns,

@@ -332,6 +332,15 @@ pub fn apply(conn: &Connection, updates: &[(i64, Update)], now_ms: i64) -> Resul
             .optional()?;
         messages.extend(message);
     }
+    free_bodies(conn, messages)
+}
+
+/// Frees the bodies of `messages` that no scheduled recipient needs any more: a message
+/// is stored once, and kept only as long as someone still waits for it.
+fn free_bodies(
+    conn: &Connection,
+    messages: impl IntoIterator<Item = i64>,
+) -> Result<(), QueueError> {
     let mut free = conn.prepare_cached(
         "UPDATE messages SET body = NULL WHERE id = ?1 AND body IS NOT NULL
            AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state = 0)",
@@ -422,13 +431,7 @@ pub fn purge_batch(
         .query_map(params![campaign, limit as i64, now_ms], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     let purged = conn.changes() as usize;
-    let mut free = conn.prepare_cached(
-        "UPDATE messages SET body = NULL WHERE id = ?1 AND body IS NOT NULL
-           AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state = 0)",
-    )?;
-    for m in messages {
-        free.execute([m])?;
-    }
+    free_bodies(conn, messages)?;
     Ok(purged)
 }
 
