@@ -198,6 +198,9 @@ impl Guard {
             let now = self.queue.clock().now_ms();
             for (campaign, paused) in self.tick(now) {
                 if paused {
+                    // Its queued recipients leave the due index, so that what the flood
+                    // already queued costs the scheduler nothing while it waits.
+                    self.queue.hold_in_background(campaign.clone());
                     let state = CampaignState {
                         name: campaign,
                         paused: true,

@@ -145,7 +145,9 @@ impl crate::deliver::FailureSink for Intake {
             true,
             || reply.to_owned(),
         );
-        tracing::info!(campaign, %reason, recipient, reply, "delivery failed");
+        // Debug, not info: a flood of failures must cost counters, not one log line (and
+        // one journald write) each. The failure log and /metrics hold them.
+        tracing::debug!(campaign, %reason, recipient, reply, "delivery failed");
     }
 
     fn relay_deferred(&self, r: &crate::queue::Claimed, reply: &str) {

@@ -275,9 +275,15 @@ impl Scheduler {
             let lane_ref = lane.clone();
             self.tracker.spawn(async move {
                 this.deliver(job).await;
-                lane_ref.backlog.fetch_sub(1, Ordering::Relaxed);
-                this.in_flight.fetch_sub(1, Ordering::Relaxed);
+                let backlog = lane_ref.backlog.fetch_sub(1, Ordering::Relaxed);
+                let in_flight = this.in_flight.fetch_sub(1, Ordering::Relaxed);
                 drop((local, global));
+                // A lane or the whole scheduler that was full stopped claiming; now that
+                // there is room, claim again at once rather than at the next idle tick.
+                let global_cap = this.config.load().delivery.max_concurrency * 4;
+                if backlog == lane_ref.cap || in_flight == global_cap {
+                    this.wake.notify_one();
+                }
             });
         }
     }

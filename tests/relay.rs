@@ -555,3 +555,67 @@ async fn bounces_go_to_the_sender_but_never_for_the_null_sender() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(sink.received().len(), 1);
 }
+
+/// An operator's pause takes the campaign's queued recipients out of the due index (so a
+/// paused flood costs the scheduler's claims nothing); resume puts them back.
+#[tokio::test]
+async fn admin_pause_holds_queued_recipients_and_resume_releases_them() {
+    let dns = TestDns::start(zone()).await;
+    let (accept, sink) = deferring_sink().await;
+    let clock = Arc::new(ShiftedClock::default());
+    let t = start(
+        &dns,
+        &relay_config(sink.addr.port(), r#"backoff = ["1m"]"#, ""),
+        clock.clone(),
+    )
+    .await;
+    let admin = t.app.admin_addr.unwrap();
+    let mut c = t.client().await;
+    c.ehlo().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id = c
+            .send_mail(
+                "app@client.test",
+                &[&format!("p{i}@mx.test")],
+                &message("promo", "X-Campaign-ID: promo\r\n"),
+            )
+            .await;
+        wait_attempts(&t, &id, &format!("p{i}@mx.test"), 1).await;
+        ids.push(id);
+    }
+    common::floodgate::admin(admin, "POST", "/admin/v1/campaigns/promo/pause", None).await;
+    let held = || {
+        let conn = rusqlite::Connection::open(t.app.queue().path()).unwrap();
+        conn.query_row(
+            "SELECT COUNT(*) FROM recipients WHERE campaign = 'promo' AND state = 3",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while held() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "recipients never held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let queue = common::floodgate::admin(admin, "GET", "/admin/v1/queue", None).await;
+    assert_eq!(queue["by_state"]["held"], 3, "{queue}");
+    accept.store(true, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(3600));
+    t.app.wake_scheduler();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        sink.received().is_empty(),
+        "held recipients are not attempted"
+    );
+    common::floodgate::admin(admin, "POST", "/admin/v1/campaigns/promo/resume", None).await;
+    for (i, id) in ids.iter().enumerate() {
+        wait_state(&t, id, &format!("p{i}@mx.test"), RecipientState::Delivered).await;
+    }
+    let msg = t.app.queue().message(&ids[0]).await.unwrap().unwrap();
+    assert!(msg.body.is_none(), "delivered: the body is freed");
+}

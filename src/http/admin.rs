@@ -194,10 +194,16 @@ impl Admin {
         let campaign = campaigns.get(Some(name));
         let mut purged = None;
         match action {
-            "pause" => campaign.set_paused(true),
+            "pause" => {
+                campaign.set_paused(true);
+                self.intake.queue.hold_in_background(name.to_owned());
+            }
             "resume" => {
                 campaign.set_paused(false);
                 campaign.block_until(0);
+                self.intake
+                    .queue
+                    .release_in_background(name.to_owned(), self.intake.wake.clone());
             }
             "purge" => {
                 let body = match read_body(req, 4096).await {

@@ -111,6 +111,9 @@ pub enum RecipientState {
     Scheduled,
     Delivered,
     Failed,
+    /// Its campaign is paused: out of the due index, so that a million held recipients
+    /// cost the scheduler's claims nothing. Back to `Scheduled` on resume.
+    Held,
 }
 
 impl RecipientState {
@@ -119,6 +122,7 @@ impl RecipientState {
             RecipientState::Scheduled => 0,
             RecipientState::Delivered => 1,
             RecipientState::Failed => 2,
+            RecipientState::Held => 3,
         }
     }
 
@@ -126,6 +130,7 @@ impl RecipientState {
         match v {
             1 => RecipientState::Delivered,
             2 => RecipientState::Failed,
+            3 => RecipientState::Held,
             _ => RecipientState::Scheduled,
         }
     }
@@ -135,6 +140,7 @@ impl RecipientState {
             RecipientState::Scheduled => "scheduled",
             RecipientState::Delivered => "delivered",
             RecipientState::Failed => "failed",
+            RecipientState::Held => "held",
         }
     }
 }
@@ -312,6 +318,67 @@ impl Queue {
             let n = self
                 .writer
                 .run(move |conn| store::purge_batch(conn, &name, BATCH, now))
+                .await?;
+            total += n as u64;
+            if n < BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Moves a paused campaign's scheduled recipients out of the due index, in batches
+    /// (recipients in flight are left alone; the claim still skips paused campaigns).
+    /// Returns how many it held.
+    pub async fn hold_campaign(&self, campaign: &str) -> Result<u64, QueueError> {
+        self.campaign_batches(campaign, store::hold_batch).await
+    }
+
+    /// Makes a resumed campaign's held recipients scheduled again. Returns how many.
+    pub async fn release_campaign(&self, campaign: &str) -> Result<u64, QueueError> {
+        self.campaign_batches(campaign, store::release_batch).await
+    }
+
+    /// [`Queue::hold_campaign`] off the caller's path: an operator's pause (or the
+    /// guard's) answers at once; the rows follow.
+    pub fn hold_in_background(&self, campaign: String) {
+        let queue = self.clone();
+        tokio::spawn(async move {
+            match queue.hold_campaign(&campaign).await {
+                Ok(n) => tracing::info!(%campaign, recipients = n, "queued recipients held"),
+                Err(e) => {
+                    tracing::error!(%campaign, error = %e, "holding queued recipients failed; the scheduler still skips them")
+                }
+            }
+        });
+    }
+
+    /// [`Queue::release_campaign`] off the caller's path; rings `wake` when done.
+    pub fn release_in_background(&self, campaign: String, wake: Arc<tokio::sync::Notify>) {
+        let queue = self.clone();
+        tokio::spawn(async move {
+            match queue.release_campaign(&campaign).await {
+                Ok(n) => tracing::info!(%campaign, recipients = n, "held recipients released"),
+                Err(e) => {
+                    tracing::error!(%campaign, error = %e, "releasing held recipients failed")
+                }
+            }
+            wake.notify_one();
+        });
+    }
+
+    async fn campaign_batches(
+        &self,
+        campaign: &str,
+        step: fn(&Connection, &str, usize, i64) -> Result<usize, QueueError>,
+    ) -> Result<u64, QueueError> {
+        const BATCH: usize = 5000;
+        let mut total = 0u64;
+        loop {
+            let name = campaign.to_owned();
+            let now = self.clock.now_ms();
+            let n = self
+                .writer
+                .run(move |conn| step(conn, &name, BATCH, now))
                 .await?;
             total += n as u64;
             if n < BATCH {

@@ -343,7 +343,7 @@ fn free_bodies(
 ) -> Result<(), QueueError> {
     let mut free = conn.prepare_cached(
         "UPDATE messages SET body = NULL WHERE id = ?1 AND body IS NOT NULL
-           AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state = 0)",
+           AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state IN (0, 3))",
     )?;
     for m in messages {
         free.execute([m])?;
@@ -424,7 +424,7 @@ pub fn purge_batch(
     let mut stmt = conn.prepare_cached(
         "UPDATE recipients SET state = 2, reason = 'purged', last_reply = 'purged by an operator',
              lease_until = NULL, updated_at = ?3
-         WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 0 LIMIT ?2)
+         WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state IN (0, 3) LIMIT ?2)
          RETURNING message_id",
     )?;
     let messages: std::collections::BTreeSet<i64> = stmt
@@ -433,6 +433,38 @@ pub fn purge_batch(
     let purged = conn.changes() as usize;
     free_bodies(conn, messages)?;
     Ok(purged)
+}
+
+/// Holds up to `limit` of a paused campaign's scheduled, unleased recipients.
+pub fn hold_batch(
+    conn: &Connection,
+    campaign: &str,
+    limit: usize,
+    now_ms: i64,
+) -> Result<usize, QueueError> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE recipients SET state = 3, updated_at = ?3
+             WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 0
+                            AND (lease_until IS NULL OR lease_until <= ?3) LIMIT ?2)",
+        )?
+        .execute(params![campaign, limit as i64, now_ms])?)
+}
+
+/// Schedules up to `limit` of a resumed campaign's held recipients again (their next
+/// attempt stays what it was: due ones are due at once).
+pub fn release_batch(
+    conn: &Connection,
+    campaign: &str,
+    limit: usize,
+    now_ms: i64,
+) -> Result<usize, QueueError> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE recipients SET state = 0, updated_at = ?3
+             WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 3 LIMIT ?2)",
+        )?
+        .execute(params![campaign, limit as i64, now_ms])?)
 }
 
 /// Scheduled recipients per campaign, domain or state, for `floodgate ctl queue`.
@@ -451,10 +483,10 @@ pub fn summary(conn: &Connection) -> Result<QueueSummary, QueueError> {
         Ok(rows)
     };
     let by_domain = top(
-        "SELECT domain, COUNT(*) c FROM recipients WHERE state = 0 GROUP BY domain ORDER BY c DESC LIMIT 20",
+        "SELECT domain, COUNT(*) c FROM recipients WHERE state IN (0, 3) GROUP BY domain ORDER BY c DESC LIMIT 20",
     )?;
     let by_campaign = top(
-        "SELECT campaign, COUNT(*) c FROM recipients WHERE state = 0 GROUP BY campaign ORDER BY c DESC LIMIT 20",
+        "SELECT campaign, COUNT(*) c FROM recipients WHERE state IN (0, 3) GROUP BY campaign ORDER BY c DESC LIMIT 20",
     )?;
     Ok(QueueSummary {
         by_state,
