@@ -57,9 +57,21 @@ pub fn tally(c: &Campaign) -> (u64, u64) {
     (failed, accepted + failed.saturating_sub(after_acceptance))
 }
 
+/// Cumulative counts of one campaign at one tick.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    at: i64,
+    /// Recipients presented at the door, and those of them that failed anywhere.
+    presented: u64,
+    failed: u64,
+    /// Recipients whose delivery ended (delivered or failed), and those that failed.
+    attempted: u64,
+    relay_failed: u64,
+}
+
 #[derive(Default)]
 struct Window {
-    samples: VecDeque<(i64, u64, u64)>,
+    samples: VecDeque<Sample>,
     tripped: bool,
     paused: bool,
 }
@@ -227,7 +239,10 @@ impl Guard {
                     // What a campaign did before the guard first saw it happened within
                     // the window: start from zero.
                     let mut w = Window::default();
-                    w.samples.push_back((now_ms, 0, 0));
+                    w.samples.push_back(Sample {
+                        at: now_ms,
+                        ..Sample::default()
+                    });
                     w
                 });
                 let paused = c.is_paused();
@@ -239,22 +254,50 @@ impl Guard {
                 }
                 w.paused = paused;
                 let (failed, presented) = tally(&c);
-                w.samples.push_back((now_ms, presented, failed));
+                let relay_failed = c.failures(Reason::Rejected) + c.failures(Reason::Expired);
+                let delivered = c.delivered.load(Ordering::Relaxed);
+                w.samples.push_back(Sample {
+                    at: now_ms,
+                    presented,
+                    failed,
+                    attempted: delivered + relay_failed,
+                    relay_failed,
+                });
                 // Keep one sample at or before the window's start as the baseline.
-                while w.samples.len() > 2 && w.samples[1].0 <= now_ms - window_ms {
+                while w.samples.len() > 2 && w.samples[1].at <= now_ms - window_ms {
                     w.samples.pop_front();
                 }
                 let (Some(first), Some(last)) = (w.samples.front(), w.samples.back()) else {
                     continue;
                 };
-                let total = last.1.saturating_sub(first.1);
-                let df = last.2.saturating_sub(first.2);
-                let da = total.saturating_sub(df);
-                let ratio = if total == 0 {
-                    0.0
-                } else {
-                    df as f64 / total as f64
+                // Two views of one campaign: everything it presented, and what its
+                // deliveries did. The second trips a campaign whose recipients pass the door
+                // but bounce at the destination within a delivery batch, instead of waiting
+                // for the failures to catch up with intake-speed acceptances.
+                let door = (
+                    last.presented.saturating_sub(first.presented),
+                    last.failed.saturating_sub(first.failed),
+                );
+                let relay = (
+                    last.attempted.saturating_sub(first.attempted),
+                    last.relay_failed.saturating_sub(first.relay_failed),
+                );
+                let ratio_of = |(total, failed): (u64, u64)| {
+                    if total == 0 {
+                        0.0
+                    } else {
+                        failed as f64 / total as f64
+                    }
                 };
+                let qualifies =
+                    |v: (u64, u64)| v.0 >= rule.min_events && ratio_of(v) >= rule.failure_ratio;
+                let (total, df) = if !qualifies(door) && qualifies(relay) {
+                    relay
+                } else {
+                    door
+                };
+                let da = total.saturating_sub(df);
+                let ratio = ratio_of((total, df));
                 if total >= rule.min_events && ratio >= rule.failure_ratio {
                     if w.tripped || paused {
                         continue;
@@ -354,5 +397,69 @@ impl Guard {
             .iter()
             .cloned()
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+
+    fn guard() -> (Guard, Arc<Campaigns>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[admin]\ntoken = \"0123456789abcdef\"\n[queue]\ndir = \"{}\"\n[guard]\nmin_events = 500\nfailure_ratio = 0.5\n",
+            dir.path().display()
+        );
+        let config = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();
+        let (queue, _writer) = Queue::open(&config.queue, Arc::new(SystemClock)).unwrap();
+        let campaigns = Arc::new(Campaigns::new(100));
+        let g = Guard::new(
+            campaigns.clone(),
+            Arc::new(ArcSwap::from_pointee(config)),
+            queue,
+            None,
+        );
+        (g, campaigns, dir)
+    }
+
+    #[tokio::test]
+    async fn door_flood_trips_and_pauses() {
+        let (g, campaigns, _dir) = guard();
+        for _ in 0..600 {
+            campaigns.record_failure(Some("flood"), Reason::MalformedAddress);
+        }
+        campaigns.record_accepted(Some("good"), 600);
+        assert_eq!(g.tick(1_000), vec![("flood".to_string(), true)]);
+        assert!(campaigns.get(Some("flood")).is_paused());
+        assert!(!campaigns.get(Some("good")).is_paused());
+        // Already paused: no second trip.
+        assert!(g.tick(2_000).is_empty());
+    }
+
+    #[tokio::test]
+    async fn destination_bounces_trip_without_waiting_for_intake_volume() {
+        let (g, campaigns, _dir) = guard();
+        // 10,000 accepted at the door; then 600 of them bounce at the destination.
+        campaigns.record_accepted(Some("list"), 10_000);
+        assert!(g.tick(1_000).is_empty());
+        for _ in 0..600 {
+            campaigns.record_failure(Some("list"), Reason::Rejected);
+        }
+        // At the door: 600 / 10,000. At the destination: 600 / 600.
+        assert_eq!(g.tick(2_000), vec![("list".to_string(), true)]);
+    }
+
+    #[tokio::test]
+    async fn a_mostly_delivering_campaign_is_left_alone() {
+        let (g, campaigns, _dir) = guard();
+        let c = campaigns.get(Some("ok"));
+        campaigns.record_accepted(Some("ok"), 10_000);
+        c.delivered.fetch_add(9_000, Ordering::Relaxed);
+        for _ in 0..900 {
+            campaigns.record_failure(Some("ok"), Reason::Rejected);
+        }
+        assert!(g.tick(1_000).is_empty());
+        assert!(!c.is_paused());
     }
 }
