@@ -48,8 +48,6 @@ pub enum AppError {
     Tls(#[from] TlsError),
     #[error("DNS resolver: {0}")]
     Dns(String),
-    #[error("{0}")]
-    Unsupported(String),
 }
 
 /// What the daemon takes from outside; tests pass their own.

@@ -308,22 +308,9 @@ impl Queue {
         self.read(store::load_campaigns).await
     }
 
-    /// Purges a campaign's scheduled recipients in batches; returns how many.
+    /// Purges a campaign's scheduled and held recipients in batches; returns how many.
     pub async fn purge(&self, campaign: &str) -> Result<u64, QueueError> {
-        const BATCH: usize = 1000;
-        let mut total = 0u64;
-        loop {
-            let name = campaign.to_owned();
-            let now = self.clock.now_ms();
-            let n = self
-                .writer
-                .run(move |conn| store::purge_batch(conn, &name, BATCH, now))
-                .await?;
-            total += n as u64;
-            if n < BATCH {
-                return Ok(total);
-            }
-        }
+        self.campaign_batches(campaign, store::purge_batch).await
     }
 
     /// Moves a paused campaign's scheduled recipients out of the due index, in batches
@@ -366,6 +353,8 @@ impl Queue {
         });
     }
 
+    /// Runs `step` over a campaign's recipients in batches, one short transaction each,
+    /// so that intake never waits long behind an operator's action on a big campaign.
     async fn campaign_batches(
         &self,
         campaign: &str,
