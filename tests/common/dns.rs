@@ -54,8 +54,9 @@
 //!     .build()?;                                           // Result<_, NetError>
 //! ```
 //! Query with a trailing dot (`"example.test."`) so no search-list expansion happens.
-//! Identical lookups in flight at the same time share one query (NameServerPool dedupes
-//! them), and answered/negative results are cached: N lookups of one bad domain = 1 query.
+//! Identical lookups in flight at the same time usually share one query (NameServerPool
+//! dedupes them), but not reliably under load: Floodgate does not count on it, its own
+//! verdict cache (`src/dns.rs`) coalesces. Answered and negative results are cached.
 //! `Resolver::clear_cache()` empties the cache (e.g. between test phases).
 
 use std::collections::HashSet;

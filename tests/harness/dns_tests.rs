@@ -260,25 +260,3 @@ async fn dns_closed_port() {
         .unwrap_err();
     assert!(matches!(e, NetError::NoConnections), "{e:?}");
 }
-
-/// Identical lookups in flight at once share one query (NameServerPool's active_requests),
-/// both for answered and for unanswered queries.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dns_concurrent_identical_lookups_share_one_query() {
-    async fn fifty(r: &TokioResolver) {
-        let mut set = tokio::task::JoinSet::new();
-        for _ in 0..50 {
-            let r = r.clone();
-            set.spawn(async move { r.mx_lookup("nope.test.").await.unwrap_err() });
-        }
-        while let Some(e) = set.join_next().await {
-            e.unwrap();
-        }
-    }
-    let dns = TestDns::start(zone()).await;
-    fifty(&resolver(dns.addr, 2000, 1, false)).await;
-    assert_eq!(dns.queries(), 1);
-    let bh = BlackholeDns::start().await;
-    fifty(&resolver(bh.addr, 300, 0, false)).await;
-    assert_eq!(bh.queries(), 1);
-}
