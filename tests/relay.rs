@@ -378,50 +378,38 @@ auth_password = "relaypass"
     wait_state(&t, &id, "someone@mx.test", RecipientState::Delivered).await;
 }
 
+/// Relays one message to a sink set up as `cfg`, waits for its first attempt, and
+/// returns that attempt's recorded reply (the recipient stays scheduled).
+async fn first_attempt_reply(dns: &TestDns, cfg: SinkConfig, rcpt: &str) -> String {
+    let sink = Sink::start_with(cfg).await;
+    let t = start(dns, &relay_config(sink.addr.port(), "", ""), Arc::default()).await;
+    let mut c = t.client().await;
+    c.ehlo().await;
+    let id = c
+        .send_mail("app@client.test", &[rcpt], &message("trouble", ""))
+        .await;
+    wait_attempts(&t, &id, rcpt, 1).await;
+    let (reply, _, _) = wait_state(&t, &id, rcpt, RecipientState::Scheduled).await;
+    reply.expect("a reply is recorded")
+}
+
 #[tokio::test]
 async fn dropped_and_stalled_connections_are_transient() {
     let dns = TestDns::start(zone()).await;
-    let dropper = Sink::start_with(SinkConfig {
+    let dropped = SinkConfig {
         drop_mid_data: true,
         ..Default::default()
-    })
-    .await;
-    let t = start(
-        &dns,
-        &relay_config(dropper.addr.port(), "", ""),
-        Arc::default(),
-    )
-    .await;
-    let mut c = t.client().await;
-    c.ehlo().await;
-    let id = c
-        .send_mail("app@client.test", &["d@mx.test"], &message("drop", ""))
-        .await;
-    wait_attempts(&t, &id, "d@mx.test", 1).await;
-    let (reply, _, _) = wait_state(&t, &id, "d@mx.test", RecipientState::Scheduled).await;
-    assert!(reply.unwrap().starts_with("451 4.4.1"));
-
-    let staller = Sink::start_with(SinkConfig {
+    };
+    let reply = first_attempt_reply(&dns, dropped, "d@mx.test").await;
+    assert!(reply.starts_with("451 4.4.1"), "{reply}");
+    let stalled = SinkConfig {
         stall_after_greeting: Some(Duration::from_secs(10)),
         ..Default::default()
-    })
-    .await;
-    let t = start(
-        &dns,
-        &relay_config(staller.addr.port(), "", ""),
-        Arc::default(),
-    )
-    .await;
-    let mut c = t.client().await;
-    c.ehlo().await;
-    let id = c
-        .send_mail("app@client.test", &["s@mx.test"], &message("stall", ""))
-        .await;
-    wait_attempts(&t, &id, "s@mx.test", 1).await;
-    let (reply, _, _) = wait_state(&t, &id, "s@mx.test", RecipientState::Scheduled).await;
+    };
+    let reply = first_attempt_reply(&dns, stalled, "s@mx.test").await;
     assert!(
-        reply.unwrap().contains("timeout"),
-        "stalled past the command timeout"
+        reply.contains("timeout"),
+        "stalled past the command timeout: {reply}"
     );
 }
 

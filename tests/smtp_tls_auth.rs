@@ -62,20 +62,25 @@ fn mail(subject: &str) -> Message {
         .unwrap()
 }
 
-#[tokio::test]
-async fn starttls_then_auth_relays_with_lettre() {
-    let dns = zone().await;
-    let (t, cert) = start(&dns, "").await;
+/// A lettre client that requires STARTTLS (trusting `cert`) and authenticates.
+fn mailer(t: &TestApp, cert: &str, password: &str) -> AsyncSmtpTransport<Tokio1Executor> {
     let tls = TlsParameters::builder("floodgate.test".into())
         .add_root_certificate(Certificate::from_pem(cert.as_bytes()).unwrap())
         .build_rustls()
         .unwrap();
-    let mailer = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
+    AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
         .port(t.smtp().port())
         .tls(Tls::Required(tls))
-        .credentials(Credentials::new("billing".into(), "s3cret".into()))
+        .credentials(Credentials::new("billing".into(), password.into()))
         .timeout(Some(Duration::from_secs(10)))
-        .build();
+        .build()
+}
+
+#[tokio::test]
+async fn starttls_then_auth_relays_with_lettre() {
+    let dns = zone().await;
+    let (t, cert) = start(&dns, "").await;
+    let mailer = mailer(&t, &cert, "s3cret");
     let response = mailer
         .send(mail("invoice"))
         .await
@@ -93,15 +98,7 @@ async fn starttls_then_auth_relays_with_lettre() {
 async fn wrong_password_is_refused_and_relay_stays_closed() {
     let dns = zone().await;
     let (t, cert) = start(&dns, "").await;
-    let tls = TlsParameters::builder("floodgate.test".into())
-        .add_root_certificate(Certificate::from_pem(cert.as_bytes()).unwrap())
-        .build_rustls()
-        .unwrap();
-    let mailer = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
-        .port(t.smtp().port())
-        .tls(Tls::Required(tls))
-        .credentials(Credentials::new("billing".into(), "wrong".into()))
-        .build();
+    let mailer = mailer(&t, &cert, "wrong");
     let err = mailer.send(mail("x")).await.expect_err("bad password");
     assert!(
         err.to_string().contains("535") || err.is_permanent(),
