@@ -230,6 +230,8 @@ impl App {
                 intake: intake.clone(),
                 faillog: Some(faillog.clone()),
                 guard: guard.clone(),
+                webhook: Some(webhook.clone()),
+                events: Some(events.clone()),
                 started: std::time::Instant::now(),
             });
             tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listening");

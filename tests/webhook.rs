@@ -224,6 +224,24 @@ async fn gone_fails_permanently_and_disables_the_endpoint_until_reload() {
     assert_eq!(reason.as_deref(), Some("rejected"));
     let status = t.app.webhook.status();
     assert!(status[0].disabled, "{status:?}");
+    // Operators see it: in the admin API and in /metrics.
+    let admin = t.app.admin_addr.unwrap();
+    let view = common::floodgate::admin(admin, "GET", "/admin/v1/webhooks", None).await;
+    assert_eq!(view["endpoints"][0]["disabled"], true, "{view}");
+    let (_, metrics) = common::floodgate::http(
+        admin,
+        "GET",
+        "/metrics",
+        Some(common::floodgate::TOKEN),
+        None,
+    )
+    .await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("floodgate_webhook_endpoint_disabled{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
     // The next message fails without a request.
     let second = submit(&t, "app@client.test", &["b@hook.test"]).await;
     let (reply, _) = wait_state(&t, &second[0], RecipientState::Failed).await;

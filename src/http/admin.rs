@@ -24,6 +24,9 @@ pub struct Admin {
     pub intake: Arc<Intake>,
     pub faillog: Option<FailLog>,
     pub guard: Arc<Guard>,
+    /// Webhook endpoints' circuit and disabled state, for operators.
+    pub webhook: Option<Arc<crate::deliver::webhook::WebhookCourier>>,
+    pub events: Option<crate::events::Events>,
     pub started: std::time::Instant,
 }
 
@@ -136,6 +139,13 @@ impl Admin {
             (Method::GET, ["admin", "v1", "failures"]) => self.failures(req.uri().query()).await,
             (Method::GET, ["admin", "v1", "queue"]) => self.queue().await,
             (Method::GET, ["admin", "v1", "alerts"]) => json(StatusCode::OK, &self.guard.alerts()),
+            (Method::GET, ["admin", "v1", "webhooks"]) => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "endpoints": self.webhook.as_ref().map(|w| w.status()).unwrap_or_default(),
+                    "events_dropped": self.events.as_ref().map_or(0, |e| e.dropped()),
+                }),
+            ),
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
     }

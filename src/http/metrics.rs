@@ -227,6 +227,42 @@ pub async fn render(admin: &Admin) -> Response<Body> {
             f.settings().mode.as_str()
         );
     }
+    if let Some(webhook) = &admin.webhook {
+        metric(
+            &mut out,
+            "floodgate_webhook_endpoint_disabled",
+            "gauge",
+            "1 for each webhook endpoint disabled by a 410 (until reload).",
+        );
+        metric(
+            &mut out,
+            "floodgate_webhook_circuit_open",
+            "gauge",
+            "1 for each webhook endpoint whose circuit breaker is open.",
+        );
+        for ep in webhook.status() {
+            let url = escape(&ep.url);
+            let _ = writeln!(
+                out,
+                "floodgate_webhook_endpoint_disabled{{url=\"{url}\"}} {}",
+                u8::from(ep.disabled)
+            );
+            let _ = writeln!(
+                out,
+                "floodgate_webhook_circuit_open{{url=\"{url}\"}} {}",
+                u8::from(ep.circuit != "closed")
+            );
+        }
+    }
+    if let Some(events) = &admin.events {
+        metric(
+            &mut out,
+            "floodgate_events_dropped_total",
+            "counter",
+            "Delivery events dropped because too many were pending.",
+        );
+        let _ = writeln!(out, "floodgate_events_dropped_total {}", events.dropped());
+    }
     let g = &admin.guard.stats;
     metric(
         &mut out,
