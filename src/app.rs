@@ -97,6 +97,12 @@ fn load_tls(tls: Option<&TlsConfig>) -> Result<Option<TlsAcceptor>, TlsError> {
         .transpose()
 }
 
+async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Listen { addr, source })
+}
+
 fn hickory(config: &Config) -> Result<Arc<dyn Resolver>, AppError> {
     Hickory::new(&config.dns)
         .map(|h| Arc::new(h) as Arc<dyn Resolver>)
@@ -118,12 +124,7 @@ impl App {
             FailLog::open(&config.failures_db(), &config.faillog, deps.clock.clone())?;
         let mut listeners = Vec::new();
         for addr in &config.smtp.listen {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| AppError::Listen {
-                    addr: *addr,
-                    source,
-                })?;
+            let listener = bind(*addr).await?;
             listeners.push(listener);
         }
         let smtp_addrs: Vec<SocketAddr> = listeners
@@ -131,19 +132,11 @@ impl App {
             .filter_map(|l| l.local_addr().ok())
             .collect();
         let http_listener = match config.http.listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| AppError::Listen { addr, source })?,
-            ),
+            Some(addr) => Some(bind(addr).await?),
             None => None,
         };
         let admin_listener = match config.admin.listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| AppError::Listen { addr, source })?,
-            ),
+            Some(addr) => Some(bind(addr).await?),
             None => None,
         };
         let dns = Arc::new(MailDns::new(resolver, &config.dns));
@@ -273,10 +266,6 @@ impl App {
     /// Wakes the scheduler (after moving a test clock, or resuming a campaign).
     pub fn wake_scheduler(&self) {
         self.intake.wake.notify_one();
-    }
-
-    pub fn open_connections(&self) -> usize {
-        self.server.connections.total()
     }
 
     /// Applies a new config live (SIGHUP). Returns what changed; settings that need a

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -471,18 +470,8 @@ impl Config {
         route::find(&self.routes, domain).map(|(_, r)| r)
     }
 
-    pub fn queue_db(&self) -> PathBuf {
-        self.queue.dir.join("queue.db")
-    }
-
     pub fn failures_db(&self) -> PathBuf {
         self.queue.dir.join("failures.db")
-    }
-}
-
-impl SmtpConfig {
-    pub fn idle_timeout(&self) -> Duration {
-        self.idle_timeout.0
     }
 }
 

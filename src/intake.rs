@@ -75,28 +75,9 @@ impl Intake {
     /// Queues a message; returns once it is durable. On failure every recipient is
     /// counted as refused with `QueueUnavailable`.
     pub async fn enqueue(&self, msg: NewMessage) -> Result<(), Reason> {
-        let campaign = msg.campaign.clone();
-        let recipients: Vec<String> = msg.recipients.iter().map(|r| r.address.clone()).collect();
-        match self.queue.enqueue(msg).await {
-            Ok(()) => {
-                self.policy
-                    .campaigns
-                    .record_accepted(campaign.as_deref(), recipients.len() as u64);
-                self.wake.notify_one();
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, campaign, "message not queued");
-                for r in &recipients {
-                    self.refused(campaign.as_deref(), Reason::QueueUnavailable, r);
-                }
-                Err(Reason::QueueUnavailable)
-            }
-        }
+        self.store(msg, None).await.map(|_| ())
     }
-}
 
-impl Intake {
     /// As [`Intake::enqueue`], storing `response` under an idempotency key in the same
     /// transaction. Returns the earlier response instead when the key was seen already
     /// (and then nothing is queued or counted).
@@ -107,13 +88,27 @@ impl Intake {
         response: (u16, String),
         ttl: std::time::Duration,
     ) -> Result<Option<(u16, String)>, Reason> {
+        self.store(msg, Some((key, response, ttl))).await
+    }
+
+    /// Both doors' enqueue, and its accounting: accepted recipients counted and the
+    /// scheduler woken, or every recipient refused with `QueueUnavailable`.
+    async fn store(
+        &self,
+        msg: NewMessage,
+        idempotency: Option<(String, (u16, String), std::time::Duration)>,
+    ) -> Result<Option<(u16, String)>, Reason> {
         let campaign = msg.campaign.clone();
         let recipients: Vec<String> = msg.recipients.iter().map(|r| r.address.clone()).collect();
-        match self
-            .queue
-            .enqueue_idempotent(Some(msg), key, response, ttl)
-            .await
-        {
+        let stored = match idempotency {
+            None => self.queue.enqueue(msg).await.map(|()| None),
+            Some((key, response, ttl)) => {
+                self.queue
+                    .enqueue_idempotent(Some(msg), key, response, ttl)
+                    .await
+            }
+        };
+        match stored {
             Ok(Some(earlier)) => Ok(Some(earlier)),
             Ok(None) => {
                 self.policy

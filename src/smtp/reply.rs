@@ -30,10 +30,6 @@ impl Reply {
         }
     }
 
-    pub fn is_positive(&self) -> bool {
-        self.code < 400
-    }
-
     /// 4xx: the client keeps the message and tries again.
     pub fn is_transient(&self) -> bool {
         (400..500).contains(&self.code)
