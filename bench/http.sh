@@ -93,7 +93,7 @@ key_sha256 = "$API_HASH"
 
 [admin]
 listen = "127.0.0.1:0"
-token = "bench-token-0123456789"
+token = "bench-admin-token-0123456789abcdef"
 
 [queue]
 dir = "$FG_DIR/queue"

@@ -74,117 +74,18 @@ esac
 
 SENDER=bench@client.test
 RECIPIENT=user@bench.test
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-export PATH=$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin
+NAME=intake
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-log() { printf '[intake] %s\n' "$*" >&2; }
-die() { printf '[intake] error: %s\n' "$*" >&2; exit 1; }
-
-# ---------------------------------------------------------------- prerequisites
-
-[[ $(id -u) -eq 0 ]] || die "run as root: it installs packages and runs a private Postfix instance"
-
-missing=()
-command -v smtp-source >/dev/null && command -v smtp-sink >/dev/null && command -v postfix >/dev/null \
-    || missing+=(postfix)
-command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
-command -v sqlite3 >/dev/null || missing+=(sqlite3)
-if [[ ${#missing[@]} -gt 0 ]]; then
-    log "installing ${missing[*]}"
-    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-    apt-get update -qq
-    env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >/dev/null
-fi
-for c in smtp-source smtp-sink postfix dnsmasq sqlite3; do
-    command -v "$c" >/dev/null || die "$c not found after install"
-done
-
+need_root
+install_prereqs
 if [[ $BUILD -eq 1 ]]; then
-    log "cargo build --release"
-    (cd "$REPO" && cargo build --release --quiet)
+    build_release
+else
+    FLOODGATE=$REPO/target/release/floodgate
+    [[ -x $FLOODGATE ]] || die "$FLOODGATE missing (run without --no-build)"
 fi
-FLOODGATE=$REPO/target/release/floodgate
-[[ -x $FLOODGATE ]] || die "$FLOODGATE missing (run without --no-build)"
-
-# ---------------------------------------------------------------- scratch and cleanup
-
-TMP=$(mktemp -d /tmp/floodgate-intake.XXXXXX)
-chmod 755 "$TMP"    # Postfix daemons run as user postfix and must traverse it
-PIDS=()
-POSTFIX_CONF=
-
-cleanup() {
-    local rc=$?
-    set +e
-    if [[ -n $POSTFIX_CONF ]]; then
-        postfix -c "$POSTFIX_CONF" stop >/dev/null 2>&1
-        local pidfile=$TMP/postfix/spool/pid/master.pid pid
-        if [[ -f $pidfile ]]; then
-            pid=$(tr -dc 0-9 <"$pidfile")
-            for _ in $(seq 50); do [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-        fi
-    fi
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
-    if [[ $KEEP -eq 1 || $rc -ne 0 ]]; then
-        log "kept $TMP (logs, queues)"
-    else
-        rm -rf "$TMP"
-    fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# ---------------------------------------------------------------- helpers
-
-forget_pid() {  # drop a reaped process from PIDS, so cleanup never signals a reused pid
-    local p keep=()
-    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
-
-USED_PORTS=" "
-port_busy() {   # in /proc/net/{tcp,udp}[6] as a local port, or already handed out
-    local hex
-    hex=$(printf '%04X' "$1")
-    [[ $USED_PORTS == *" $1 "* ]] && return 0
-    awk -v h="$hex" 'FNR > 1 { split($2, a, ":"); if (a[2] == h) found = 1 } END { exit !found }' \
-        /proc/net/tcp /proc/net/tcp6 /proc/net/udp /proc/net/udp6 2>/dev/null
-}
-free_port() {   # sets PORT
-    local p
-    for _ in $(seq 200); do
-        p=$((20000 + RANDOM % 30000))
-        if ! port_busy "$p"; then USED_PORTS+="$p "; PORT=$p; return; fi
-    done
-    die "no free port found"
-}
-
-wait_port() {   # wait_port PORT PID NAME LOG: until PORT accepts a TCP connection
-    local port=$1 pid=$2 name=$3 logf=$4
-    for _ in $(seq 300); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
-            tail -n 30 "$logf" >&2 || true
-            die "$name exited before listening on 127.0.0.1:$port"
-        fi
-        sleep 0.1
-    done
-    tail -n 30 "$logf" >&2 || true
-    die "$name not listening on 127.0.0.1:$port after 30 s"
-}
-
-cpu_sample() {  # "busy iowait total kthreads" jiffies, all CPUs; kthreads = kernel threads' CPU
-    local k
-    # Kernel threads (children of kthreadd, pid 2: journal commits, writeback, softirqs)
-    # work for whoever runs; they are not counted as another program's noise.
-    k=$(awk 'FNR == 1 { sub(/^.*\) /, ""); if ($2 == 2) t += $12 + $13 } END { print t + 0 }' \
-        /proc/[0-9]*/stat 2>/dev/null || true)
-    awk -v k="${k:-0}" '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, $6, t, k }' /proc/stat
-}
 
 # Results: one line per receiver in $TMP/results:
 #   name messages seconds msg_per_s machine_busy_pct iowait_pct source_cpu_pct noisy
@@ -199,39 +100,7 @@ children_cpu() {   # sets CHILD_CPU: CPU s (user + sys) of this shell's reaped c
         printf "%.3f", t }' "$TMP/times")
 }
 
-busy_pct() {    # sets BUSY: % of all CPUs busy over the next second
-    local a b
-    a=$(cpu_sample); sleep 1; b=$(cpu_sample)
-    BUSY=$(awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ")
-        t = y[3] - x[3]; printf "%.0f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0) }')
-}
-
-wait_idle() {   # wait (up to IDLE_WAIT s) for 3 idle seconds in a row; best effort: whether a
-    local name=$1 waited=0 calm=0   # row was disturbed is judged by `other` during the run
-    while [[ $calm -lt 3 ]]; do
-        busy_pct
-        if [[ $BUSY -le 10 ]]; then calm=$((calm + 1)); continue; fi
-        calm=0
-        if [[ $waited -ge $IDLE_WAIT ]]; then
-            log "warning: machine still ${BUSY}% busy; measuring $name anyway"
-            return
-        fi
-        [[ $waited -eq 0 ]] && log "machine ${BUSY}% busy: waiting up to ${IDLE_WAIT}s for it to settle"
-        waited=$((waited + 1))
-    done
-}
-
-HZ=$(getconf CLK_TCK)
 RECV_CPU_CMD=   # a command printing the receiver's CPU jiffies so far (user + sys)
-proc_cpu() {    # proc_cpu PID [with_children]: utime + stime (+ cutime + cstime)
-    awk -v c="${2:-0}" '{ sub(/^.*\) /, ""); print $12 + $13 + (c ? $14 + $15 : 0) }' "/proc/$1/stat" 2>/dev/null || echo 0
-}
-postfix_cpu() { # master with its reaped children, plus the live daemons of user postfix
-    local t pid
-    t=$(proc_cpu "$PF_MASTER" 1)
-    for pid in $(ps -u postfix -o pid=); do t=$((t + $(proc_cpu "$pid"))); done
-    echo "$t"
-}
 
 run_source() {  # run_source NAME PORT: drive NAME with smtp-source, record the figures
     local name=$1 port=$2 t0 t1 c0 c1 s0 s1 r0 r1 pid rc=0
@@ -276,11 +145,7 @@ run_source() {  # run_source NAME PORT: drive NAME with smtp-source, record the 
 
 # ---------------------------------------------------------------- the machine
 
-NPROC=$(nproc)
-CPU_MODEL=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-DSYNC=$(cd "$TMP" && dd if=/dev/zero of=dsync.test bs=4k count=500 oflag=dsync 2>&1 \
-    | awk '/copied/ { for (i = 1; i <= NF; i++) if ($i == "s,") printf "%.2f", $(i - 1) * 1000 / 500 }')
-rm -f "$TMP/dsync.test"
+DSYNC=$(dsync_ms)
 log "machine: $NPROC x $CPU_MODEL; 4 KiB O_DSYNC write: ${DSYNC} ms"
 
 # ---------------------------------------------------------------- a. smtp-sink
@@ -296,18 +161,7 @@ run_source smtp-sink "$SINK_PORT"
 
 # ---------------------------------------------------------------- b. Floodgate
 
-free_port; DNS_PORT=$PORT
-dnsmasq --keep-in-foreground --no-resolv --no-hosts --no-poll --bind-interfaces \
-    --listen-address=127.0.0.1 --port="$DNS_PORT" --pid-file= --user=root \
-    --local=/test/ --mx-host=bench.test,mx.bench.test,10 --address=/mx.bench.test/127.0.0.1 \
-    --log-facility=- >"$TMP/dnsmasq.log" 2>&1 &
-DNS_PID=$!
-PIDS+=("$DNS_PID")
-for _ in $(seq 50); do
-    grep -q 'started' "$TMP/dnsmasq.log" 2>/dev/null && break
-    kill -0 "$DNS_PID" 2>/dev/null || { cat "$TMP/dnsmasq.log" >&2; die "dnsmasq failed"; }
-    sleep 0.1
-done
+start_dnsmasq --mx-host=bench.test,mx.bench.test,10 --address=/mx.bench.test/127.0.0.1
 
 for mode in "${SYNC_MODES[@]}"; do
     name=floodgate
@@ -329,7 +183,7 @@ listen = "127.0.0.1:0"
 
 [admin]
 listen = "127.0.0.1:0"
-token = "bench-token-0123456789"
+token = "bench-admin-token-0123456789abcdef"
 
 [queue]
 dir = "$FG_DIR/queue"
@@ -341,88 +195,26 @@ nameservers = ["127.0.0.1:$DNS_PORT"]
 [delivery]
 enabled = false
 EOF
-    "$FLOODGATE" serve --config "$FG_DIR/floodgate.toml" 2>"$FG_DIR/floodgate.log" &
-    FG_PID=$!
-    PIDS+=("$FG_PID")
-    for _ in $(seq 300); do
-        grep -q 'smtp listening' "$FG_DIR/floodgate.log" 2>/dev/null && break
-        kill -0 "$FG_PID" 2>/dev/null || { tail -n 30 "$FG_DIR/floodgate.log" >&2; die "floodgate exited"; }
-        sleep 0.1
-    done
+    start_floodgate "$FG_DIR"
     wait_port "$FG_PORT" "$FG_PID" floodgate "$FG_DIR/floodgate.log"
     RECV_CPU_CMD="proc_cpu $FG_PID"
     run_source "$name" "$FG_PORT"
     count=$(sqlite3 "$FG_DIR/queue/queue.db" 'select count(*) from messages')
     log "$name: queue.db holds $count messages (expected $MESSAGES)"
     [[ $count -eq $MESSAGES ]] || die "$name queued $count messages, expected $MESSAGES"
-    kill "$FG_PID" 2>/dev/null || true
-    wait "$FG_PID" 2>/dev/null || true
-    forget_pid "$FG_PID"
+    stop_pid "$FG_PID"
 done
 
 # ---------------------------------------------------------------- c. Postfix
 
 PF=$TMP/postfix
 free_port; PF_PORT=$PORT
-mkdir -p "$PF/etc" "$PF/spool" "$PF/data"
-chown postfix "$PF/data"
-cat >"$PF/etc/main.cf" <<EOF
-compatibility_level = 3.6
-queue_directory = $PF/spool
-data_directory = $PF/data
-myhostname = bench.postfix
-mydomain = postfix.invalid
-myorigin = \$myhostname
-mydestination =
-relay_domains =
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_recipient_restrictions = permit_mynetworks, reject
 # Intake only, like Floodgate with delivery off: every message is accepted, written and
 # fsync'd by cleanup as usual, but lands in the hold queue so the queue manager never
 # tries to deliver it (and nothing leaves the machine).
-smtpd_data_restrictions = check_client_access static:HOLD
-alias_maps =
-alias_database =
-biff = no
-maillog_file = $PF/maillog
-maillog_file_prefixes = $PF
-EOF
-# Debian's master.cf, minus chroot (a chroot would need copies of /etc files) and with
-# smtpd on 127.0.0.1:PORT.
-cat >"$PF/etc/master.cf" <<EOF
-127.0.0.1:$PF_PORT inet n - n - - smtpd
-pickup     unix n - n 60 1 pickup
-cleanup    unix n - n - 0 cleanup
-qmgr       unix n - n 300 1 qmgr
-rewrite    unix - - n - - trivial-rewrite
-bounce     unix - - n - 0 bounce
-defer      unix - - n - 0 bounce
-trace      unix - - n - 0 bounce
-verify     unix - - n - 1 verify
-flush      unix n - n 1000? 0 flush
-proxymap   unix - - n - - proxymap
-proxywrite unix - - n - 1 proxymap
-smtp       unix - - n - - smtp
-relay      unix - - n - - smtp
-showq      unix n - n - - showq
-error      unix - - n - - error
-retry      unix - - n - - error
-discard    unix - - n - - discard
-local      unix - n n - - local
-anvil      unix - - n - 1 anvil
-scache     unix - - n - 1 scache
-postlog    unix-dgram n - n - 1 postlogd
-EOF
-POSTFIX_CONF=$PF/etc
-# Postfix reports errors on stderr only when it is a terminal; otherwise see maillog.
-postfix -c "$PF/etc" check >"$PF/check.log" 2>&1 || { cat "$PF/check.log" "$PF/maillog" >&2 2>/dev/null; die "postfix check failed"; }
-postfix -c "$PF/etc" start >"$PF/start.log" 2>&1 || { cat "$PF/start.log" "$PF/maillog" >&2 2>/dev/null; die "postfix start failed"; }
-wait_port "$PF_PORT" "" postfix "$PF/maillog"
+start_postfix "$PF" "$PF_PORT" "smtpd_data_restrictions = check_client_access static:HOLD"
 log "postfix: $(postconf -c "$PF/etc" -h mail_version) on 127.0.0.1:$PF_PORT"
-PF_MASTER=$(tr -dc 0-9 <"$PF/spool/pid/master.pid")
-RECV_CPU_CMD=postfix_cpu
+RECV_CPU_CMD="postfix_cpu $PF_MASTER"
 run_source postfix "$PF_PORT"
 count=$(find "$PF/spool/hold" -type f | wc -l)
 log "postfix: hold queue holds $count messages (expected $MESSAGES)"

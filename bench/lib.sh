@@ -1,9 +1,10 @@
 # shellcheck shell=bash disable=SC2034,SC2153
-# bench/lib.sh: helpers shared by bench/relay.sh, bench/incident.sh and bench/http.sh.
+# bench/lib.sh: helpers shared by bench/intake.sh, bench/relay.sh, bench/incident.sh and
+# bench/http.sh.
 #
-# Taken from bench/intake.sh (same conventions: free ports on 127.0.0.1, a scratch
-# directory removed at exit, a quiet-machine wait before each measurement, CPU accounting
-# that flags rows disturbed by other programs). Source it after setting NAME (log prefix)
+# Conventions: free ports on 127.0.0.1, a scratch directory removed at exit, a quiet-machine
+# wait before each measurement, CPU accounting that flags rows disturbed by other programs.
+# Source it after setting NAME (log prefix)
 # and KEEP (1 = keep the scratch directory).
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
