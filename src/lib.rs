@@ -4,6 +4,7 @@
 
 pub mod address;
 pub mod app;
+pub mod bounce;
 pub mod campaign;
 pub mod clock;
 pub mod config;
