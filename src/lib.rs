@@ -21,3 +21,5 @@ pub mod queue;
 pub mod reason;
 pub mod scheduler;
 pub mod smtp;
+pub mod sqlite;
+pub mod suppression;
