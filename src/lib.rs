@@ -23,3 +23,4 @@ pub mod scheduler;
 pub mod smtp;
 pub mod sqlite;
 pub mod suppression;
+pub mod unsubscribe;
