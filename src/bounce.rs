@@ -7,7 +7,6 @@
 //! (`invalid_recipient`, `bad_domain`, `inactive_mailbox`) says anything about the
 //! recipient; `policy_block` is about the sender and must never suppress a recipient.
 
-use std::fmt;
 use std::path::Path;
 
 use regex::RegexSet;
@@ -17,38 +16,21 @@ use serde::Deserialize;
 /// what a bounce means.
 pub const SHIPPED_RULES: &str = include_str!("../conf/bounce_rules.toml");
 
-macro_rules! classes {
-    ($($variant:ident => $name:literal),* $(,)?) => {
-        /// Why an attempt failed, as one of a closed set of names that aggregate the same
-        /// way in the failure log, metrics, events and the admin API.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum BounceClass { $($variant),* }
-
-        impl BounceClass {
-            pub const ALL: &'static [BounceClass] = &[$(BounceClass::$variant),*];
-
-            pub fn as_str(self) -> &'static str {
-                match self { $(BounceClass::$variant => $name),* }
-            }
-
-            pub fn parse(name: &str) -> Option<BounceClass> {
-                match name { $($name => Some(BounceClass::$variant),)* _ => None }
-            }
-        }
-    };
-}
-
-classes! {
-    InvalidRecipient => "invalid_recipient",
-    BadDomain => "bad_domain",
-    InactiveMailbox => "inactive_mailbox",
-    Quota => "quota",
-    PolicyBlock => "policy_block",
-    Content => "content",
-    Tls => "tls",
-    Connection => "connection",
-    Throttled => "throttled",
-    Other => "other",
+crate::names::closed_names! {
+    /// Why an attempt failed, as one of a closed set of names that aggregate the same
+    /// way in the failure log, metrics, events and the admin API.
+    BounceClass {
+        InvalidRecipient => "invalid_recipient",
+        BadDomain => "bad_domain",
+        InactiveMailbox => "inactive_mailbox",
+        Quota => "quota",
+        PolicyBlock => "policy_block",
+        Content => "content",
+        Tls => "tls",
+        Connection => "connection",
+        Throttled => "throttled",
+        Other => "other",
+    }
 }
 
 impl BounceClass {
@@ -59,12 +41,6 @@ impl BounceClass {
             self,
             BounceClass::InvalidRecipient | BounceClass::BadDomain | BounceClass::InactiveMailbox
         )
-    }
-}
-
-impl fmt::Display for BounceClass {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

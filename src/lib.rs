@@ -16,6 +16,7 @@ pub mod faillog;
 pub mod guard;
 pub mod http;
 pub mod intake;
+mod names;
 pub mod policy;
 pub mod queue;
 pub mod reason;

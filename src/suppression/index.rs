@@ -11,7 +11,7 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
 use parking_lot::RwLock;
 
-use super::Scope;
+use super::{NewEntry, Scope};
 
 /// Minutes since the Unix epoch, 0 = never expires: four bytes per entry instead of eight.
 type ExpiryMinutes = u32;
@@ -78,6 +78,22 @@ impl Index {
         let keyed: Vec<(u64, ExpiryMinutes)> = entries
             .into_iter()
             .map(|(s, t, e)| (self.key(s, t), to_minutes(e)))
+            .collect();
+        let mut map = self.map.write();
+        map.reserve(keyed.len());
+        map.extend(keyed);
+    }
+
+    /// Entries just added (on the delivery path, or after their commit).
+    pub fn insert_entries(&self, entries: &[NewEntry]) {
+        let keyed: Vec<(u64, ExpiryMinutes)> = entries
+            .iter()
+            .map(|e| {
+                (
+                    self.key(&e.scope, &e.target.as_column()),
+                    to_minutes(e.expires_ms),
+                )
+            })
             .collect();
         let mut map = self.map.write();
         map.reserve(keyed.len());

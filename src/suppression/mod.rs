@@ -145,33 +145,16 @@ impl Scope {
     }
 }
 
-macro_rules! reasons {
-    ($($variant:ident => $name:literal),* $(,)?) => {
-        /// Why an entry exists.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum Reason { $($variant),* }
-
-        impl Reason {
-            pub const ALL: &'static [Reason] = &[$(Reason::$variant),*];
-
-            pub fn as_str(self) -> &'static str {
-                match self { $(Reason::$variant => $name),* }
-            }
-
-            pub fn parse(name: &str) -> Option<Reason> {
-                match name { $($name => Some(Reason::$variant),)* _ => None }
-            }
-        }
-    };
-}
-
-reasons! {
-    InvalidRecipient => "invalid_recipient",
-    BadDomain => "bad_domain",
-    InactiveMailbox => "inactive_mailbox",
-    Unsubscribed => "unsubscribed",
-    Complaint => "complaint",
-    Manual => "manual",
+crate::names::closed_names! {
+    /// Why an entry exists.
+    Reason {
+        InvalidRecipient => "invalid_recipient",
+        BadDomain => "bad_domain",
+        InactiveMailbox => "inactive_mailbox",
+        Unsubscribed => "unsubscribed",
+        Complaint => "complaint",
+        Manual => "manual",
+    }
 }
 
 impl Reason {
@@ -350,26 +333,25 @@ impl Suppressions {
     /// Adds entries and answers once they are on disk (the API and imports).
     pub async fn add(&self, entries: Vec<NewEntry>) -> Result<usize, SuppressionError> {
         let (done, wait) = oneshot::channel();
+        self.send(Op::Add(entries, Some(done))).await?;
+        wait.await.map_err(|_| SuppressionError::Closed)?
+    }
+
+    /// Hands `op` to the writer. A full channel means a bounce flood is being written:
+    /// wait for room off the async threads rather than refuse an operator's request.
+    async fn send(&self, op: Op) -> Result<(), SuppressionError> {
         let tx = self.tx.clone();
-        // A full channel means a bounce flood is being written: wait for room off the
-        // async threads rather than refuse an operator's request.
-        tokio::task::spawn_blocking(move || tx.send(Op::Add(entries, Some(done))))
+        tokio::task::spawn_blocking(move || tx.send(op))
             .await
             .map_err(|_| SuppressionError::Closed)?
-            .map_err(|_| SuppressionError::Closed)?;
-        wait.await.map_err(|_| SuppressionError::Closed)?
+            .map_err(|_| SuppressionError::Closed)
     }
 
     /// Adds entries learnt on the delivery path: in memory at once (the next RCPT is
     /// refused), on disk with the writer's next batch. Never blocks; a full channel is
     /// counted.
     pub fn record(&self, entries: Vec<NewEntry>) {
-        let columns: Vec<(Scope, String, Option<i64>)> = entries
-            .iter()
-            .map(|e| (e.scope.clone(), e.target.as_column(), e.expires_ms))
-            .collect();
-        self.index
-            .insert_many(columns.iter().map(|(s, t, e)| (s, t.as_str(), *e)));
+        self.index.insert_entries(&entries);
         let n = entries.len() as u64;
         match self.tx.try_send(Op::Add(entries, None)) {
             Ok(()) => {}
@@ -382,11 +364,7 @@ impl Suppressions {
     /// Removes one entry; `false` when there was none.
     pub async fn remove(&self, scope: Scope, target: Target) -> Result<bool, SuppressionError> {
         let (done, wait) = oneshot::channel();
-        let tx = self.tx.clone();
-        tokio::task::spawn_blocking(move || tx.send(Op::Remove(scope, target, done)))
-            .await
-            .map_err(|_| SuppressionError::Closed)?
-            .map_err(|_| SuppressionError::Closed)?;
+        self.send(Op::Remove(scope, target, done)).await?;
         wait.await.map_err(|_| SuppressionError::Closed)?
     }
 
@@ -484,12 +462,7 @@ impl WriterLoop {
         match result {
             Ok(removed) => {
                 for (e, done) in adds {
-                    let columns: Vec<(Scope, String, Option<i64>)> = e
-                        .iter()
-                        .map(|x| (x.scope.clone(), x.target.as_column(), x.expires_ms))
-                        .collect();
-                    self.index
-                        .insert_many(columns.iter().map(|(s, t, x)| (s, t.as_str(), *x)));
+                    self.index.insert_entries(&e);
                     self.stats
                         .added
                         .fetch_add(e.len() as u64, Ordering::Relaxed);
