@@ -11,12 +11,14 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub mod delivery;
+pub mod dkim;
 pub mod duration;
 pub mod events;
 pub mod faillog;
 pub mod route;
 
 pub use delivery::{DeliveryConfig, Rate};
+pub use dkim::{DkimAlgorithm, DkimConfig};
 pub use duration::Dur;
 pub use events::EventsConfig;
 pub use faillog::{FailLogConfig, FailLogMode, GuardAction, GuardConfig};
@@ -66,6 +68,8 @@ pub struct Config {
     pub events: EventsConfig,
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
+    #[serde(default)]
+    pub dkim: Vec<DkimConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -439,6 +443,11 @@ impl Config {
             route
                 .validate()
                 .map_err(|why| invalid(&format!("route[{i}]"), None, why))?;
+        }
+        for (i, table) in self.dkim.iter().enumerate() {
+            table
+                .validate()
+                .map_err(|why| invalid(&format!("dkim[{i}]"), None, why))?;
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod ctl;
 pub mod deliver;
+pub mod dkim;
 pub mod dns;
 pub mod events;
 pub mod faillog;
