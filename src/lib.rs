@@ -26,4 +26,5 @@ pub mod scheduler;
 pub mod smtp;
 pub mod sqlite;
 pub mod suppression;
+pub mod template;
 pub mod unsubscribe;
