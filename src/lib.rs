@@ -17,6 +17,7 @@ pub mod faillog;
 pub mod guard;
 pub mod http;
 pub mod intake;
+pub mod lines;
 pub mod mta_sts;
 mod names;
 pub mod policy;

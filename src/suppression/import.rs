@@ -5,6 +5,7 @@
 use serde::Deserialize;
 
 use super::{NewEntry, Reason, Scope, Target};
+use crate::lines::{Line, LineCutter};
 
 /// Longest line taken; a longer one is an error and is skipped without being buffered.
 pub const MAX_LINE: usize = 4096;
@@ -51,11 +52,14 @@ struct Columns {
 }
 
 pub struct Importer {
+    lines: LineCutter,
+    rows: Rows,
+}
+
+/// Turns complete lines into entries, remembering the CSV header and the report.
+struct Rows {
     format: Format,
     source: String,
-    partial: Vec<u8>,
-    /// Inside a line longer than `MAX_LINE`: drop bytes until its end.
-    skipping: bool,
     columns: Option<Columns>,
     report: Report,
 }
@@ -63,59 +67,35 @@ pub struct Importer {
 impl Importer {
     pub fn new(format: Format, source: &str) -> Importer {
         Importer {
-            format,
-            source: source.to_owned(),
-            partial: Vec::new(),
-            skipping: false,
-            columns: None,
-            report: Report::default(),
+            lines: LineCutter::new(MAX_LINE),
+            rows: Rows {
+                format,
+                source: source.to_owned(),
+                columns: None,
+                report: Report::default(),
+            },
         }
     }
 
     /// Feeds one chunk of the body; the entries of every line it completes are appended
     /// to `out`.
-    pub fn feed(&mut self, mut chunk: &[u8], out: &mut Vec<NewEntry>) {
-        while let Some(pos) = chunk.iter().position(|&b| b == b'\n') {
-            let (head, rest) = chunk.split_at(pos);
-            chunk = &rest[1..];
-            if self.skipping {
-                self.skipping = false;
-                self.partial.clear();
-                continue;
-            }
-            if self.partial.len() + head.len() > MAX_LINE {
-                self.partial.clear();
-                self.fail("line too long".into());
-                continue;
-            }
-            let line = if self.partial.is_empty() {
-                self.take_line(head)
-            } else {
-                self.partial.extend_from_slice(head);
-                let line = std::mem::take(&mut self.partial);
-                self.take_line(&line)
-            };
-            out.extend(line);
-        }
-        if self.skipping {
-            return;
-        }
-        if self.partial.len() + chunk.len() > MAX_LINE {
-            self.partial.clear();
-            self.skipping = true;
-            self.fail("line too long".into());
-        } else {
-            self.partial.extend_from_slice(chunk);
-        }
+    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<NewEntry>) {
+        self.lines.feed(chunk, |line| self.rows.line(line, out));
     }
 
     /// The body ended: the last line needs no newline.
     pub fn finish(mut self, out: &mut Vec<NewEntry>) -> Report {
-        if !self.skipping && !self.partial.is_empty() {
-            let line = std::mem::take(&mut self.partial);
-            out.extend(self.take_line(&line));
+        self.lines.finish(|line| self.rows.line(line, out));
+        self.rows.report
+    }
+}
+
+impl Rows {
+    fn line(&mut self, line: Line<'_>, out: &mut Vec<NewEntry>) {
+        match line {
+            Line::Text(text) => out.extend(self.take_line(text)),
+            Line::TooLong => self.fail("line too long".into()),
         }
-        self.report
     }
 
     fn fail(&mut self, why: String) {
@@ -127,7 +107,6 @@ impl Importer {
     }
 
     fn take_line(&mut self, raw: &[u8]) -> Option<NewEntry> {
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         let Ok(line) = std::str::from_utf8(raw) else {
             self.fail("not UTF-8".into());
             return None;
@@ -352,7 +331,7 @@ mod tests {
         let mut out = Vec::new();
         for c in body.chunks(1000) {
             importer.feed(c, &mut out);
-            assert!(importer.partial.len() <= MAX_LINE);
+            assert!(importer.lines.held() <= MAX_LINE);
         }
         let report = importer.finish(&mut out);
         assert_eq!((report.accepted, report.invalid), (1, 1), "{report:?}");
