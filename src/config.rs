@@ -446,7 +446,7 @@ impl Config {
         }
         for (i, table) in self.dkim.iter().enumerate() {
             table
-                .validate()
+                .check()
                 .map_err(|why| invalid(&format!("dkim[{i}]"), None, why))?;
         }
         Ok(())

@@ -1,4 +1,5 @@
-//! The `floodgate` command line: `serve`, `check-config`, `hash-password`, `gen-key`, `ctl`.
+//! The `floodgate` command line: `serve`, `check-config`, `hash-password`, `gen-key`,
+//! `dkim-keygen`, `ctl`.
 //! No logic lives here beyond turning arguments and signals into calls on the library.
 
 use std::io::IsTerminal;
@@ -39,6 +40,19 @@ enum Command {
     HashPassword,
     /// Print a new random API key and the `key_sha256` line for `[[http.api_keys]]`.
     GenKey,
+    /// Write a new DKIM private key (mode 0600) and print the DNS TXT record to publish.
+    DkimKeygen {
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        selector: String,
+        /// rsa-sha256 (RSA 2048) or ed25519-sha256.
+        #[arg(long, default_value = "rsa-sha256", value_parser = parse_algorithm)]
+        algorithm: floodgate::config::DkimAlgorithm,
+        /// Folder the key is written to, as SELECTOR.DOMAIN.key.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
     /// Talk to a running daemon's admin API: campaigns, pause, purge, intake, failure log.
     Ctl(floodgate::ctl::CtlArgs),
 }
@@ -54,6 +68,12 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(&config),
         Command::HashPassword => hash_password(),
         Command::GenKey => gen_key(),
+        Command::DkimKeygen {
+            domain,
+            selector,
+            algorithm,
+            out,
+        } => dkim_keygen(&domain, &selector, algorithm, &out),
         Command::Ctl(args) => floodgate::ctl::main(args),
     }
 }
@@ -113,6 +133,47 @@ fn gen_key() -> ExitCode {
     println!("key_sha256 = \"{}\"", floodgate::http::api::key_hash(&key));
     eprintln!("Give the key to the integration; put only key_sha256 in the config.");
     ExitCode::SUCCESS
+}
+
+fn parse_algorithm(text: &str) -> Result<floodgate::config::DkimAlgorithm, String> {
+    floodgate::config::DkimAlgorithm::parse(text)
+        .ok_or_else(|| "use rsa-sha256 or ed25519-sha256".to_owned())
+}
+
+fn dkim_keygen(
+    domain: &str,
+    selector: &str,
+    algorithm: floodgate::config::DkimAlgorithm,
+    out: &Path,
+) -> ExitCode {
+    let table = floodgate::config::DkimConfig {
+        domain: domain.to_owned(),
+        selector: selector.to_owned(),
+        key: out.join("x"),
+        algorithm,
+        headers: None,
+        expire: None,
+    };
+    if let Err(why) = table.check() {
+        eprintln!("floodgate: {why}");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    match floodgate::dkim::keygen(domain, selector, algorithm, out) {
+        Ok((path, record)) => {
+            eprintln!("wrote {}", path.display());
+            println!("{selector}._domainkey.{domain}. IN TXT \"{record}\"");
+            eprintln!(
+                "Publish the TXT record, then add to the config:\n[[dkim]]\ndomain = \"{domain}\"\nselector = \"{selector}\"\nkey = \"{}\"\nalgorithm = \"{}\"",
+                path.display(),
+                algorithm.as_str()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("floodgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn serve(path: &Path) -> ExitCode {

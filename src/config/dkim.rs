@@ -17,6 +17,13 @@ pub enum DkimAlgorithm {
 }
 
 impl DkimAlgorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DkimAlgorithm::RsaSha256 => "rsa-sha256",
+            DkimAlgorithm::Ed25519Sha256 => "ed25519-sha256",
+        }
+    }
+
     pub fn parse(text: &str) -> Option<DkimAlgorithm> {
         match text {
             "rsa-sha256" | "rsa" => Some(DkimAlgorithm::RsaSha256),
@@ -43,7 +50,8 @@ pub struct DkimConfig {
 }
 
 impl DkimConfig {
-    pub(super) fn validate(&self) -> Result<(), String> {
+    /// Checks the table's names (the key file is checked when it is loaded).
+    pub fn check(&self) -> Result<(), String> {
         let domain = self.domain.strip_prefix("*.").unwrap_or(&self.domain);
         if crate::address::parse(&format!("x@{domain}")).is_err() {
             return Err(format!("{:?} is not a domain", self.domain));
