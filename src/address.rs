@@ -180,7 +180,10 @@ mod tests {
         assert_eq!(m.address, "x@xé.test");
         assert_eq!(m.domain, "xn--x-bga.test");
         assert_eq!(parse("a@XÉ.B.test").unwrap().domain, "xn--x-bga.b.test");
-        assert_eq!(parse("üser@exämple.de").unwrap().domain, "xn--exmple-cua.de");
+        assert_eq!(
+            parse("üser@exämple.de").unwrap().domain,
+            "xn--exmple-cua.de"
+        );
         assert_eq!(parse("a@bad\u{2028}.test"), Err(Reason::MalformedAddress));
     }
 

@@ -236,7 +236,11 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.lines().nth(1).unwrap().starts_with(' '), "{text}");
         assert!(text.lines().next().unwrap().ends_with(','), "{text}");
-        assert_eq!(text.replace("\r\n ", " "), msg, "unfolding gives the original");
+        assert_eq!(
+            text.replace("\r\n ", " "),
+            msg,
+            "unfolding gives the original"
+        );
     }
 
     #[test]
@@ -263,7 +267,12 @@ mod tests {
     #[test]
     fn header_values_and_names() {
         assert_eq!(check_value("fine\tvalue"), Ok(()));
-        for bad in ["r@client.test\r\nX-Injected: yes", "a\nb", "a\0b", "a\u{1b}b"] {
+        for bad in [
+            "r@client.test\r\nX-Injected: yes",
+            "a\nb",
+            "a\0b",
+            "a\u{1b}b",
+        ] {
             assert_eq!(check_value(bad), Err(HeaderError::Control), "{bad:?}");
         }
         assert_eq!(check_value(&"x".repeat(901)), Err(HeaderError::Unfoldable));

@@ -119,8 +119,13 @@ async fn post(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, Vec<(String, String)>, serde_json::Value) {
-    let (status, h, text) = exchange(TcpStream::connect(http).await.unwrap(), path, headers, body).await;
-    (status, h, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+    let (status, h, text) =
+        exchange(TcpStream::connect(http).await.unwrap(), path, headers, body).await;
+    (
+        status,
+        h,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 async fn send_json(http: SocketAddr, body: &serde_json::Value) -> (u16, serde_json::Value) {
@@ -153,10 +158,18 @@ async fn an_injected_raw_sender_is_refused_and_nothing_extra_reaches_the_sink() 
     assert_eq!(json["field"], "from", "{json}");
     let nul = "/v1/messages/raw?from=app%00%40client.test&to=victim%40good.test";
     let (status, _, json) = post(http, nul, &[], msg).await;
-    assert_eq!((status, json["field"].as_str()), (400, Some("from")), "{json}");
+    assert_eq!(
+        (status, json["field"].as_str()),
+        (400, Some("from")),
+        "{json}"
+    );
     let rcpt = "/v1/messages/raw?from=app%40client.test&to=victim%40good.test%3E%0D%0ARSET";
     let (status, _, json) = post(http, rcpt, &[], msg).await;
-    assert_eq!((status, json["field"].as_str()), (400, Some("to[0]")), "{json}");
+    assert_eq!(
+        (status, json["field"].as_str()),
+        (400, Some("to[0]")),
+        "{json}"
+    );
     assert_eq!(messages_in_queue(&t), 0, "nothing refused was queued");
 
     let legit = "/v1/messages/raw?from=%3Capp%40client.test%3E&to=victim%40good.test";
@@ -191,7 +204,11 @@ async fn a_bad_smtp_sender_gets_501_5_1_7() {
     c.cmd("MAIL FROM:<>", "250").await;
     c.cmd("RSET", "250").await;
     let id = c
-        .send_mail("app@client.test", &["u@mx.test"], "Subject: ok\r\n\r\nok\r\n")
+        .send_mail(
+            "app@client.test",
+            &["u@mx.test"],
+            "Subject: ok\r\n\r\nok\r\n",
+        )
         .await;
     let stored = t.app.queue().message(&id).await.unwrap().unwrap();
     assert_eq!(stored.sender, "app@client.test");
@@ -228,7 +245,10 @@ async fn header_injection_in_the_json_api_is_refused_naming_the_field() {
             ),
             "attachments[0].filename",
         ),
-        (with("tags", serde_json::json!(["a\nX-Injected: yes"])), "tags[0]"),
+        (
+            with("tags", serde_json::json!(["a\nX-Injected: yes"])),
+            "tags[0]",
+        ),
         (with("campaign", "c\r\nX-Injected: yes".into()), "campaign"),
         (serde_json::json!({"to": ["u@mx.test"]}), "from"),
     ] {
@@ -288,8 +308,12 @@ async fn a_body_line_over_998_octets_is_refused_at_the_end_of_data() {
     assert!(reply.contains("line 3"), "{reply}");
     assert_eq!(messages_in_queue(&t), 0, "nothing queued");
     // The session goes on, and a relayable message is accepted and delivered.
-    c.send_mail("app@client.test", &["u@mx.test"], "Subject: ok\r\n\r\nshort\r\n")
-        .await;
+    c.send_mail(
+        "app@client.test",
+        &["u@mx.test"],
+        "Subject: ok\r\n\r\nshort\r\n",
+    )
+    .await;
     let got = sink.wait_for(1, WAIT).await;
     assert!(String::from_utf8_lossy(&got[0].data).contains("Subject: ok"));
 
@@ -301,7 +325,11 @@ async fn a_body_line_over_998_octets_is_refused_at_the_end_of_data() {
         body.as_bytes(),
     )
     .await;
-    assert_eq!((status, json["field"].as_str()), (400, Some("body")), "{json}");
+    assert_eq!(
+        (status, json["field"].as_str()),
+        (400, Some("body")),
+        "{json}"
+    );
 }
 
 #[tokio::test]
@@ -335,7 +363,11 @@ async fn a_long_to_header_is_folded_and_a_100_kb_token_is_refused() {
         ))
         .await;
     assert!(reply.starts_with("550 5.6.0"), "{reply}");
-    assert_eq!(messages_in_queue(&t), 1, "only the folded message was queued");
+    assert_eq!(
+        messages_in_queue(&t),
+        1,
+        "only the folded message was queued"
+    );
 }
 
 #[tokio::test]
@@ -343,12 +375,7 @@ async fn bare_line_ends_are_normalised_and_smuggling_never_splits_a_message() {
     let sink = Sink::start().await;
     let (_dns, t) = start(&sink).await;
     let sequences: [&[u8]; 6] = [
-        b"\n.\r\n",
-        b"\r.\r\n",
-        b"\n.\n",
-        b"\r\n.\r",
-        b"\r\n.\n",
-        b"\n.\r",
+        b"\n.\r\n", b"\r.\r\n", b"\n.\n", b"\r\n.\r", b"\r\n.\n", b"\n.\r",
     ];
     let mut c = t.client().await;
     c.ehlo().await;
@@ -367,8 +394,12 @@ async fn bare_line_ends_are_normalised_and_smuggling_never_splits_a_message() {
     }
     // A last, plain message: once it and the others are in, anything split off would be
     // there too.
-    c.send_mail("app@client.test", &["u@mx.test"], "Subject: last\r\n\r\nend\r\n")
-        .await;
+    c.send_mail(
+        "app@client.test",
+        &["u@mx.test"],
+        "Subject: last\r\n\r\nend\r\n",
+    )
+    .await;
     let got = sink.wait_for(sequences.len() + 1, WAIT).await;
     assert_eq!(got.len(), sequences.len() + 1, "no message was split off");
     let smuggled: Vec<_> = got
@@ -382,14 +413,27 @@ async fn bare_line_ends_are_normalised_and_smuggling_never_splits_a_message() {
         let data = &m.data;
         for (i, &b) in data.iter().enumerate() {
             if b == b'\n' {
-                assert_eq!(data[i - 1], b'\r', "bare LF in {:?}", String::from_utf8_lossy(data));
+                assert_eq!(
+                    data[i - 1],
+                    b'\r',
+                    "bare LF in {:?}",
+                    String::from_utf8_lossy(data)
+                );
             }
             if b == b'\r' {
-                assert_eq!(data.get(i + 1), Some(&b'\n'), "bare CR in {:?}", String::from_utf8_lossy(data));
+                assert_eq!(
+                    data.get(i + 1),
+                    Some(&b'\n'),
+                    "bare CR in {:?}",
+                    String::from_utf8_lossy(data)
+                );
             }
         }
         let text = String::from_utf8_lossy(data);
-        assert!(text.contains("before") && text.contains("smuggled"), "{text}");
+        assert!(
+            text.contains("before") && text.contains("smuggled"),
+            "{text}"
+        );
     }
     assert!(!sink.commands().iter().any(|l| l.contains("evil")));
 }
@@ -415,8 +459,12 @@ async fn utf8_domains_are_routed_as_a_labels() {
     c.rcpt("x@yé.test", "550 5.7.1").await;
     c.rcpt("a@xé.b.test", "250").await;
     c.cmd("RSET", "250").await;
-    c.send_mail("app@client.test", &["a@XÉ.b.test"], "Subject: idn\r\n\r\nhi\r\n")
-        .await;
+    c.send_mail(
+        "app@client.test",
+        &["a@XÉ.b.test"],
+        "Subject: idn\r\n\r\nhi\r\n",
+    )
+    .await;
     let got = sink.wait_for(1, WAIT).await;
     assert_eq!(got[0].rcpts, ["a@XÉ.b.test"], "the address as given");
     let conn = rusqlite::Connection::open(t.app.queue().path()).unwrap();
@@ -431,7 +479,8 @@ async fn temporary_refusals_are_not_remembered_and_a_changed_request_is_refused(
     let sink = Sink::start().await;
     let (_dns, t) = start(&sink).await;
     let http = t.app.http_addr.unwrap();
-    let down = serde_json::json!({"from": "app@client.test", "to": ["u@down.test"], "subject": "s"});
+    let down =
+        serde_json::json!({"from": "app@client.test", "to": ["u@down.test"], "subject": "s"});
     for _ in 0..2 {
         let (status, headers, json) = post(
             http,
@@ -442,13 +491,19 @@ async fn temporary_refusals_are_not_remembered_and_a_changed_request_is_refused(
         .await;
         assert_eq!(status, 503, "{json}");
         assert_eq!(json["recipients"][0]["enhanced_code"], "4.4.3", "{json}");
-        assert!(headers.iter().any(|(k, _)| k == "retry-after"), "{headers:?}");
+        assert!(
+            headers.iter().any(|(k, _)| k == "retry-after"),
+            "{headers:?}"
+        );
     }
     let conn = rusqlite::Connection::open(t.app.queue().path()).unwrap();
     let remembered: i64 = conn
         .query_row("SELECT COUNT(*) FROM idempotency", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(remembered, 0, "a temporary refusal is not stored under its key");
+    assert_eq!(
+        remembered, 0,
+        "a temporary refusal is not stored under its key"
+    );
 
     let good = serde_json::json!({"from": "app@client.test", "to": ["u@mx.test"], "subject": "s"});
     let key = [("Idempotency-Key", "k-1")];
@@ -472,11 +527,15 @@ async fn the_received_header_names_the_http_client() {
     socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
     let stream = socket.connect(t.app.http_addr.unwrap()).await.unwrap();
     let body = serde_json::json!({"from": "app@client.test", "to": ["u@mx.test"], "subject": "s", "text": "t"});
-    let (status, _, text) = exchange(stream, "/v1/messages", &[], body.to_string().as_bytes()).await;
+    let (status, _, text) =
+        exchange(stream, "/v1/messages", &[], body.to_string().as_bytes()).await;
     assert_eq!(status, 202, "{text}");
     let got = sink.wait_for(1, WAIT).await;
     let data = String::from_utf8_lossy(&got[0].data);
-    assert!(data.starts_with("Received: from crm ([127.0.0.2])"), "{data}");
+    assert!(
+        data.starts_with("Received: from crm ([127.0.0.2])"),
+        "{data}"
+    );
 }
 
 #[tokio::test]
@@ -495,8 +554,12 @@ async fn bounces_are_recorded_as_bounces() {
     let (_dns, t) = start_with(&sink, "", "bounces = true").await;
     let mut c = t.client().await;
     c.ehlo().await;
-    c.send_mail("app@client.test", &["gone@mx.test"], "Subject: b\r\n\r\nhi\r\n")
-        .await;
+    c.send_mail(
+        "app@client.test",
+        &["gone@mx.test"],
+        "Subject: b\r\n\r\nhi\r\n",
+    )
+    .await;
     let got = sink.wait_for(1, WAIT).await;
     assert_eq!(got[0].mail_from, "", "the bounce, from the null sender");
     let conn = rusqlite::Connection::open(t.app.queue().path()).unwrap();

@@ -264,7 +264,11 @@ mod tests {
         assert_eq!(route.domains, ["*.xn--bcher-kva.test", "xn--9ca.test"]);
         let a = crate::address::parse("x@sub.bücher.test").unwrap();
         assert!(route.specificity(&a.domain).is_some());
-        assert!(route.specificity(&crate::address::parse("x@é.test").unwrap().domain).is_some());
+        assert!(
+            route
+                .specificity(&crate::address::parse("x@é.test").unwrap().domain)
+                .is_some()
+        );
         assert!(
             toml::from_str::<Route>("domains = [\"bad\\u0000é.test\"]\ntransport = \"mx\"")
                 .is_err()

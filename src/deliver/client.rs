@@ -291,7 +291,9 @@ impl Connection {
             .map(|r| safe_argument(r, "RCPT").err().map(|e| unsafe_outcome(&e)))
             .collect();
         if unsafe_rcpts.iter().any(Option::is_some) {
-            return self.send_safe_only(sender, recipients, body, unsafe_rcpts).await;
+            return self
+                .send_safe_only(sender, recipients, body, unsafe_rcpts)
+                .await;
         }
         let mut mail = format!("MAIL FROM:<{sender}>");
         if self.caps.size.is_some() {
@@ -378,7 +380,10 @@ impl Connection {
         .into_iter();
         Ok(refused
             .into_iter()
-            .map(|r| r.or_else(|| sent.next()).expect("one outcome per safe recipient"))
+            .map(|r| {
+                r.or_else(|| sent.next())
+                    .expect("one outcome per safe recipient")
+            })
             .collect())
     }
 
@@ -604,7 +609,10 @@ mod tests {
             ["MAIL FROM:<app@client.test>", "RCPT TO:<ok@good.test>"],
             "{seen}"
         );
-        assert!(!seen.contains("bcc@nowhere") && !seen.contains('\0'), "{seen}");
+        assert!(
+            !seen.contains("bcc@nowhere") && !seen.contains('\0'),
+            "{seen}"
+        );
     }
 
     #[tokio::test]

@@ -192,8 +192,13 @@ impl Api {
         };
         let _held = match &key {
             Some(k) => match self.hold(k) {
-                Ok(held) => Some(held),
-                Err(response) => return response,
+                Some(held) => Some(held),
+                None => {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "a request with this Idempotency-Key is in progress",
+                    );
+                }
             },
             None => None,
         };
@@ -281,21 +286,15 @@ impl Api {
         limiter.check().is_ok()
     }
 
-    /// Holds an idempotency key while its request is read and processed; a concurrent
-    /// duplicate is refused with `409`.
-    fn hold<'a>(&'a self, key: &str) -> Result<InFlight<'a>, Response<Body>> {
-        if !self
+    /// Holds an idempotency key while its request is read and processed; `None` when a
+    /// concurrent duplicate holds it already.
+    fn hold<'a>(&'a self, key: &str) -> Option<InFlight<'a>> {
+        let fresh = self
             .in_flight
             .lock()
             .expect("in-flight lock")
-            .insert(key.to_owned())
-        {
-            return Err(error(
-                StatusCode::CONFLICT,
-                "a request with this Idempotency-Key is in progress",
-            ));
-        }
-        Ok(InFlight {
+            .insert(key.to_owned());
+        fresh.then(|| InFlight {
             set: &self.in_flight,
             key: key.to_owned(),
         })
@@ -303,11 +302,7 @@ impl Api {
 
     /// The answer to a key seen before: its stored response for the same request, `422`
     /// for a different one. `None` when the key is new.
-    async fn earlier(
-        &self,
-        idempotency: &Idempotency,
-        config: &Config,
-    ) -> Option<Response<Body>> {
+    async fn earlier(&self, idempotency: &Idempotency, config: &Config) -> Option<Response<Body>> {
         match self
             .intake
             .queue
@@ -385,7 +380,9 @@ impl Api {
         let now_us = self.intake.clock.now_us();
         let queue_id = QueueId::generate(now_us);
         if accepted.is_empty() {
-            return self.all_rejected(config, results, all_temporary, idempotency).await;
+            return self
+                .all_rejected(config, results, all_temporary, idempotency)
+                .await;
         }
         let body = match p.body {
             Body_::Raw(b) => b,
@@ -471,13 +468,11 @@ impl Api {
     ) -> Response<Body> {
         if all_temporary {
             let body = serde_json::json!({ "error": "every recipient was refused for now, try again later", "recipients": results });
-            return with_retry_after(
-                replay(503, body.to_string()),
-                RETRY_AFTER_TEMPORARY,
-            );
+            return with_retry_after(replay(503, body.to_string()), RETRY_AFTER_TEMPORARY);
         }
-        let body = serde_json::json!({ "error": "every recipient was rejected", "recipients": results })
-            .to_string();
+        let body =
+            serde_json::json!({ "error": "every recipient was rejected", "recipients": results })
+                .to_string();
         let any_temporary = results
             .iter()
             .filter_map(|r| r.reason.and_then(Reason::parse))
@@ -515,8 +510,7 @@ fn fingerprint(raw: bool, query: Option<&str>, body: &[u8]) -> String {
 /// The stored response for a repeat of the same request; a `422` when the key was used
 /// for a different one (IETF Idempotency-Key draft, section 2.7).
 fn replay_for(idempotency: &Idempotency, earlier: Remembered) -> Response<Body> {
-    if !earlier.request_sha256.is_empty() && earlier.request_sha256 != idempotency.request_sha256
-    {
+    if !earlier.request_sha256.is_empty() && earlier.request_sha256 != idempotency.request_sha256 {
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "this Idempotency-Key was already used for a different request",

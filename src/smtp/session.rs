@@ -270,11 +270,8 @@ impl Session {
         let body = match crate::wire::prepare(body) {
             Ok(b) => b,
             Err(e) => {
-                let refused = self.refuse_all(
-                    &envelope,
-                    envelope.campaign.as_deref(),
-                    Reason::LineTooLong,
-                );
+                let refused =
+                    self.refuse_all(&envelope, envelope.campaign.as_deref(), Reason::LineTooLong);
                 return Reply::owned(refused.code, refused.esc, format!("Message refused: {e}"));
             }
         };

@@ -164,9 +164,8 @@ fn missing_field(e: &serde_json::Error) -> Option<String> {
 /// Every field that becomes a header, through one check (`wire::check_value`), each
 /// refusal naming its field.
 fn check_headers(req: &SendRequest) -> Result<(), FieldError> {
-    let value = |field: &str, v: &str| {
-        wire::check_value(v).map_err(|e| field_error(field, &e.to_string()))
-    };
+    let value =
+        |field: &str, v: &str| wire::check_value(v).map_err(|e| field_error(field, &e.to_string()));
     value("from", &req.from)?;
     for (list, name) in [(&req.to, "to"), (&req.cc, "cc"), (&req.bcc, "bcc")] {
         for (i, a) in list.iter().enumerate() {
@@ -250,14 +249,21 @@ pub(super) fn raw_message(query: Option<&str>, body: Vec<u8>) -> Result<Prepared
     let sender =
         sender.ok_or_else(|| field_error("from", "the envelope sender is required (?from=)"))?;
     // The envelope holds the parsed address only: `<>` or a mailbox, never the raw text.
-    let sender = address::parse_sender(&sender)
-        .map_err(|_| field_error("from", "not a valid address (control characters and extra text are refused)"))?;
+    let sender = address::parse_sender(&sender).map_err(|_| {
+        field_error(
+            "from",
+            "not a valid address (control characters and extra text are refused)",
+        )
+    })?;
     if recipients.is_empty() {
         return Err(field_error("to", "at least one recipient (?to=)"));
     }
     for (i, r) in recipients.iter().enumerate() {
         if r.chars().any(char::is_control) {
-            return Err(field_error(&format!("to[{i}]"), "control characters are not allowed"));
+            return Err(field_error(
+                &format!("to[{i}]"),
+                "control characters are not allowed",
+            ));
         }
     }
     if let Some(c) = &campaign {
@@ -403,7 +409,10 @@ mod tests {
     fn every_header_bound_field_is_checked() {
         let base = r#""from":"a@b.test","to":["x@y.test"]"#;
         for (extra, field) in [
-            (r#""reply_to":"r@client.test\r\nX-Injected: yes""#, "reply_to"),
+            (
+                r#""reply_to":"r@client.test\r\nX-Injected: yes""#,
+                "reply_to",
+            ),
             (r#""reply_to":"not an address""#, "reply_to"),
             (r#""subject":"a\u0000b""#, "subject"),
             (r#""headers":{"X-A":"1\n2"}"#, "headers.X-A"),
@@ -474,9 +483,12 @@ mod tests {
             Some("body".to_owned())
         );
         assert_eq!(
-            raw_message(Some("from=a%40b.test&to=v%40good.test%0D%0A"), b"x".to_vec())
-                .err()
-                .map(|e| e.field),
+            raw_message(
+                Some("from=a%40b.test&to=v%40good.test%0D%0A"),
+                b"x".to_vec()
+            )
+            .err()
+            .map(|e| e.field),
             Some("to[0]".to_owned())
         );
     }
