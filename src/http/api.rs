@@ -152,20 +152,33 @@ impl Api {
             );
             return r;
         };
-        if !self.within_rate(&config, &caller) {
-            return with_retry_after(
+        if let Some(refusal) = self.admit(&config, &caller, &req) {
+            return refusal;
+        }
+        self.receive(&config, &caller, raw, req).await
+    }
+
+    /// The checks that need no body: the key's rate, intake pause, declared size.
+    fn admit(
+        &self,
+        config: &Config,
+        caller: &Caller,
+        req: &Request<Incoming>,
+    ) -> Option<Response<Body>> {
+        if !self.within_rate(config, caller) {
+            return Some(with_retry_after(
                 error(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate limit of this API key exceeded",
                 ),
                 1,
-            );
+            ));
         }
         if self.intake.campaigns().intake_paused() {
-            return with_retry_after(
+            return Some(with_retry_after(
                 error(StatusCode::SERVICE_UNAVAILABLE, "intake is paused"),
                 RETRY_AFTER_PAUSED,
-            );
+            ));
         }
         let declared = req
             .headers()
@@ -173,11 +186,23 @@ impl Api {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > config.http.max_request_size as u64) {
-            return error(
+            return Some(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request body exceeds max_request_size",
-            );
+            ));
         }
+        None
+    }
+
+    /// Reads the body under its Idempotency-Key (held against concurrent duplicates),
+    /// answers a repeat from the store, or checks and submits the request.
+    async fn receive(
+        &self,
+        config: &Config,
+        caller: &Caller,
+        raw: bool,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
         let key = match req.headers().get("idempotency-key").map(|v| v.to_str()) {
             None => None,
             Some(Ok(k)) if !k.is_empty() && k.len() <= 255 => {
@@ -217,7 +242,7 @@ impl Api {
             request_sha256: fingerprint(raw, query.as_deref(), &body),
         });
         if let Some(i) = &idempotency
-            && let Some(response) = self.earlier(i, &config).await
+            && let Some(response) = self.earlier(i, config).await
         {
             return response;
         }
@@ -230,7 +255,7 @@ impl Api {
             Ok(p) => p,
             Err(e) => return e.response(),
         };
-        self.submit(&config, &caller, prepared, idempotency).await
+        self.submit(config, caller, prepared, idempotency).await
     }
 
     fn authenticate(
@@ -352,31 +377,8 @@ impl Api {
                 RETRY_AFTER_PAUSED,
             );
         }
-        let who = Submitter {
-            trusted_network: false,
-            authenticated: true,
-        };
-        let mut results = Vec::with_capacity(p.recipients.len());
-        let mut accepted: Vec<Mailbox> = Vec::new();
-        let mut all_temporary = true;
-        for address in &p.recipients {
-            match self
-                .intake
-                .policy
-                .check_rcpt(config, who, campaign.as_deref(), accepted.len(), address)
-                .await
-            {
-                Ok(m) => {
-                    results.push(RecipientResult::accepted(address));
-                    accepted.push(m);
-                }
-                Err(reason) => {
-                    self.intake.refused(campaign.as_deref(), reason, address);
-                    results.push(RecipientResult::rejected(address, reason));
-                    all_temporary &= reason.is_temporary();
-                }
-            }
-        }
+        let (results, accepted, all_temporary) =
+            self.door(config, campaign.as_deref(), &p.recipients).await;
         let now_us = self.intake.clock.now_us();
         let queue_id = QueueId::generate(now_us);
         if accepted.is_empty() {
@@ -428,6 +430,20 @@ impl Api {
                 .collect(),
         };
         let response_body = serde_json::json!({ "id": queue_id.as_str(), "campaign": campaign, "recipients": results }).to_string();
+        self.commit(config, msg, response_body, idempotency).await
+    }
+}
+
+impl Api {
+    /// Queues the message (with its response under the Idempotency-Key, in the same
+    /// transaction) and answers only once it is durable.
+    async fn commit(
+        &self,
+        config: &Config,
+        msg: NewMessage,
+        response_body: String,
+        idempotency: Option<Idempotency>,
+    ) -> Response<Body> {
         let outcome = match &idempotency {
             Some(i) => {
                 let response = Remembered {
@@ -453,9 +469,43 @@ impl Api {
             ),
         }
     }
-}
 
-impl Api {
+    /// Every recipient through the same door as SMTP's RCPT. Returns each one's result,
+    /// the accepted mailboxes, and whether every refusal was temporary.
+    async fn door(
+        &self,
+        config: &Config,
+        campaign: Option<&str>,
+        recipients: &[String],
+    ) -> (Vec<RecipientResult>, Vec<Mailbox>, bool) {
+        let who = Submitter {
+            trusted_network: false,
+            authenticated: true,
+        };
+        let mut results = Vec::with_capacity(recipients.len());
+        let mut accepted: Vec<Mailbox> = Vec::new();
+        let mut all_temporary = true;
+        for address in recipients {
+            match self
+                .intake
+                .policy
+                .check_rcpt(config, who, campaign, accepted.len(), address)
+                .await
+            {
+                Ok(m) => {
+                    results.push(RecipientResult::accepted(address));
+                    accepted.push(m);
+                }
+                Err(reason) => {
+                    self.intake.refused(campaign, reason, address);
+                    results.push(RecipientResult::rejected(address, reason));
+                    all_temporary &= reason.is_temporary();
+                }
+            }
+        }
+        (results, accepted, all_temporary)
+    }
+
     /// No recipient was accepted. When every refusal was temporary the client is told to
     /// come back (`503`, `Retry-After`) and nothing is remembered under its key: the same
     /// request may well succeed later. Only a final refusal is stored for replays.

@@ -16,6 +16,8 @@ use crate::wire;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SendRequest {
+    /// Required; defaulted only so that its absence is refused naming `from`.
+    #[serde(default)]
     pub from: String,
     #[serde(default)]
     pub to: Vec<String>,
@@ -104,15 +106,12 @@ pub(super) fn json_message(body: &[u8]) -> Result<Prepared, FieldError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     let req: SendRequest = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
-        // A missing field is reported at the object it is missing from; name the field.
-        let field = match (path.as_str(), missing_field(&inner)) {
-            (".", Some(f)) => f,
-            (".", None) => "body".to_owned(),
-            _ => path,
-        };
-        field_error(&field, &inner.to_string())
+        let field = if path == "." { "body".to_owned() } else { path };
+        field_error(&field, &e.into_inner().to_string())
     })?;
+    if req.from.is_empty() {
+        return Err(field_error("from", "missing field `from`"));
+    }
     check_headers(&req)?;
     let sender = match address::parse_sender(bare_address(&req.from)) {
         Ok(Sender::Mailbox(m)) => m,
@@ -148,17 +147,6 @@ pub(super) fn json_message(body: &[u8]) -> Result<Prepared, FieldError> {
         campaign: req.campaign.clone(),
         body: Body_::Json(Box::new(req)),
     })
-}
-
-/// The field serde says is missing, from its typed error category and message shape
-/// ``missing field `from` ``; serde_json offers no structured accessor for it.
-fn missing_field(e: &serde_json::Error) -> Option<String> {
-    if e.classify() != serde_json::error::Category::Data {
-        return None;
-    }
-    let text = e.to_string();
-    let rest = text.strip_prefix("missing field `")?;
-    Some(rest[..rest.find('`')?].to_owned())
 }
 
 /// Every field that becomes a header, through one check (`wire::check_value`), each
