@@ -214,7 +214,9 @@ impl App {
                 listener,
                 move |req| api.clone().handle(req),
                 server.shutdown.clone(),
-                TaskTracker::new(),
+                // With the SMTP sessions: shutdown waits for requests in flight within
+                // `shutdown_grace`, so a committed message gets its 202.
+                crate::http::Drain::new(server.tracker.clone(), server.abort.clone()),
             ));
         }
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());

@@ -11,7 +11,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::faillog::{FailLog, FailureEvent};
 use crate::policy::Policy;
-use crate::queue::{NewMessage, Queue};
+use crate::queue::{NewMessage, Queue, Remembered};
 use crate::reason::{Reason, Stage};
 
 pub struct Intake {
@@ -85,9 +85,9 @@ impl Intake {
         &self,
         msg: NewMessage,
         key: String,
-        response: (u16, String),
+        response: Remembered,
         ttl: std::time::Duration,
-    ) -> Result<Option<(u16, String)>, Reason> {
+    ) -> Result<Option<Remembered>, Reason> {
         self.store(msg, Some((key, response, ttl))).await
     }
 
@@ -96,8 +96,8 @@ impl Intake {
     async fn store(
         &self,
         msg: NewMessage,
-        idempotency: Option<(String, (u16, String), std::time::Duration)>,
-    ) -> Result<Option<(u16, String)>, Reason> {
+        idempotency: Option<(String, Remembered, std::time::Duration)>,
+    ) -> Result<Option<Remembered>, Reason> {
         let campaign = msg.campaign.clone();
         let recipients: Vec<String> = msg.recipients.iter().map(|r| r.address.clone()).collect();
         let stored = match idempotency {

@@ -29,3 +29,4 @@ pub mod sqlite;
 pub mod suppression;
 pub mod template;
 pub mod unsubscribe;
+pub mod wire;

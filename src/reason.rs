@@ -66,6 +66,7 @@ reasons! {
     IntakePaused => "intake_paused", true;
     TooManyRecipients => "too_many_recipients", true;
     MessageTooBig => "message_too_big", false;
+    LineTooLong => "line_too_long", false;
     QueueUnavailable => "queue_unavailable", true;
     RateLimited => "rate_limited", true;
     Rejected => "rejected", false;

@@ -426,7 +426,7 @@ impl Scheduler {
             queue_id: QueueId::generate(self.queue.clock().now_us()),
             sender: String::new(),
             campaign: first.campaign.clone(),
-            source: Source::Smtp,
+            source: Source::Bounce,
             client: "bounce".into(),
             body,
             recipients: vec![NewRecipient {

@@ -33,6 +33,8 @@ pub enum TlsMode {
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// `example.com` (exact), `*.example.com` (its subdomains) or `*` (every domain).
+    /// Stored as lower-case IDNA A-labels, the form recipients' domains are matched in.
+    #[serde(deserialize_with = "domain_patterns")]
     pub domains: Vec<String>,
     pub transport: Transport,
     /// Look the recipient's domain up at RCPT time. Default: on for mx and smarthost,
@@ -157,15 +159,43 @@ impl Route {
     }
 }
 
+/// Reads `domains`, turning each name (after an optional `*.`) into A-labels, so that
+/// `*.bücher.test` in the config matches `x@sub.bücher.test` at the door.
+fn domain_patterns<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let raw = Vec::<String>::deserialize(d)?;
+    raw.into_iter()
+        .map(|p| normalise_pattern(&p).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+fn normalise_pattern(pattern: &str) -> Result<String, String> {
+    let (prefix, name) = match pattern.strip_prefix("*.") {
+        Some(rest) => ("*.", rest),
+        None => ("", pattern),
+    };
+    // `*` and other shapes are left for `validate` to explain.
+    if name.is_ascii() || name.contains('*') {
+        return Ok(format!("{prefix}{}", name.to_ascii_lowercase()));
+    }
+    crate::address::ascii_domain(name)
+        .map(|a| format!("{prefix}{a}"))
+        .ok_or_else(|| format!("domain pattern `{pattern}` is not a valid domain name"))
+}
+
+/// Compares by labels from the right, on bytes: a domain is never sliced at an index that
+/// could fall inside a UTF-8 character (queued recipients from before A-label
+/// normalisation may still hold one).
 fn match_pattern(pattern: &str, domain: &str) -> Option<usize> {
     if pattern == "*" {
         return Some(0);
     }
     if let Some(suffix) = pattern.strip_prefix("*.") {
-        let matches = domain.len() > suffix.len() + 1
-            && domain[domain.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-            && domain.as_bytes()[domain.len() - suffix.len() - 1] == b'.';
-        return matches.then_some(1 + suffix.len());
+        let mut labels = domain.rsplit('.');
+        let suffix_matches = suffix
+            .rsplit('.')
+            .all(|s| labels.next().is_some_and(|l| l.eq_ignore_ascii_case(s)));
+        let has_more = labels.next().is_some_and(|l| !l.is_empty());
+        return (suffix_matches && has_more).then_some(1 + suffix.len());
     }
     // Exact names outrank any wildcard, whatever their length.
     pattern.eq_ignore_ascii_case(domain).then_some(usize::MAX)
@@ -207,6 +237,48 @@ mod tests {
             );
         }
         assert!(match_pattern("a.test", "a.test") > match_pattern("*.test", "a.test"));
+        assert!(match_pattern("*.b.test", "a.b.test") > match_pattern("*.test", "a.b.test"));
         assert!(match_pattern("*.test", "a.test") > match_pattern("*", "a.test"));
+    }
+
+    #[test]
+    fn utf8_domains_never_panic_and_match_as_a_labels() {
+        for (pattern, domain, matches) in [
+            ("*.b.test", "xé.test", false),
+            ("*.b.test", "a.xé.b.test", true),
+            ("*.é.test", "xé.test", false),
+            ("*.test", ".test", false),
+            ("*.b.test", "b.test", false),
+            ("*.b.test", "ab.test", false),
+            ("é.test", "xé.test", false),
+        ] {
+            assert_eq!(
+                match_pattern(pattern, domain).is_some(),
+                matches,
+                "{pattern} {domain}"
+            );
+        }
+        let route: Route =
+            toml::from_str("domains = [\"*.Bücher.test\", \"É.test\"]\ntransport = \"mx\"")
+                .unwrap();
+        assert_eq!(route.domains, ["*.xn--bcher-kva.test", "xn--9ca.test"]);
+        let a = crate::address::parse("x@sub.bücher.test").unwrap();
+        assert!(route.specificity(&a.domain).is_some());
+        assert!(
+            route
+                .specificity(&crate::address::parse("x@é.test").unwrap().domain)
+                .is_some()
+        );
+        assert!(
+            toml::from_str::<Route>("domains = [\"bad\\u0000é.test\"]\ntransport = \"mx\"")
+                .is_err()
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn matching_never_panics(pattern in "\\*|\\*\\.[a-zé.]{0,12}|[a-zé.]{0,12}", domain in "\\PC{0,20}") {
+            let _ = match_pattern(&pattern, &domain);
+        }
     }
 }

@@ -36,6 +36,27 @@ pub enum ClientError {
     /// The server answered, but not with what the step needs.
     #[error("{0} {1}")]
     Refused(u16, String),
+    /// A command argument holds CR, LF or NUL: writing it would inject commands. Nothing
+    /// was written.
+    #[error("refusing to write a {0} command holding CR, LF or NUL")]
+    UnsafeCommand(&'static str),
+}
+
+/// Refuses a command argument that would end the line early or smuggle another command.
+/// Defence in depth: the doors never let such a value into the queue.
+fn safe_argument(value: &str, step: &'static str) -> Result<(), ClientError> {
+    if value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+        return Err(ClientError::UnsafeCommand(step));
+    }
+    Ok(())
+}
+
+/// The outcome of a recipient whose envelope value could not be written safely.
+fn unsafe_outcome(e: &ClientError) -> Outcome {
+    Outcome::Permanent {
+        reason: crate::reason::Reason::MalformedAddress,
+        reply: format!("550 5.1.3 {e}"),
+    }
 }
 
 /// One SMTP reply.
@@ -253,12 +274,27 @@ impl Connection {
 
     /// One mail transaction. Returns one outcome per recipient; an error means the
     /// connection is unusable and every recipient without a final answer is transient.
+    /// A sender or recipient holding CR, LF or NUL fails for good before anything is
+    /// written.
     pub async fn send(
         &mut self,
         sender: &str,
         recipients: &[&str],
         body: &[u8],
     ) -> Result<Vec<Outcome>, ClientError> {
+        if let Err(e) = safe_argument(sender, "MAIL") {
+            tracing::warn!(error = %e, "envelope sender not written");
+            return Ok(vec![unsafe_outcome(&e); recipients.len()]);
+        }
+        let unsafe_rcpts: Vec<Option<Outcome>> = recipients
+            .iter()
+            .map(|r| safe_argument(r, "RCPT").err().map(|e| unsafe_outcome(&e)))
+            .collect();
+        if unsafe_rcpts.iter().any(Option::is_some) {
+            return self
+                .send_safe_only(sender, recipients, body, unsafe_rcpts)
+                .await;
+        }
         let mut mail = format!("MAIL FROM:<{sender}>");
         if self.caps.size.is_some() {
             mail.push_str(&format!(" SIZE={}", body.len()));
@@ -319,6 +355,36 @@ impl Connection {
             }
         }
         Ok(outcomes.into_iter().flatten().collect())
+    }
+
+    /// Sends to the recipients that can be written and merges their outcomes with the
+    /// refusals of those that cannot, in the recipients' order.
+    async fn send_safe_only(
+        &mut self,
+        sender: &str,
+        recipients: &[&str],
+        body: &[u8],
+        refused: Vec<Option<Outcome>>,
+    ) -> Result<Vec<Outcome>, ClientError> {
+        let safe: Vec<&str> = recipients
+            .iter()
+            .zip(&refused)
+            .filter(|(_, r)| r.is_none())
+            .map(|(a, _)| *a)
+            .collect();
+        let mut sent = if safe.is_empty() {
+            Vec::new()
+        } else {
+            Box::pin(self.send(sender, &safe, body)).await?
+        }
+        .into_iter();
+        Ok(refused
+            .into_iter()
+            .map(|r| {
+                r.or_else(|| sent.next())
+                    .expect("one outcome per safe recipient")
+            })
+            .collect())
     }
 
     async fn reset(&mut self) -> Result<(), ClientError> {
@@ -469,6 +535,84 @@ mod tests {
         let caps = Capabilities::parse(&lines);
         assert!(caps.pipelining && caps.starttls && caps.auth_plain && caps.auth_login);
         assert_eq!(caps.size, Some(1000));
+    }
+
+    /// A real loopback peer that records every byte it receives.
+    async fn recording_peer() -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut io = BufReader::new(stream);
+            io.get_mut().write_all(b"220 peer\r\n").await.unwrap();
+            let mut seen = Vec::new();
+            loop {
+                let mut line = Vec::new();
+                if io.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                    return seen;
+                }
+                seen.extend_from_slice(&line);
+                let reply: &[u8] = match line.get(..4) {
+                    Some(b"EHLO") => b"250-peer\r\n250 PIPELINING\r\n",
+                    Some(b"DATA") => b"354 go\r\n",
+                    Some(b"QUIT") => b"221 bye\r\n",
+                    _ if line == b".\r\n" => b"250 queued\r\n",
+                    _ if seen.ends_with(b"\r\n.\r\n") || !line.is_ascii() => continue,
+                    Some(b"MAIL" | b"RCPT" | b"RSET") => b"250 ok\r\n",
+                    _ => continue,
+                };
+                io.get_mut().write_all(reply).await.unwrap();
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn command_lines_never_carry_cr_lf_or_nul() {
+        let (addr, peer) = recording_peer().await;
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(5),
+            command: Duration::from_secs(5),
+            data: Duration::from_secs(5),
+        };
+        let mut conn = Connection::open(addr, "peer", "relay.test", None, timeouts)
+            .await
+            .unwrap();
+        let injected = "app@client.test>\r\nRCPT TO:<bcc@nowhere.example>\r\nNOOP";
+        let out = conn
+            .send(injected, &["victim@good.test"], b"Subject: x\r\n\r\nhi\r\n")
+            .await
+            .unwrap();
+        assert!(
+            matches!(&out[..], [Outcome::Permanent { reply, .. }] if reply.contains("CR, LF or NUL")),
+            "{out:?}"
+        );
+        let out = conn
+            .send(
+                "app@client.test",
+                &["ok@good.test", "x@y.test>\r\nRSET", "nul\0@y.test"],
+                b"Subject: x\r\n\r\nhi\r\n",
+            )
+            .await
+            .unwrap();
+        assert!(matches!(out[0], Outcome::Delivered { .. }), "{out:?}");
+        assert!(matches!(out[1], Outcome::Permanent { .. }), "{out:?}");
+        assert!(matches!(out[2], Outcome::Permanent { .. }), "{out:?}");
+        conn.quit().await;
+        let seen = String::from_utf8(peer.await.unwrap()).unwrap();
+        let commands: Vec<&str> = seen
+            .split("\r\n")
+            .filter(|l| l.starts_with("MAIL") || l.starts_with("RCPT"))
+            .collect();
+        assert_eq!(
+            commands,
+            ["MAIL FROM:<app@client.test>", "RCPT TO:<ok@good.test>"],
+            "{seen}"
+        );
+        assert!(
+            !seen.contains("bcc@nowhere") && !seen.contains('\0'),
+            "{seen}"
+        );
     }
 
     #[tokio::test]

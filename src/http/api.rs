@@ -23,7 +23,7 @@ use crate::address::Mailbox;
 use crate::config::{ApiKeyConfig, Config};
 use crate::intake::Intake;
 use crate::policy::Submitter;
-use crate::queue::{NewMessage, NewRecipient, QueueId, Source};
+use crate::queue::{NewMessage, NewRecipient, QueueId, Remembered, Source};
 use crate::reason::Reason;
 use crate::smtp::message::{self, Trace};
 use crate::smtp::reply;
@@ -31,6 +31,8 @@ use crate::smtp::reply;
 /// Seconds a client is told to wait when intake, a campaign or the queue says "not now".
 const RETRY_AFTER_PAUSED: u64 = 60;
 const RETRY_AFTER_QUEUE: u64 = 30;
+/// Every recipient was refused only for now (a DNS outage, a rate limit).
+const RETRY_AFTER_TEMPORARY: u64 = 30;
 
 /// One recipient's result in the response.
 #[derive(Debug, Serialize)]
@@ -83,6 +85,15 @@ pub struct Api {
 struct Caller {
     name: String,
     campaign: Option<String>,
+    /// The client's IP address, for the `Received:` header.
+    peer: std::net::IpAddr,
+}
+
+/// An Idempotency-Key (hashed with its API key's name) and the fingerprint of the
+/// request that came with it.
+struct Idempotency {
+    key: String,
+    request_sha256: String,
 }
 
 /// Releases an idempotency key held while its request is processed.
@@ -129,7 +140,11 @@ impl Api {
             _ => return error(StatusCode::NOT_FOUND, "no such endpoint"),
         };
         let config = self.intake.config.load_full();
-        let Some(caller) = self.authenticate(&config, &req) else {
+        let peer = req
+            .extensions()
+            .get::<super::Peer>()
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |p| p.0.ip());
+        let Some(caller) = self.authenticate(&config, &req, peer) else {
             let mut r = error(StatusCode::UNAUTHORIZED, "missing or unknown API key");
             r.headers_mut().insert(
                 "www-authenticate",
@@ -137,20 +152,33 @@ impl Api {
             );
             return r;
         };
-        if !self.within_rate(&config, &caller) {
-            return with_retry_after(
+        if let Some(refusal) = self.admit(&config, &caller, &req) {
+            return refusal;
+        }
+        self.receive(&config, &caller, raw, req).await
+    }
+
+    /// The checks that need no body: the key's rate, intake pause, declared size.
+    fn admit(
+        &self,
+        config: &Config,
+        caller: &Caller,
+        req: &Request<Incoming>,
+    ) -> Option<Response<Body>> {
+        if !self.within_rate(config, caller) {
+            return Some(with_retry_after(
                 error(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate limit of this API key exceeded",
                 ),
                 1,
-            );
+            ));
         }
         if self.intake.campaigns().intake_paused() {
-            return with_retry_after(
+            return Some(with_retry_after(
                 error(StatusCode::SERVICE_UNAVAILABLE, "intake is paused"),
                 RETRY_AFTER_PAUSED,
-            );
+            ));
         }
         let declared = req
             .headers()
@@ -158,12 +186,24 @@ impl Api {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > config.http.max_request_size as u64) {
-            return error(
+            return Some(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request body exceeds max_request_size",
-            );
+            ));
         }
-        let idempotency = match req.headers().get("idempotency-key").map(|v| v.to_str()) {
+        None
+    }
+
+    /// Reads the body under its Idempotency-Key (held against concurrent duplicates),
+    /// answers a repeat from the store, or checks and submits the request.
+    async fn receive(
+        &self,
+        config: &Config,
+        caller: &Caller,
+        raw: bool,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        let key = match req.headers().get("idempotency-key").map(|v| v.to_str()) {
             None => None,
             Some(Ok(k)) if !k.is_empty() && k.len() <= 255 => {
                 Some(key_hash(&format!("{}\0{k}", caller.name)))
@@ -175,10 +215,15 @@ impl Api {
                 );
             }
         };
-        let _held = match &idempotency {
-            Some(key) => match self.hold(key, &config).await {
-                Ok(held) => Some(held),
-                Err(response) => return response,
+        let _held = match &key {
+            Some(k) => match self.hold(k) {
+                Some(held) => Some(held),
+                None => {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "a request with this Idempotency-Key is in progress",
+                    );
+                }
             },
             None => None,
         };
@@ -192,6 +237,15 @@ impl Api {
                 );
             }
         };
+        let idempotency = key.map(|key| Idempotency {
+            key,
+            request_sha256: fingerprint(raw, query.as_deref(), &body),
+        });
+        if let Some(i) = &idempotency
+            && let Some(response) = self.earlier(i, config).await
+        {
+            return response;
+        }
         let prepared = if raw {
             raw_message(query.as_deref(), body.to_vec())
         } else {
@@ -201,10 +255,15 @@ impl Api {
             Ok(p) => p,
             Err(e) => return e.response(),
         };
-        self.submit(&config, &caller, prepared, idempotency).await
+        self.submit(config, caller, prepared, idempotency).await
     }
 
-    fn authenticate(&self, config: &Config, req: &Request<Incoming>) -> Option<Caller> {
+    fn authenticate(
+        &self,
+        config: &Config,
+        req: &Request<Incoming>,
+        peer: std::net::IpAddr,
+    ) -> Option<Caller> {
         let given = req
             .headers()
             .get(hyper::header::AUTHORIZATION)?
@@ -225,6 +284,7 @@ impl Api {
         found.map(|k| Caller {
             name: k.name.clone(),
             campaign: k.campaign.clone(),
+            peer,
         })
     }
 
@@ -251,43 +311,39 @@ impl Api {
         limiter.check().is_ok()
     }
 
-    /// Replays a stored response, refuses a concurrent duplicate, or holds the key.
-    async fn hold<'a>(
-        &'a self,
-        key: &str,
-        config: &Config,
-    ) -> Result<InFlight<'a>, Response<Body>> {
-        match self
-            .intake
-            .queue
-            .idempotent_response(key, config.http.idempotency_ttl.0)
-            .await
-        {
-            Ok(Some((status, body))) => return Err(replay(status, body)),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "idempotency lookup failed");
-                return Err(with_retry_after(
-                    error(StatusCode::SERVICE_UNAVAILABLE, "queue unavailable"),
-                    RETRY_AFTER_QUEUE,
-                ));
-            }
-        }
-        if !self
+    /// Holds an idempotency key while its request is read and processed; `None` when a
+    /// concurrent duplicate holds it already.
+    fn hold<'a>(&'a self, key: &str) -> Option<InFlight<'a>> {
+        let fresh = self
             .in_flight
             .lock()
             .expect("in-flight lock")
-            .insert(key.to_owned())
-        {
-            return Err(error(
-                StatusCode::CONFLICT,
-                "a request with this Idempotency-Key is in progress",
-            ));
-        }
-        Ok(InFlight {
+            .insert(key.to_owned());
+        fresh.then(|| InFlight {
             set: &self.in_flight,
             key: key.to_owned(),
         })
+    }
+
+    /// The answer to a key seen before: its stored response for the same request, `422`
+    /// for a different one. `None` when the key is new.
+    async fn earlier(&self, idempotency: &Idempotency, config: &Config) -> Option<Response<Body>> {
+        match self
+            .intake
+            .queue
+            .idempotent_response(&idempotency.key, config.http.idempotency_ttl.0)
+            .await
+        {
+            Ok(Some(earlier)) => Some(replay_for(idempotency, earlier)),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "idempotency lookup failed");
+                Some(with_retry_after(
+                    error(StatusCode::SERVICE_UNAVAILABLE, "queue unavailable"),
+                    RETRY_AFTER_QUEUE,
+                ))
+            }
+        }
     }
 
     async fn submit(
@@ -295,7 +351,7 @@ impl Api {
         config: &Config,
         caller: &Caller,
         p: Prepared,
-        idempotency: Option<String>,
+        idempotency: Option<Idempotency>,
     ) -> Response<Body> {
         let campaign = p
             .campaign
@@ -321,43 +377,14 @@ impl Api {
                 RETRY_AFTER_PAUSED,
             );
         }
-        let who = Submitter {
-            trusted_network: false,
-            authenticated: true,
-        };
-        let mut results = Vec::with_capacity(p.recipients.len());
-        let mut accepted: Vec<Mailbox> = Vec::new();
-        for address in &p.recipients {
-            match self
-                .intake
-                .policy
-                .check_rcpt(config, who, campaign.as_deref(), accepted.len(), address)
-                .await
-            {
-                Ok(m) => {
-                    results.push(RecipientResult::accepted(address));
-                    accepted.push(m);
-                }
-                Err(reason) => {
-                    self.intake.refused(campaign.as_deref(), reason, address);
-                    results.push(RecipientResult::rejected(address, reason));
-                }
-            }
-        }
+        let (results, accepted, all_temporary) =
+            self.door(config, campaign.as_deref(), &p.recipients).await;
         let now_us = self.intake.clock.now_us();
         let queue_id = QueueId::generate(now_us);
         if accepted.is_empty() {
-            let body = serde_json::json!({ "error": "every recipient was rejected", "recipients": results });
-            let response = (422, body.to_string());
-            if let Some(key) = idempotency {
-                // Remember the refusal too, so a retry with the same key gets the same answer.
-                let _ = self
-                    .intake
-                    .queue
-                    .enqueue_idempotent(None, key, response.clone(), config.http.idempotency_ttl.0)
-                    .await;
-            }
-            return replay(response.0, response.1);
+            return self
+                .all_rejected(config, results, all_temporary, idempotency)
+                .await;
         }
         let body = match p.body {
             Body_::Raw(b) => b,
@@ -368,7 +395,7 @@ impl Api {
         };
         let trace = message::received_header(&Trace {
             helo: &caller.name,
-            peer: std::net::Ipv4Addr::LOCALHOST.into(),
+            peer: caller.peer,
             hostname: &config.server.hostname,
             protocol: "HTTP",
             queue_id: queue_id.as_str(),
@@ -403,23 +430,37 @@ impl Api {
                 .collect(),
         };
         let response_body = serde_json::json!({ "id": queue_id.as_str(), "campaign": campaign, "recipients": results }).to_string();
-        let outcome = match idempotency {
-            Some(key) => {
+        self.commit(config, msg, response_body, idempotency).await
+    }
+}
+
+impl Api {
+    /// Queues the message (with its response under the Idempotency-Key, in the same
+    /// transaction) and answers only once it is durable.
+    async fn commit(
+        &self,
+        config: &Config,
+        msg: NewMessage,
+        response_body: String,
+        idempotency: Option<Idempotency>,
+    ) -> Response<Body> {
+        let outcome = match &idempotency {
+            Some(i) => {
+                let response = Remembered {
+                    status: 202,
+                    body: response_body.clone(),
+                    request_sha256: i.request_sha256.clone(),
+                };
                 self.intake
-                    .enqueue_idempotent(
-                        msg,
-                        key,
-                        (202, response_body.clone()),
-                        config.http.idempotency_ttl.0,
-                    )
+                    .enqueue_idempotent(msg, i.key.clone(), response, config.http.idempotency_ttl.0)
                     .await
             }
             None => self.intake.enqueue(msg).await.map(|()| None),
         };
-        match outcome {
-            Ok(Some((status, body))) => replay(status, body),
-            Ok(None) => replay(202, response_body),
-            Err(_) => with_retry_after(
+        match (outcome, &idempotency) {
+            (Ok(Some(earlier)), Some(i)) => replay_for(i, earlier),
+            (Ok(_), _) => replay(202, response_body),
+            (Err(_), _) => with_retry_after(
                 error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "queue unavailable, try again later",
@@ -428,6 +469,104 @@ impl Api {
             ),
         }
     }
+
+    /// Every recipient through the same door as SMTP's RCPT. Returns each one's result,
+    /// the accepted mailboxes, and whether every refusal was temporary.
+    async fn door(
+        &self,
+        config: &Config,
+        campaign: Option<&str>,
+        recipients: &[String],
+    ) -> (Vec<RecipientResult>, Vec<Mailbox>, bool) {
+        let who = Submitter {
+            trusted_network: false,
+            authenticated: true,
+        };
+        let mut results = Vec::with_capacity(recipients.len());
+        let mut accepted: Vec<Mailbox> = Vec::new();
+        let mut all_temporary = true;
+        for address in recipients {
+            match self
+                .intake
+                .policy
+                .check_rcpt(config, who, campaign, accepted.len(), address)
+                .await
+            {
+                Ok(m) => {
+                    results.push(RecipientResult::accepted(address));
+                    accepted.push(m);
+                }
+                Err(reason) => {
+                    self.intake.refused(campaign, reason, address);
+                    results.push(RecipientResult::rejected(address, reason));
+                    all_temporary &= reason.is_temporary();
+                }
+            }
+        }
+        (results, accepted, all_temporary)
+    }
+
+    /// No recipient was accepted. When every refusal was temporary the client is told to
+    /// come back (`503`, `Retry-After`) and nothing is remembered under its key: the same
+    /// request may well succeed later. Only a final refusal is stored for replays.
+    async fn all_rejected(
+        &self,
+        config: &Config,
+        results: Vec<RecipientResult>,
+        all_temporary: bool,
+        idempotency: Option<Idempotency>,
+    ) -> Response<Body> {
+        if all_temporary {
+            let body = serde_json::json!({ "error": "every recipient was refused for now, try again later", "recipients": results });
+            return with_retry_after(replay(503, body.to_string()), RETRY_AFTER_TEMPORARY);
+        }
+        let body =
+            serde_json::json!({ "error": "every recipient was rejected", "recipients": results })
+                .to_string();
+        let any_temporary = results
+            .iter()
+            .filter_map(|r| r.reason.and_then(Reason::parse))
+            .any(Reason::is_temporary);
+        if let (Some(i), false) = (idempotency, any_temporary) {
+            let response = Remembered {
+                status: 422,
+                body: body.clone(),
+                request_sha256: i.request_sha256,
+            };
+            // Remember the final refusal too, so a retry with the same key gets it again.
+            let stored = self
+                .intake
+                .queue
+                .enqueue_idempotent(None, i.key, response, config.http.idempotency_ttl.0)
+                .await;
+            if let Err(e) = stored {
+                tracing::warn!(error = %e, "idempotent refusal not remembered");
+            }
+        }
+        replay(422, body)
+    }
+}
+
+/// SHA-256 (hex) of what identifies a request: its endpoint, query and body.
+fn fingerprint(raw: bool, query: Option<&str>, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(if raw { b"raw\0".as_slice() } else { b"json\0" });
+    h.update(query.unwrap_or_default().as_bytes());
+    h.update(b"\0");
+    h.update(body);
+    hex::encode(h.finalize())
+}
+
+/// The stored response for a repeat of the same request; a `422` when the key was used
+/// for a different one (IETF Idempotency-Key draft, section 2.7).
+fn replay_for(idempotency: &Idempotency, earlier: Remembered) -> Response<Body> {
+    if !earlier.request_sha256.is_empty() && earlier.request_sha256 != idempotency.request_sha256 {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "this Idempotency-Key was already used for a different request",
+        );
+    }
+    replay(earlier.status, earlier.body)
 }
 
 fn replay(status: u16, body: String) -> Response<Body> {

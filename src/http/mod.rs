@@ -1,8 +1,10 @@
-//! HTTP surfaces on hyper 1: the admin API (and, later, the JSON send API), sharing one
-//! small server loop and the helpers for JSON bodies and replies.
+//! HTTP surfaces on hyper 1: the admin API and the JSON send API, sharing one small
+//! server loop (which tells handlers the client's address and lets shutdown wait for
+//! requests in flight) and the helpers for JSON bodies and replies.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,19 +26,46 @@ pub mod metrics;
 
 pub type Body = Full<Bytes>;
 
-/// Serves `handler` on `listener` until `shutdown`; connections in flight finish.
+/// The client's address, set on every request's extensions by [`serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// How shutdown waits for a server's connections: each runs on `tracker` (which the
+/// caller waits on, within its grace period), and is dropped when `abort` fires.
+#[derive(Clone)]
+pub struct Drain {
+    pub tracker: TaskTracker,
+    pub abort: CancellationToken,
+}
+
+impl Drain {
+    pub fn new(tracker: TaskTracker, abort: CancellationToken) -> Drain {
+        Drain { tracker, abort }
+    }
+}
+
+impl From<TaskTracker> for Drain {
+    /// Tracked but never aborted: requests finish however long they take.
+    fn from(tracker: TaskTracker) -> Drain {
+        Drain::new(tracker, CancellationToken::new())
+    }
+}
+
+/// Serves `handler` on `listener` until `shutdown`; connections in flight finish their
+/// request (graceful shutdown) unless `drain.abort` fires first.
 pub async fn serve<H, F>(
     listener: TcpListener,
     handler: H,
     shutdown: CancellationToken,
-    tracker: TaskTracker,
+    drain: impl Into<Drain>,
 ) where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let Drain { tracker, abort } = drain.into();
     let handler = Arc::new(handler);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
@@ -49,8 +78,10 @@ pub async fn serve<H, F>(
         };
         let handler = handler.clone();
         let shutdown = shutdown.clone();
+        let abort = abort.clone();
         tracker.spawn(async move {
-            let service = service_fn(move |req| {
+            let service = service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(Peer(peer));
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler(req).await) }
             });
@@ -59,8 +90,13 @@ pub async fn serve<H, F>(
             tokio::select! {
                 _ = conn.as_mut() => {}
                 () = shutdown.cancelled() => {
+                    // The request in flight is answered (its 202 may follow a commit
+                    // already made); idle keep-alive connections close at once.
                     conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        () = abort.cancelled() => {}
+                    }
                 }
             }
         });

@@ -75,6 +75,8 @@ impl std::fmt::Display for QueueId {
 pub enum Source {
     Smtp,
     Http,
+    /// A delivery status notification Floodgate wrote itself.
+    Bounce,
 }
 
 impl Source {
@@ -82,8 +84,19 @@ impl Source {
         match self {
             Source::Smtp => "smtp",
             Source::Http => "http",
+            Source::Bounce => "bounce",
         }
     }
+}
+
+/// An HTTP response remembered under an idempotency key, with the SHA-256 (hex) of the
+/// request it answered, so that a replay of the key with another request is told apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remembered {
+    pub status: u16,
+    pub body: String,
+    /// Empty for responses stored before the fingerprint existed.
+    pub request_sha256: String,
 }
 
 #[derive(Debug, Clone)]
@@ -200,9 +213,9 @@ impl Queue {
         &self,
         msg: Option<NewMessage>,
         key: String,
-        response: (u16, String),
+        response: Remembered,
         ttl: std::time::Duration,
-    ) -> Result<Option<(u16, String)>, QueueError> {
+    ) -> Result<Option<Remembered>, QueueError> {
         let now = self.clock.now_ms();
         let not_before = now - ttl.as_millis() as i64;
         self.writer
@@ -223,7 +236,7 @@ impl Queue {
         &self,
         key: &str,
         ttl: std::time::Duration,
-    ) -> Result<Option<(u16, String)>, QueueError> {
+    ) -> Result<Option<Remembered>, QueueError> {
         let key = key.to_owned();
         let not_before = self.clock.now_ms() - ttl.as_millis() as i64;
         self.read(move |conn| store::idempotent_response(conn, &key, not_before))

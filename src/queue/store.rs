@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use super::{NewMessage, QueueError, RecipientState};
+use super::{NewMessage, QueueError, RecipientState, Remembered};
 use crate::config::Synchronous;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -54,6 +54,9 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL
     );
     CREATE INDEX idempotency_created ON idempotency(created_at);",
+    // 3: the fingerprint of the request an idempotent response answered, so that the same
+    // key with a different request is refused instead of answered with the first response.
+    "ALTER TABLE idempotency ADD COLUMN request_sha256 TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Opens queue.db for writing, applies pragmas and migrations.
@@ -507,10 +510,16 @@ pub fn idempotent_response(
     conn: &Connection,
     key: &str,
     not_before: i64,
-) -> Result<Option<(u16, String)>, QueueError> {
+) -> Result<Option<Remembered>, QueueError> {
     Ok(conn
-        .prepare_cached("SELECT status, body FROM idempotency WHERE key = ?1 AND created_at >= ?2")?
-        .query_row(params![key, not_before], |r| Ok((r.get(0)?, r.get(1)?)))
+        .prepare_cached("SELECT status, body, request_sha256 FROM idempotency WHERE key = ?1 AND created_at >= ?2")?
+        .query_row(params![key, not_before], |r| {
+            Ok(Remembered {
+                status: r.get(0)?,
+                body: r.get(1)?,
+                request_sha256: r.get(2)?,
+            })
+        })
         .optional()?)
 }
 
@@ -519,16 +528,16 @@ pub fn idempotent_response(
 pub fn remember_response(
     conn: &Connection,
     key: &str,
-    response: &(u16, String),
+    response: &Remembered,
     now_ms: i64,
     not_before: i64,
-) -> Result<Option<(u16, String)>, QueueError> {
+) -> Result<Option<Remembered>, QueueError> {
     if let Some(existing) = idempotent_response(conn, key, not_before)? {
         return Ok(Some(existing));
     }
     conn.prepare_cached("DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency WHERE created_at < ?1 LIMIT 100)")?
         .execute([not_before])?;
-    conn.prepare_cached("INSERT OR REPLACE INTO idempotency (key, status, body, created_at) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![key, response.0, response.1, now_ms])?;
+    conn.prepare_cached("INSERT OR REPLACE INTO idempotency (key, status, body, created_at, request_sha256) VALUES (?1, ?2, ?3, ?4, ?5)")?
+        .execute(params![key, response.status, response.body, now_ms, response.request_sha256])?;
     Ok(None)
 }

@@ -96,6 +96,11 @@ pub fn for_reason(reason: Reason) -> Reply {
         IntakePaused => Reply::new(451, [4, 7, 1], "Intake is paused, try again later"),
         TooManyRecipients => Reply::new(452, [4, 5, 3], "Too many recipients"),
         MessageTooBig => Reply::new(552, [5, 3, 4], "Message exceeds maximum size"),
+        LineTooLong => Reply::new(
+            550,
+            [5, 6, 0],
+            "Message has a line over 998 octets that cannot be folded; encode the body",
+        ),
         QueueUnavailable => Reply::new(
             452,
             [4, 3, 1],
@@ -192,6 +197,7 @@ mod tests {
             (Reason::IntakePaused, 451, "4.7.1"),
             (Reason::TooManyRecipients, 452, "4.5.3"),
             (Reason::MessageTooBig, 552, "5.3.4"),
+            (Reason::LineTooLong, 550, "5.6.0"),
             (Reason::QueueUnavailable, 452, "4.3.1"),
         ] {
             let r = for_reason(reason);

@@ -183,7 +183,11 @@ impl Session {
         if from.size > self.config.smtp.max_message_size {
             return Action::Reply(fixed::SIZE_DECLARED);
         }
-        let sender = from.address.into_owned();
+        // The envelope holds the parsed address, never the raw argument (issue 9).
+        let sender = match crate::address::parse_sender(&from.address) {
+            Ok(s) => s.envelope().to_owned(),
+            Err(_) => return self.bad_command(fixed::BAD_SENDER),
+        };
         let campaign = self.campaign_before_data(&sender);
         self.envelope = Some(Envelope {
             sender,
@@ -260,6 +264,16 @@ impl Session {
                 envelope.campaign.as_deref(),
                 Reason::MessageTooBig,
             );
+        };
+        // Line ends normalised, long header lines folded; a line that would still be
+        // refused by the next hop is refused here, before the 250 (issue 10).
+        let body = match crate::wire::prepare(body) {
+            Ok(b) => b,
+            Err(e) => {
+                let refused =
+                    self.refuse_all(&envelope, envelope.campaign.as_deref(), Reason::LineTooLong);
+                return Reply::owned(refused.code, refused.esc, format!("Message refused: {e}"));
+            }
         };
         let campaign = self.campaign_after_data(&envelope, &body);
         if let Err(reason) = self.intake.policy.check_open(campaign.as_deref()) {
