@@ -113,7 +113,7 @@ fn mx_pattern(value: &str) -> Result<String, PolicyError> {
     let bad = || PolicyError::BadMx(value.chars().take(80).collect());
     let pattern = value.trim_end_matches('.').to_ascii_lowercase();
     let host = pattern.strip_prefix("*.").unwrap_or(&pattern);
-    crate::address::parse(&format!("x@{host}")).map_err(|_| bad())?;
+    crate::address::ascii_domain(host).ok_or_else(bad)?;
     Ok(pattern)
 }
 
