@@ -27,7 +27,7 @@ use crate::intake::Intake;
 use crate::policy::Policy;
 use crate::queue::{Queue, QueueError};
 use crate::scheduler::{Couriers, Scheduler};
-use crate::smtp::server::{Connections, Server};
+use crate::smtp::server::Server;
 use crate::smtp::tls::{self, TlsError};
 
 /// Most distinct campaigns tracked in memory before the rest share one bucket.
@@ -197,11 +197,16 @@ impl App {
         let server = Arc::new(Server {
             intake: intake.clone(),
             tls: Arc::new(ArcSwapOption::from(tls.map(Arc::new))),
-            connections: Arc::new(Connections::default()),
+            connections: Arc::default(),
+            auth: Arc::new(crate::smtp::authgate::AuthGate::new(
+                &intake.config.load().smtp,
+                intake.clock.clone(),
+            )),
             shutdown: CancellationToken::new(),
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
         });
+        tokio::spawn(server.auth.clone().run(background.clone()));
         for (listener, addr) in listeners.into_iter().zip(&smtp_addrs) {
             tracing::info!(%addr, "smtp listening");
             tracker.spawn(server.clone().run(listener));
@@ -225,6 +230,7 @@ impl App {
                 guard: guard.clone(),
                 webhook: Some(webhook.clone()),
                 events: Some(events.clone()),
+                smtp: Some(server.clone()),
                 started: std::time::Instant::now(),
             });
             tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listening");
