@@ -2,14 +2,18 @@
 //! `X-Campaign-ID` header is only seen after DATA, and counting the refusals against the
 //! sender meanwhile would pause the sender for the real campaign's bad addresses.
 //!
-//! Bounded whatever the client sends: a count per reason and a few sample addresses
-//! (which the failure log records as rows; the rest go to its aggregates).
+//! Bounded whatever the client sends: a count per reason and the first
+//! [`SAMPLES`] addresses, each cut to [`SAMPLE_LEN`] octets (the failure log records
+//! those as rows, as it would have at RCPT time; the rest go to its aggregates only).
 
 use crate::intake::Intake;
 use crate::reason::Reason;
 
-/// Sample addresses kept per transaction.
-pub const SAMPLES: usize = 5;
+/// Refused addresses kept per transaction: a normal transaction's worth
+/// (`max_recipients` defaults to 100), so the failure log sees each one.
+pub const SAMPLES: usize = 100;
+/// An address longer than RFC 5321's 256-octet path is malformed anyway; keep its start.
+pub const SAMPLE_LEN: usize = 256;
 
 #[derive(Debug, Default)]
 pub struct Held {
@@ -22,7 +26,11 @@ impl Held {
     pub fn push(&mut self, reason: Reason, address: &str) {
         self.counts[reason.index()] += 1;
         if self.samples.len() < SAMPLES {
-            self.samples.push((reason, address.to_owned()));
+            let mut end = address.len().min(SAMPLE_LEN);
+            while !address.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.samples.push((reason, address[..end].to_owned()));
         }
     }
 
