@@ -137,6 +137,19 @@ impl Smtp {
         c
     }
 
+    /// As [`Smtp::connect_raw`], from the loopback address `source` (`127.0.0.2`, ...):
+    /// tests that need many client addresses use the whole of 127.0.0.0/8.
+    pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> std::io::Result<Smtp> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let stream = socket.connect(addr).await?;
+        let (r, w) = stream.into_split();
+        Ok(Smtp {
+            reader: TokioBufReader::new(r),
+            writer: w,
+        })
+    }
+
     pub async fn connect_raw(addr: SocketAddr) -> Smtp {
         let stream = TcpStream::connect(addr)
             .await
@@ -402,4 +415,13 @@ pub async fn admin(
     let (status, text) = http(addr, method, path, Some(TOKEN), body).await;
     assert_eq!(status, 200, "{method} {path}: {text}");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text}"))
+}
+
+/// One series' value from the admin `/metrics` page (`name` with its labels, as written).
+pub async fn metric(admin_addr: SocketAddr, name: &str) -> f64 {
+    let (status, text) = http(admin_addr, "GET", "/metrics", Some(TOKEN), None).await;
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {name} in /metrics"))
 }
