@@ -161,6 +161,11 @@ impl Smtp {
         }
     }
 
+    /// As [`Smtp::send`], for clients that expect to be cut off.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes).await
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).await.expect("send");
     }
