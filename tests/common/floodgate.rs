@@ -161,6 +161,27 @@ impl Smtp {
         }
     }
 
+    /// Half-closes: the server sees the end of input after what was sent.
+    pub async fn finish(&mut self) {
+        let _ = self.writer.shutdown().await;
+    }
+
+    /// Every reply until the server closes (or `limit` passes), one entry per line.
+    pub async fn replies_until_close(&mut self, limit: Duration) -> Vec<String> {
+        let mut lines = Vec::new();
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let mut line = Vec::new();
+                match self.reader.read_until(b'\n', &mut line).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => lines.push(String::from_utf8_lossy(&line).trim_end().to_owned()),
+                }
+            }
+        })
+        .await;
+        lines
+    }
+
     /// As [`Smtp::send`], for clients that expect to be cut off.
     pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.writer.write_all(bytes).await
