@@ -289,6 +289,10 @@ impl App {
         // Keep the settings that only a restart can change, so the live config always
         // describes what is actually running.
         new.smtp.listen = old.smtp.listen.clone();
+        new.smtp.auth_workers = old.smtp.auth_workers;
+        new.smtp.auth_queue = old.smtp.auth_queue;
+        new.smtp.auth_fail_burst = old.smtp.auth_fail_burst;
+        new.smtp.auth_fail_interval = old.smtp.auth_fail_interval;
         new.http.listen = old.http.listen;
         new.admin.listen = old.admin.listen;
         new.queue.dir = old.queue.dir.clone();

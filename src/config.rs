@@ -517,6 +517,21 @@ impl Config {
         if self.queue.synchronous != new.queue.synchronous {
             changed.push("queue.synchronous");
         }
+        // The AUTH pool and its limiter are built once, at start.
+        let (a, b) = (&self.smtp, &new.smtp);
+        if (
+            a.auth_workers,
+            a.auth_queue,
+            a.auth_fail_burst,
+            a.auth_fail_interval,
+        ) != (
+            b.auth_workers,
+            b.auth_queue,
+            b.auth_fail_burst,
+            b.auth_fail_interval,
+        ) {
+            changed.push("smtp.auth_workers / auth_queue / auth_fail_burst / auth_fail_interval");
+        }
         changed
     }
 

@@ -132,7 +132,7 @@ impl AuthGate {
         user: String,
         password: String,
     ) -> Verdict {
-        let mut charged = match self.admit(ip) {
+        let charged = match self.admit(ip) {
             Admit::Refused => return self.limited(),
             Admit::Charged => true,
             Admit::Free => false,
@@ -149,14 +149,9 @@ impl AuthGate {
         };
         // The address may have started failing while this attempt queued (a thousand
         // parallel guesses): it then pays like any later guess.
-        if !charged {
-            match self.admit(ip) {
-                Admit::Refused => return self.limited(),
-                Admit::Charged => charged = true,
-                Admit::Free => {}
-            }
+        if !charged && matches!(self.admit(ip), Admit::Refused) {
+            return self.limited();
         }
-        let _ = charged;
         let stats = self.stats.clone();
         let running = stats.running.fetch_add(1, Ordering::AcqRel) + 1;
         stats.peak.fetch_max(running, Ordering::AcqRel);
