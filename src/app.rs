@@ -27,7 +27,7 @@ use crate::intake::Intake;
 use crate::policy::Policy;
 use crate::queue::{Queue, QueueError};
 use crate::scheduler::{Couriers, Scheduler};
-use crate::smtp::server::{Connections, Server};
+use crate::smtp::server::Server;
 use crate::smtp::tls::{self, TlsError};
 
 /// Most distinct campaigns tracked in memory before the rest share one bucket.
@@ -197,11 +197,16 @@ impl App {
         let server = Arc::new(Server {
             intake: intake.clone(),
             tls: Arc::new(ArcSwapOption::from(tls.map(Arc::new))),
-            connections: Arc::new(Connections::default()),
+            connections: Arc::default(),
+            auth: Arc::new(crate::smtp::authgate::AuthGate::new(
+                &intake.config.load().smtp,
+                intake.clock.clone(),
+            )),
             shutdown: CancellationToken::new(),
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
         });
+        tokio::spawn(server.auth.clone().run(background.clone()));
         for (listener, addr) in listeners.into_iter().zip(&smtp_addrs) {
             tracing::info!(%addr, "smtp listening");
             tracker.spawn(server.clone().run(listener));
@@ -227,6 +232,7 @@ impl App {
                 guard: guard.clone(),
                 webhook: Some(webhook.clone()),
                 events: Some(events.clone()),
+                smtp: Some(server.clone()),
                 started: std::time::Instant::now(),
             });
             tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listening");
@@ -285,6 +291,10 @@ impl App {
         // Keep the settings that only a restart can change, so the live config always
         // describes what is actually running.
         new.smtp.listen = old.smtp.listen.clone();
+        new.smtp.auth_workers = old.smtp.auth_workers;
+        new.smtp.auth_queue = old.smtp.auth_queue;
+        new.smtp.auth_fail_burst = old.smtp.auth_fail_burst;
+        new.smtp.auth_fail_interval = old.smtp.auth_fail_interval;
         new.http.listen = old.http.listen;
         new.admin.listen = old.admin.listen;
         new.queue.dir = old.queue.dir.clone();

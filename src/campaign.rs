@@ -54,11 +54,34 @@ impl Campaign {
         self.refusals[reason.index()].load(Ordering::Relaxed)
     }
 
+    /// Every failure, whatever its reason, deferrals apart (a deferral is an attempt
+    /// that will be retried, not a failure).
     pub fn total_failures(&self) -> u64 {
-        self.failures
+        Reason::ALL
             .iter()
-            .map(|c| c.load(Ordering::Relaxed))
+            .filter(|r| **r != Reason::Deferred)
+            .map(|r| self.failures(*r))
             .sum()
+    }
+
+    /// The failures that count against the campaign, and the recipients it presented.
+    ///
+    /// A recipient refused at the door was presented once and failed once; one accepted
+    /// and then refused by the destination was presented once (as accepted) and failed
+    /// once. So the ratio is 1.0 for a campaign whose every recipient fails, whichever
+    /// stage fails it.
+    pub fn tally(&self) -> Tally {
+        let failed: u64 = Reason::ALL
+            .iter()
+            .filter(|r| counts_against(**r))
+            .map(|r| self.failures(*r))
+            .sum();
+        let after_acceptance = self.failures(Reason::Rejected) + self.failures(Reason::Expired);
+        let accepted = self.accepted.load(Ordering::Relaxed);
+        Tally {
+            failed,
+            presented: accepted + failed.saturating_sub(after_acceptance),
+        }
     }
 
     pub fn is_paused(&self) -> bool {
@@ -81,6 +104,40 @@ impl Campaign {
     /// a purge).
     pub fn is_held(&self, now_ms: i64) -> bool {
         self.is_paused() || self.blocked_until() > now_ms
+    }
+}
+
+/// Failures that say something about the campaign's recipients. Temporary refusals
+/// (a DNS outage, our own pauses, a full queue), deferrals and purges are not the
+/// campaign's doing.
+pub fn counts_against(reason: Reason) -> bool {
+    !reason.is_temporary() && reason != Reason::Purged
+}
+
+/// A campaign's failures and the recipients they are a share of: the one definition of
+/// the failure ratio that the guard, the admin API, `ctl` and the dashboard show.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub failed: u64,
+    pub presented: u64,
+}
+
+impl Tally {
+    /// `failed / presented`, 0 when nothing was presented.
+    pub fn ratio(self) -> f64 {
+        if self.presented == 0 {
+            0.0
+        } else {
+            self.failed as f64 / self.presented as f64
+        }
+    }
+
+    /// The counts between an earlier tally and this one (a sliding window).
+    pub fn since(self, earlier: Tally) -> Tally {
+        Tally {
+            failed: self.failed.saturating_sub(earlier.failed),
+            presented: self.presented.saturating_sub(earlier.presented),
+        }
     }
 }
 
@@ -133,8 +190,14 @@ impl Campaigns {
 
     /// As [`Campaigns::record_failure`], for a recipient refused at the door.
     pub fn record_refusal(&self, campaign: Option<&str>, reason: Reason) -> Arc<Campaign> {
-        let c = self.record_failure(campaign, reason);
-        c.refusals[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.record_refusals(campaign, reason, 1)
+    }
+
+    /// As [`Campaigns::record_refusal`], for `n` recipients at once.
+    pub fn record_refusals(&self, campaign: Option<&str>, reason: Reason, n: u64) -> Arc<Campaign> {
+        let c = self.get(campaign);
+        c.failures[reason.index()].fetch_add(n, Ordering::Relaxed);
+        c.refusals[reason.index()].fetch_add(n, Ordering::Relaxed);
         c
     }
 
@@ -188,6 +251,28 @@ mod tests {
         assert_eq!(c.get(None).failures(Reason::NoSuchDomain), 1);
         assert_eq!(c.find(OVERFLOW).unwrap().failures(Reason::NullMx), 1);
         assert!(c.find("b").is_none());
+    }
+
+    #[test]
+    fn one_ratio_whichever_stage_fails() {
+        let c = Campaigns::new(10);
+        // 5 refused at the door, 1 accepted then rejected by the destination, 4 fine.
+        c.record_refusals(Some("a"), Reason::NoSuchDomain, 5);
+        c.record_accepted(Some("a"), 5);
+        c.record_failure(Some("a"), Reason::Rejected);
+        c.record_failure(Some("a"), Reason::Deferred);
+        c.record_refusal(Some("a"), Reason::DnsTempfail);
+        let t = c.get(Some("a")).tally();
+        assert_eq!(
+            t,
+            Tally {
+                failed: 6,
+                presented: 10
+            }
+        );
+        assert!((t.ratio() - 0.6).abs() < 1e-9);
+        assert_eq!(c.get(Some("a")).total_failures(), 7, "deferral apart");
+        assert_eq!(Tally::default().ratio(), 0.0);
     }
 
     #[test]

@@ -99,9 +99,11 @@ pub struct SmtpConfig {
     pub max_message_size: usize,
     pub max_recipients: usize,
     pub max_bad_commands: u32,
-    /// Time allowed between two commands (and for the greeting to be answered).
+    /// Time allowed for a whole command line, from the previous reply to its CRLF (not
+    /// restarted by each byte received).
     pub idle_timeout: Dur,
-    /// Time allowed for one read while receiving DATA.
+    /// Time allowed for DATA before the minimum rate counts: the deadline is this plus
+    /// the bytes received divided by `data_min_rate`.
     pub data_timeout: Dur,
     /// Networks whose clients may relay without authenticating.
     pub allowed_networks: Vec<IpNet>,
@@ -112,6 +114,23 @@ pub struct SmtpConfig {
     pub campaign_from: Vec<String>,
     pub tls: Option<TlsConfig>,
     pub users: Vec<UserConfig>,
+    /// Slow clients: bytes per second a DATA transfer must average (see `data_timeout`).
+    pub data_min_rate: u64,
+    /// A session is closed after this long, whatever it is doing.
+    pub session_lifetime: Dur,
+    /// Fraction of `max_connections` (or of `max_connections_per_ip`, for one address's
+    /// sessions) above which the stress timeouts apply.
+    pub stress_threshold: f64,
+    pub stress_idle_timeout: Dur,
+    pub stress_data_timeout: Dur,
+    /// AUTH: password verifications running at once (0 = one per CPU core).
+    pub auth_workers: usize,
+    /// AUTH: verifications waiting for a worker; beyond this, `454 4.7.0` at once.
+    pub auth_queue: usize,
+    /// AUTH: failed verifications one client address gets before the limit applies,
+    /// and the interval that earns it one more guess.
+    pub auth_fail_burst: u32,
+    pub auth_fail_interval: Dur,
 }
 
 impl Default for SmtpConfig {
@@ -137,6 +156,15 @@ impl Default for SmtpConfig {
             ],
             tls: None,
             users: Vec::new(),
+            data_min_rate: 500,
+            session_lifetime: Dur::secs(3600),
+            stress_threshold: 0.8,
+            stress_idle_timeout: Dur::secs(10),
+            stress_data_timeout: Dur::secs(10),
+            auth_workers: 0,
+            auth_queue: 32,
+            auth_fail_burst: 10,
+            auth_fail_interval: Dur::secs(1),
         }
     }
 }
@@ -325,6 +353,33 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        let smtp = &self.smtp;
+        if !(smtp.stress_threshold > 0.0 && smtp.stress_threshold <= 1.0) {
+            return Err(invalid(
+                "smtp.stress_threshold",
+                None,
+                "must be above 0 and at most 1 (a fraction of the connection caps)".into(),
+            ));
+        }
+        for (key, d) in [
+            ("smtp.idle_timeout", smtp.idle_timeout),
+            ("smtp.data_timeout", smtp.data_timeout),
+            ("smtp.session_lifetime", smtp.session_lifetime),
+            ("smtp.stress_idle_timeout", smtp.stress_idle_timeout),
+            ("smtp.stress_data_timeout", smtp.stress_data_timeout),
+            ("smtp.auth_fail_interval", smtp.auth_fail_interval),
+        ] {
+            if d.0.is_zero() {
+                return Err(invalid(key, None, "must be above 0".into()));
+            }
+        }
+        if smtp.data_min_rate == 0 || smtp.auth_fail_burst == 0 {
+            return Err(invalid(
+                "smtp.data_min_rate / smtp.auth_fail_burst",
+                None,
+                "must be at least 1".into(),
+            ));
+        }
         for source in &self.smtp.campaign_from {
             let ok = source == "auth"
                 || source == "sender"
@@ -470,6 +525,21 @@ impl Config {
         }
         if self.queue.synchronous != new.queue.synchronous {
             changed.push("queue.synchronous");
+        }
+        // The AUTH pool and its limiter are built once, at start.
+        let (a, b) = (&self.smtp, &new.smtp);
+        if (
+            a.auth_workers,
+            a.auth_queue,
+            a.auth_fail_burst,
+            a.auth_fail_interval,
+        ) != (
+            b.auth_workers,
+            b.auth_queue,
+            b.auth_fail_burst,
+            b.auth_fail_interval,
+        ) {
+            changed.push("smtp.auth_workers / auth_queue / auth_fail_burst / auth_fail_interval");
         }
         changed
     }

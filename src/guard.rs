@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::campaign::{Campaign, Campaigns};
+use crate::campaign::{Campaigns, Tally};
 use crate::config::{Config, GuardAction};
 use crate::deliver::webhook::Secret;
 use crate::faillog::FailLog;
@@ -34,28 +34,7 @@ pub struct Alert {
     pub action: Option<&'static str>,
 }
 
-/// Failures that say something about the campaign's recipients. Temporary refusals
-/// (a DNS outage, our own pauses, a full queue) are not the campaign's doing.
-pub fn counts_against(reason: Reason) -> bool {
-    !reason.is_temporary() && reason != Reason::Purged
-}
-
-/// A campaign's failures that count against it, and the recipients it presented.
-///
-/// A recipient refused at the door was presented once and failed once; one accepted and
-/// then refused by the destination was presented once (as accepted) and failed once. So
-/// the ratio `failed / presented` is 1.0 for a campaign whose every recipient fails,
-/// whichever stage fails it.
-pub fn tally(c: &Campaign) -> (u64, u64) {
-    let failed: u64 = Reason::ALL
-        .iter()
-        .filter(|r| counts_against(**r))
-        .map(|r| c.failures(*r))
-        .sum();
-    let after_acceptance = c.failures(Reason::Rejected) + c.failures(Reason::Expired);
-    let accepted = c.accepted.load(Ordering::Relaxed);
-    (failed, accepted + failed.saturating_sub(after_acceptance))
-}
+pub use crate::campaign::counts_against;
 
 /// Cumulative counts of one campaign at one tick.
 #[derive(Debug, Clone, Copy, Default)]
@@ -253,7 +232,7 @@ impl Guard {
                     w.tripped = false;
                 }
                 w.paused = paused;
-                let (failed, presented) = tally(&c);
+                let Tally { failed, presented } = c.tally();
                 let relay_failed = c.failures(Reason::Rejected) + c.failures(Reason::Expired);
                 let delivered = c.delivered.load(Ordering::Relaxed);
                 w.samples.push_back(Sample {
@@ -274,30 +253,32 @@ impl Guard {
                 // deliveries did. The second trips a campaign whose recipients pass the door
                 // but bounce at the destination within a delivery batch, instead of waiting
                 // for the failures to catch up with intake-speed acceptances.
-                let door = (
-                    last.presented.saturating_sub(first.presented),
-                    last.failed.saturating_sub(first.failed),
-                );
-                let relay = (
-                    last.attempted.saturating_sub(first.attempted),
-                    last.relay_failed.saturating_sub(first.relay_failed),
-                );
-                let ratio_of = |(total, failed): (u64, u64)| {
-                    if total == 0 {
-                        0.0
-                    } else {
-                        failed as f64 / total as f64
-                    }
-                };
+                let door = Tally {
+                    failed: last.failed,
+                    presented: last.presented,
+                }
+                .since(Tally {
+                    failed: first.failed,
+                    presented: first.presented,
+                });
+                let relay = Tally {
+                    failed: last.relay_failed,
+                    presented: last.attempted,
+                }
+                .since(Tally {
+                    failed: first.relay_failed,
+                    presented: first.attempted,
+                });
                 let qualifies =
-                    |v: (u64, u64)| v.0 >= rule.min_events && ratio_of(v) >= rule.failure_ratio;
-                let (total, df) = if !qualifies(door) && qualifies(relay) {
+                    |t: Tally| t.presented >= rule.min_events && t.ratio() >= rule.failure_ratio;
+                let window = if !qualifies(door) && qualifies(relay) {
                     relay
                 } else {
                     door
                 };
+                let (total, df) = (window.presented, window.failed);
                 let da = total.saturating_sub(df);
-                let ratio = ratio_of((total, df));
+                let ratio = window.ratio();
                 if total >= rule.min_events && ratio >= rule.failure_ratio {
                     if w.tripped || paused {
                         continue;

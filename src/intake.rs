@@ -46,6 +46,29 @@ impl Intake {
         tracing::trace!(campaign, %reason, stage = Stage::Intake.as_str(), "recipient refused");
     }
 
+    /// As [`Intake::refused`] for `count` recipients whose addresses were not kept (a
+    /// transaction holds only a few samples): counted, and in the failure log's
+    /// aggregates only.
+    pub fn refused_unlisted(&self, campaign: Option<&str>, reason: Reason, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let counted = self
+            .policy
+            .campaigns
+            .record_refusals(campaign, reason, count);
+        for _ in 0..count {
+            self.log_failure(
+                Some(&counted.name),
+                Stage::Intake,
+                reason,
+                "",
+                false,
+                || crate::smtp::reply::for_reason(reason).to_string(),
+            );
+        }
+    }
+
     fn log_failure(
         &self,
         campaign: Option<&str>,

@@ -15,7 +15,7 @@ use super::{Body, error, json, percent_decode, query_pairs, read_body};
 use crate::campaign::Campaign;
 use crate::config::{FailLogMode, duration};
 use crate::faillog::{FailLog, FailLogSettings, FailureQuery};
-use crate::guard::{self, Guard};
+use crate::guard::Guard;
 use crate::intake::Intake;
 use crate::queue::CampaignState;
 use crate::reason::Reason;
@@ -27,6 +27,8 @@ pub struct Admin {
     /// Webhook endpoints' circuit and disabled state, for operators.
     pub webhook: Option<Arc<crate::deliver::webhook::WebhookCourier>>,
     pub events: Option<crate::events::Events>,
+    /// The SMTP door's counters (connections, evictions, AUTH), for `/metrics`.
+    pub smtp: Option<Arc<crate::smtp::server::Server>>,
     pub started: std::time::Instant,
 }
 
@@ -52,13 +54,8 @@ impl CampaignView {
             .map(|r| (r.as_str(), c.failures(*r)))
             .filter(|(_, n)| *n > 0)
             .collect();
-        let failed: u64 = Reason::ALL
-            .iter()
-            .filter(|r| guard::counts_against(**r))
-            .map(|r| c.failures(*r))
-            .sum();
+        let tally = c.tally();
         let accepted = c.accepted.load(std::sync::atomic::Ordering::Relaxed);
-        let total = accepted + failed;
         CampaignView {
             name: c.name.to_string(),
             state: if c.is_paused() {
@@ -70,12 +67,8 @@ impl CampaignView {
             },
             accepted,
             delivered: c.delivered.load(std::sync::atomic::Ordering::Relaxed),
-            failed,
-            failure_ratio: if total == 0 {
-                0.0
-            } else {
-                failed as f64 / total as f64
-            },
+            failed: tally.failed,
+            failure_ratio: tally.ratio(),
             deferred: c.failures(Reason::Deferred),
             reasons,
             blocked_until_ms: c.blocked_until(),

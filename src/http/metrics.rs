@@ -43,9 +43,9 @@ pub async fn render(admin: &Admin) -> Response<Body> {
         &mut out,
         "floodgate_failures_total",
         "counter",
-        "Failed recipients by reason (intake refusals and relay failures).",
+        "Failed recipients by reason (intake refusals and relay failures; deferrals apart).",
     );
-    for reason in Reason::ALL {
+    for reason in Reason::ALL.iter().filter(|r| **r != Reason::Deferred) {
         let n: u64 = campaigns.iter().map(|c| c.failures(*reason)).sum();
         let _ = writeln!(
             out,
@@ -53,6 +53,14 @@ pub async fn render(admin: &Admin) -> Response<Body> {
             reason.as_str()
         );
     }
+    metric(
+        &mut out,
+        "floodgate_deferrals_total",
+        "counter",
+        "Delivery attempts deferred by the destination (temporary; retried).",
+    );
+    let deferred: u64 = campaigns.iter().map(|c| c.failures(Reason::Deferred)).sum();
+    let _ = writeln!(out, "floodgate_deferrals_total {deferred}");
     metric(
         &mut out,
         "floodgate_campaign_failures_total",
@@ -297,6 +305,9 @@ pub async fn render(admin: &Admin) -> Response<Body> {
         "floodgate_alerts_total {}",
         g.alerts.load(Ordering::Relaxed)
     );
+    if let Some(smtp) = &admin.smtp {
+        smtp.write_metrics(&mut out);
+    }
     super::text(StatusCode::OK, "text/plain; version=0.0.4", out)
 }
 

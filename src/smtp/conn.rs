@@ -1,6 +1,8 @@
 //! Drives one SMTP connection: reads command lines within the 1000-octet limit, answers
 //! pipelined commands in one write, receives DATA within the size limit, upgrades to
-//! TLS, and enforces idle and data timeouts.
+//! TLS, and holds every wait to its deadline (see `limits`): a whole command line, a DATA
+//! transfer at the minimum rate, the session's lifetime, shorter under stress, and an
+//! eviction when the connection table needs the slot.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,11 +13,17 @@ use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver};
 use smtp_proto::{Error as ParseError, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::authgate::AuthGate;
+use super::limits::{Deadline, Limits};
+use super::line;
 use super::reply::{self, Reply, fixed};
 use super::session::{Action, Session};
+use super::stress::Slot;
 use crate::intake::Intake;
 use crate::reason::Reason;
 
@@ -28,14 +36,58 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 enum LineError {
     TooLong,
     Timeout,
+    Lifetime,
+    Evicted,
     Shutdown,
     Closed,
+}
+
+impl LineError {
+    /// The reply before closing, if the client is still there to read one.
+    fn farewell(&self) -> Option<Reply> {
+        match self {
+            LineError::Timeout => Some(fixed::TIMEOUT),
+            LineError::Lifetime => Some(fixed::LIFETIME),
+            LineError::Evicted => Some(fixed::EVICTED),
+            LineError::Shutdown => Some(fixed::SHUTDOWN),
+            LineError::TooLong | LineError::Closed => None,
+        }
+    }
 }
 
 /// How a plain-text drive ended.
 enum Exit {
     Close,
     StartTls,
+}
+
+/// What every wait of one session answers to besides the socket.
+struct Watch {
+    slot: Slot,
+    stress: watch::Receiver<u64>,
+    limits: Limits,
+}
+
+impl Watch {
+    /// Resolves when the deadline passes (re-judged whenever stress starts or ends), or
+    /// the session is evicted.
+    async fn expire(&mut self, deadline: Deadline) -> LineError {
+        loop {
+            let at = deadline.at(self.slot.stressed());
+            tokio::select! {
+                () = tokio::time::sleep_until(at) => {
+                    return if at >= self.limits.end { LineError::Lifetime } else { LineError::Timeout };
+                }
+                changed = self.stress.changed() => {
+                    if changed.is_err() {
+                        // The table is gone (never while a slot lives): keep the deadline.
+                        tokio::time::sleep_until(at).await;
+                    }
+                }
+                () = self.slot.evict.cancelled() => return LineError::Evicted,
+            }
+        }
+    }
 }
 
 struct Conn<S> {
@@ -62,39 +114,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     /// Reads more input. Replies gathered so far go out first: a pipelining client gets
-    /// one write for its whole batch of commands.
+    /// one write for its whole batch of commands. A client that does not read its
+    /// replies is held to the same deadline.
     async fn fill(
         &mut self,
-        timeout: Duration,
+        watch: &mut Watch,
+        deadline: Deadline,
         shutdown: Option<&CancellationToken>,
     ) -> Result<(), LineError> {
-        self.flush().await.map_err(|_| LineError::Closed)?;
-        self.buf.reserve(READ_CHUNK);
-        let read = tokio::time::timeout(timeout, self.stream.read_buf(&mut self.buf));
-        let result = match shutdown {
-            Some(token) => tokio::select! {
-                r = read => r,
-                () = token.cancelled() => return Err(LineError::Shutdown),
-            },
-            None => read.await,
+        let never = CancellationToken::new();
+        let shutdown = shutdown.unwrap_or(&never);
+        let Conn { stream, buf, out } = self;
+        buf.reserve(READ_CHUNK);
+        let io = async {
+            if !out.is_empty() {
+                stream.write_all(out).await?;
+                out.clear();
+            }
+            stream.flush().await?;
+            stream.read_buf(buf).await
         };
-        match result {
-            Err(_) => Err(LineError::Timeout),
-            Ok(Ok(0)) | Ok(Err(_)) => Err(LineError::Closed),
-            Ok(Ok(_)) => Ok(()),
+        tokio::select! {
+            r = io => match r {
+                Ok(0) | Err(_) => Err(LineError::Closed),
+                Ok(_) => Ok(()),
+            },
+            e = watch.expire(deadline) => Err(e),
+            () = shutdown.cancelled() => Err(LineError::Shutdown),
         }
     }
 
-    /// The next line, CRLF included. A line over the limit is skipped to its end without
-    /// being buffered and reported as `TooLong`.
+    /// The next line, CRLF included, complete within one deadline. A line over the
+    /// limit is skipped to its end without being buffered and reported as `TooLong`.
     async fn next_line(
         &mut self,
-        timeout: Duration,
-        shutdown: &CancellationToken,
+        watch: &mut Watch,
+        shutdown: Option<&CancellationToken>,
     ) -> Result<BytesMut, LineError> {
+        let deadline = watch.limits.command(Instant::now());
         loop {
             if let Some(pos) = memchr(&self.buf) {
                 let line = self.buf.split_to(pos + 1);
+                watch.slot.activity.touch();
                 return if line.len() > MAX_LINE {
                     Err(LineError::TooLong)
                 } else {
@@ -104,7 +165,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             if self.buf.len() > MAX_LINE {
                 self.buf.clear();
                 loop {
-                    self.fill(timeout, None).await?;
+                    self.fill(watch, deadline, None).await?;
                     if let Some(pos) = memchr(&self.buf) {
                         self.buf.advance(pos + 1);
                         return Err(LineError::TooLong);
@@ -112,7 +173,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     self.buf.clear();
                 }
             }
-            self.fill(timeout, Some(shutdown)).await?;
+            self.fill(watch, deadline, shutdown).await?;
         }
     }
 
@@ -121,8 +182,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn read_data(
         &mut self,
         max: usize,
-        timeout: Duration,
+        watch: &mut Watch,
     ) -> Result<Option<Vec<u8>>, LineError> {
+        let start = Instant::now();
+        let (mut received, mut progress_mark) = (0u64, 0u64);
         let mut receiver = DataReceiver::new();
         let mut body = Vec::with_capacity(max.min(64 * 1024));
         // The receiver only recognises a dot that follows CRLF; seeding it with one lets
@@ -138,6 +201,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 };
                 let consumed = self.buf.len() - bytes.as_slice().len();
                 self.buf.advance(consumed);
+                received += consumed as u64;
+                // A second's worth at the minimum rate counts as progress: a dribbling
+                // client never earns it, so it stays the first to be evicted.
+                if received - progress_mark >= watch.limits.min_rate() {
+                    progress_mark = received;
+                    watch.slot.activity.touch();
+                }
                 if discard.is_none() && body.len() > max + 2 {
                     discard = Some(DummyDataReceiver::new_data(&receiver));
                     body = Vec::new();
@@ -150,7 +220,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     return Ok(Some(body));
                 }
             }
-            self.fill(timeout, None).await?;
+            let deadline = watch.limits.data(start, received);
+            self.fill(watch, deadline, None).await?;
         }
     }
 }
@@ -159,53 +230,94 @@ fn memchr(buf: &[u8]) -> Option<usize> {
     buf.iter().position(|&b| b == b'\n')
 }
 
+/// How long a farewell reply may take to leave: the client may not be reading.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a session needs from the listener.
+pub struct Context {
+    pub intake: Arc<Intake>,
+    pub tls: Option<TlsAcceptor>,
+    pub auth: Arc<AuthGate>,
+    pub slot: Slot,
+    pub shutdown: CancellationToken,
+}
+
 /// Serves one accepted connection to its end.
-pub async fn serve(
-    intake: Arc<Intake>,
-    tls: Option<TlsAcceptor>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(ctx: Context, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let mut session = Session::new(intake, peer, tls.is_some());
+    let Context {
+        intake,
+        tls,
+        auth,
+        slot,
+        shutdown,
+    } = ctx;
+    let mut session = Session::new(intake, peer, tls.is_some(), auth);
+    let mut watch = Watch {
+        stress: slot.watch(),
+        limits: Limits::new(&session.config().smtp, Instant::now()),
+        slot,
+    };
     let mut conn = Conn::new(stream);
     session.greeting().write_to(&mut conn.out);
-    if let Exit::Close = drive(&mut session, &mut conn, &shutdown).await {
+    if let Exit::Close = drive(&mut session, &mut conn, &mut watch, &shutdown).await {
         return;
     }
     let Some(acceptor) = tls else { return };
-    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(conn.stream)).await;
-    let stream = match handshake {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => return,
+    let deadline = watch.limits.command(Instant::now());
+    let deadline = Deadline {
+        normal: deadline.normal.min(Instant::now() + TLS_HANDSHAKE_TIMEOUT),
+        ..deadline
+    };
+    let stream = tokio::select! {
+        r = acceptor.accept(conn.stream) => match r {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+        },
+        _ = watch.expire(deadline) => return,
     };
     session.tls_started();
     let mut conn = Conn::new(stream);
-    drive(&mut session, &mut conn, &shutdown).await;
+    drive(&mut session, &mut conn, &mut watch, &shutdown).await;
+}
+
+/// Replies, then closes: the transaction in progress (if any) ends first, so that its
+/// held refusals are counted before the client can see the reply.
+async fn close<S: AsyncRead + AsyncWrite + Unpin>(
+    session: &mut Session,
+    conn: &mut Conn<S>,
+    reply: Option<Reply>,
+) -> Exit {
+    session.end_transaction();
+    if let Some(r) = reply {
+        r.write_to(&mut conn.out);
+    }
+    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, conn.flush()).await;
+    Exit::Close
 }
 
 async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     session: &mut Session,
     conn: &mut Conn<S>,
+    watch: &mut Watch,
     shutdown: &CancellationToken,
 ) -> Exit {
-    let idle = session.config().smtp.idle_timeout.0;
-    let data_timeout = session.config().smtp.data_timeout.0;
     loop {
-        let action = match conn.next_line(idle, shutdown).await {
-            Ok(line) if session.in_auth() => {
-                session.auth_line(&String::from_utf8_lossy(&line)).await
-            }
+        // An open transaction may finish within the grace period; an idle session is
+        // told at its next command wait.
+        let idle = !session.in_transaction();
+        if idle && shutdown.is_cancelled() {
+            return close(session, conn, Some(fixed::SHUTDOWN)).await;
+        }
+        let line = conn.next_line(watch, idle.then_some(shutdown)).await;
+        let action = match line {
+            Ok(line) if session.in_auth() => session.auth_line(&line).await,
             Ok(line) => command(session, &line).await,
             Err(LineError::TooLong) => session.bad_command(fixed::LINE_TOO_LONG),
-            Err(LineError::Timeout) => Action::Close(fixed::TIMEOUT),
-            Err(LineError::Shutdown) => Action::Close(fixed::SHUTDOWN),
-            Err(LineError::Closed) => return Exit::Close,
+            Err(e) => return close(session, conn, e.farewell()).await,
         };
         match action {
             Action::Reply(r) => r.write_to(&mut conn.out),
@@ -214,14 +326,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 conn.out
                     .extend_from_slice(format!("334 {text}\r\n").as_bytes());
             }
-            Action::Close(r) => {
-                r.write_to(&mut conn.out);
-                let _ = conn.flush().await;
-                return Exit::Close;
-            }
+            Action::Close(r) => return close(session, conn, Some(r)).await,
             Action::StartTls => {
                 fixed::START_TLS.write_to(&mut conn.out);
-                if conn.flush().await.is_err() {
+                let sent = tokio::time::timeout(FAREWELL_TIMEOUT, conn.flush()).await;
+                if !matches!(sent, Ok(Ok(()))) {
                     return Exit::Close;
                 }
                 // Anything pipelined after STARTTLS was sent in clear text and must not be
@@ -232,17 +341,9 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             Action::StartData => {
                 conn.out
                     .extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
-                let body = match conn
-                    .read_data(session.max_message_size(), data_timeout)
-                    .await
-                {
+                let body = match conn.read_data(session.max_message_size(), watch).await {
                     Ok(body) => body,
-                    Err(LineError::Timeout) => {
-                        fixed::TIMEOUT.write_to(&mut conn.out);
-                        let _ = conn.flush().await;
-                        return Exit::Close;
-                    }
-                    Err(_) => return Exit::Close,
+                    Err(e) => return close(session, conn, e.farewell()).await,
                 };
                 session.data_done(body).await.write_to(&mut conn.out);
             }
@@ -252,6 +353,9 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Parses one command line and hands it to the session.
 async fn command(session: &mut Session, line: &[u8]) -> Action {
+    if line::text(line).is_err() {
+        return session.bad_command(line::refusal(line));
+    }
     match Request::parse(&mut line.iter()) {
         Ok(request) => session.handle(request).await,
         Err(e) => parse_error(session, e, line),
@@ -265,7 +369,8 @@ fn parse_error(session: &mut Session, error: ParseError, line: &[u8]) -> Action 
         // A recipient the parser cannot even read is a malformed recipient, counted like
         // any other, not a protocol error that would end the session.
         ParseError::InvalidRecipientAddress => {
-            session.refuse_unparsed_rcpt(&String::from_utf8_lossy(line));
+            // The bytes were checked above: this is clean UTF-8 without NUL, CR or LF.
+            session.refuse_unparsed_rcpt(line::text(line).unwrap_or_default());
             Action::Reply(reply::for_reason(Reason::MalformedAddress))
         }
         ParseError::ResponseTooLong => session.bad_command(fixed::LINE_TOO_LONG),

@@ -2,11 +2,16 @@
 //! the replies it speaks.
 
 pub mod auth;
+pub mod authgate;
 pub mod conn;
+pub mod limits;
+pub mod line;
 pub mod message;
+pub mod refusals;
 pub mod reply;
 pub mod server;
 pub mod session;
+pub mod stress;
 pub mod tls;
 
 pub use reply::Reply;

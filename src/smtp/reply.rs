@@ -169,6 +169,38 @@ pub mod fixed {
     pub const TIMEOUT: Reply = Reply::new(421, [4, 4, 2], "Timeout, closing connection");
     pub const SHUTDOWN: Reply =
         Reply::new(421, [4, 3, 2], "Service shutting down, try again later");
+    pub const BAD_BYTES: Reply = Reply::new(
+        501,
+        [5, 5, 2],
+        "Invalid bytes in command (NUL, bare CR/LF or invalid UTF-8)",
+    );
+    pub const BAD_SENDER_BYTES: Reply = Reply::new(
+        501,
+        [5, 1, 7],
+        "Sender address holds invalid bytes (NUL or invalid UTF-8)",
+    );
+    pub const BAD_RECIPIENT_BYTES: Reply = Reply::new(
+        501,
+        [5, 1, 3],
+        "Recipient address holds invalid bytes (NUL or invalid UTF-8)",
+    );
+    pub const BAD_HELO: Reply = Reply::new(
+        501,
+        [5, 5, 4],
+        "EHLO/HELO needs a domain name or an address literal",
+    );
+    pub const AUTH_BUSY: Reply = Reply::new(
+        454,
+        [4, 7, 0],
+        "Too many authentication attempts, try again later",
+    );
+    pub const EVICTED: Reply = Reply::new(
+        421,
+        [4, 7, 0],
+        "Connection table full, closing an idle session",
+    );
+    pub const LIFETIME: Reply =
+        Reply::new(421, [4, 4, 2], "Session lifetime over, closing connection");
     pub const BARE_LF: Reply = Reply::new(500, [5, 5, 2], "Bare LF or CR in data is not allowed");
 }
 

@@ -1,9 +1,10 @@
-//! The SMTP listener: accepts connections within the total and per-client limits and
-//! hands each to its own task; on shutdown stops accepting and lets sessions drain.
+//! The SMTP listener: accepts connections within the total and per-client limits (making
+//! room by evicting the idlest session when the table is full) and hands each to its own
+//! task; on shutdown stops accepting and lets sessions drain.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use arc_swap::ArcSwapOption;
 use tokio::net::{TcpListener, TcpStream};
@@ -11,58 +12,17 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::authgate::AuthGate;
 use super::conn;
 use super::reply::fixed;
+use super::stress::{Caps, Table};
 use crate::intake::Intake;
-
-/// Open connections, in total and per client address.
-#[derive(Default)]
-pub struct Connections {
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// Releases a connection's slot when the session ends, however it ends.
-struct Slot {
-    connections: Arc<Connections>,
-    ip: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut map = self.connections.per_ip.lock().expect("connections lock");
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
-}
-
-impl Connections {
-    pub fn total(&self) -> usize {
-        self.per_ip.lock().expect("connections lock").values().sum()
-    }
-
-    fn try_take(self: &Arc<Self>, ip: IpAddr, max_total: usize, max_per_ip: usize) -> Option<Slot> {
-        let mut map = self.per_ip.lock().expect("connections lock");
-        let total: usize = map.values().sum();
-        let mine = map.get(&ip).copied().unwrap_or(0);
-        if total >= max_total || mine >= max_per_ip {
-            return None;
-        }
-        *map.entry(ip).or_insert(0) += 1;
-        Some(Slot {
-            connections: self.clone(),
-            ip,
-        })
-    }
-}
 
 pub struct Server {
     pub intake: Arc<Intake>,
     pub tls: Arc<ArcSwapOption<TlsAcceptor>>,
-    pub connections: Arc<Connections>,
+    pub connections: Arc<Table>,
+    pub auth: Arc<AuthGate>,
     /// Sessions stop at their next command wait.
     pub shutdown: CancellationToken,
     /// Sessions still running after the grace period are dropped.
@@ -92,26 +52,62 @@ impl Server {
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
         let config = self.intake.config.load();
         let ip = peer.ip().to_canonical();
-        let Some(slot) = self.connections.try_take(
-            ip,
-            config.smtp.max_connections,
-            config.smtp.max_connections_per_ip,
-        ) else {
+        let caps = Caps {
+            max_total: config.smtp.max_connections,
+            max_per_ip: config.smtp.max_connections_per_ip,
+            stress_threshold: config.smtp.stress_threshold,
+        };
+        let Some(slot) = self.connections.try_take(ip, caps) else {
             tracing::info!(%peer, "connection refused: limit reached");
             self.tracker
                 .spawn(conn::refuse(stream, fixed::TOO_MANY_CONNECTIONS));
             return;
         };
-        let intake = self.intake.clone();
-        let tls = self.tls.load_full().map(|t| (*t).clone());
-        let shutdown = self.shutdown.clone();
+        let ctx = conn::Context {
+            intake: self.intake.clone(),
+            tls: self.tls.load_full().map(|t| (*t).clone()),
+            auth: self.auth.clone(),
+            slot,
+            shutdown: self.shutdown.clone(),
+        };
         let abort = self.abort.clone();
         self.tracker.spawn(async move {
-            let _slot = slot;
             tokio::select! {
-                () = conn::serve(intake, tls, stream, peer, shutdown) => {}
+                () = conn::serve(ctx, stream, peer) => {}
                 () = abort.cancelled() => tracing::info!(%peer, "session dropped at shutdown"),
             }
         });
+    }
+
+    /// Appends the SMTP door's series (connections, evictions, AUTH) to `/metrics`.
+    pub fn write_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let t = &self.connections;
+        for (name, kind, help, value) in [
+            (
+                "floodgate_smtp_connections",
+                "gauge",
+                "SMTP sessions open now.",
+                t.total() as u64,
+            ),
+            (
+                "floodgate_smtp_connections_refused_total",
+                "counter",
+                "SMTP connections refused: table or address share full, nobody idle to evict.",
+                t.stats.refused.load(Ordering::Relaxed),
+            ),
+            (
+                "floodgate_smtp_sessions_evicted_total",
+                "counter",
+                "Idle SMTP sessions closed to admit a new client.",
+                t.stats.evicted.load(Ordering::Relaxed),
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        self.auth.write_metrics(out);
     }
 }

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, MailFrom, RcptTo, Request};
 
 use super::auth::{self, Progress, Step};
-use super::message;
+use super::authgate::{AuthGate, Verdict};
+use super::refusals::Held;
 use super::reply::{self, Reply, fixed};
+use super::{line, message};
 use crate::address::Mailbox;
 use crate::config::Config;
 use crate::intake::Intake;
@@ -39,6 +41,8 @@ struct Envelope {
     /// The campaign known before DATA (AUTH user or sender), for attributing refusals.
     campaign: Option<String>,
     recipients: Vec<Mailbox>,
+    /// RCPT refusals, counted once the campaign is final.
+    held: Held,
 }
 
 pub struct Session {
@@ -54,11 +58,17 @@ pub struct Session {
     trusted_network: bool,
     envelope: Option<Envelope>,
     auth_step: Option<Step>,
+    auth: Arc<AuthGate>,
     bad_commands: u32,
 }
 
 impl Session {
-    pub fn new(intake: Arc<Intake>, peer: SocketAddr, tls_available: bool) -> Session {
+    pub fn new(
+        intake: Arc<Intake>,
+        peer: SocketAddr,
+        tls_available: bool,
+        auth: Arc<AuthGate>,
+    ) -> Session {
         let config = intake.config.load_full();
         let trusted_network = Policy::trusted(&config, peer.ip());
         Session {
@@ -73,6 +83,7 @@ impl Session {
             trusted_network,
             envelope: None,
             auth_step: None,
+            auth,
             bad_commands: 0,
         }
     }
@@ -91,6 +102,19 @@ impl Session {
 
     pub fn in_auth(&self) -> bool {
         self.auth_step.is_some()
+    }
+
+    /// Whether a transaction is open (after MAIL): at shutdown it may finish.
+    pub fn in_transaction(&self) -> bool {
+        self.envelope.is_some()
+    }
+
+    /// Ends the transaction in progress without DATA (RSET, EHLO, QUIT, close, timeout):
+    /// its held refusals count against the campaign known before DATA.
+    pub fn end_transaction(&mut self) {
+        if let Some(e) = self.envelope.take() {
+            e.held.account(&self.intake, e.campaign.as_deref());
+        }
     }
 
     pub fn max_message_size(&self) -> usize {
@@ -118,11 +142,14 @@ impl Session {
             Request::Rcpt { to } => self.rcpt(to).await,
             Request::Data => self.data(),
             Request::Rset => {
-                self.envelope = None;
+                self.end_transaction();
                 Action::Reply(fixed::RESET)
             }
             Request::Noop { .. } => Action::Reply(fixed::OK),
-            Request::Quit => Action::Close(fixed::BYE),
+            Request::Quit => {
+                self.end_transaction();
+                Action::Close(fixed::BYE)
+            }
             Request::Vrfy { .. } => Action::Reply(fixed::VRFY),
             Request::Help { .. } => Action::Reply(fixed::HELP),
             Request::StartTls => self.starttls(),
@@ -135,9 +162,12 @@ impl Session {
     }
 
     fn ehlo(&mut self, host: &str, esmtp: bool) -> Action {
+        if !line::valid_helo(host) {
+            return self.bad_command(fixed::BAD_HELO);
+        }
+        self.end_transaction();
         self.helo = Some(host.to_owned());
         self.esmtp = esmtp;
-        self.envelope = None;
         if !esmtp {
             let text = format!("{} Hello {host}", self.config.server.hostname);
             return Action::Reply(Reply::owned(250, [0, 0, 0], text));
@@ -193,6 +223,7 @@ impl Session {
             sender,
             campaign,
             recipients: Vec::new(),
+            held: Held::default(),
         });
         Action::Reply(fixed::SENDER_OK)
     }
@@ -230,18 +261,21 @@ impl Session {
                 Action::Reply(fixed::RCPT_OK)
             }
             Err(reason) => {
-                self.intake
-                    .refused(campaign.as_deref(), reason, &to.address);
+                let envelope = self.envelope.as_mut().expect("checked above");
+                envelope.held.push(reason, &to.address);
                 Action::Reply(reply::for_reason(reason))
             }
         }
     }
 
     /// Counts a RCPT whose address could not even be parsed.
-    pub fn refuse_unparsed_rcpt(&self, line: &str) {
-        let campaign = self.envelope.as_ref().and_then(|e| e.campaign.as_deref());
-        self.intake
-            .refused(campaign, Reason::MalformedAddress, line.trim_end());
+    pub fn refuse_unparsed_rcpt(&mut self, line: &str) {
+        match &mut self.envelope {
+            Some(e) => e.held.push(Reason::MalformedAddress, line.trim_end()),
+            None => self
+                .intake
+                .refused(None, Reason::MalformedAddress, line.trim_end()),
+        }
     }
 
     fn data(&mut self) -> Action {
@@ -255,10 +289,12 @@ impl Session {
     /// The message body arrived whole (dot-unstuffed) or was too big (`None`): queue it
     /// and answer only once it is durable.
     pub async fn data_done(&mut self, body: Option<Vec<u8>>) -> Reply {
-        let Some(envelope) = self.envelope.take() else {
+        let Some(mut envelope) = self.envelope.take() else {
             return fixed::BAD_SEQUENCE_MAIL;
         };
+        let held = std::mem::take(&mut envelope.held);
         let Some(body) = body else {
+            held.account(&self.intake, envelope.campaign.as_deref());
             return self.refuse_all(
                 &envelope,
                 envelope.campaign.as_deref(),
@@ -276,6 +312,7 @@ impl Session {
             }
         };
         let campaign = self.campaign_after_data(&envelope, &body);
+        held.account(&self.intake, campaign.as_deref());
         if let Err(reason) = self.intake.policy.check_open(campaign.as_deref()) {
             return self.refuse_all(&envelope, campaign.as_deref(), reason);
         }
@@ -343,7 +380,7 @@ impl Session {
         self.tls = true;
         self.helo = None;
         self.esmtp = false;
-        self.envelope = None;
+        self.end_transaction();
         self.user = None;
     }
 
@@ -371,12 +408,16 @@ impl Session {
         self.progress(auth::start(plain, initial)).await
     }
 
-    /// A client line while an AUTH exchange is under way.
-    pub async fn auth_line(&mut self, line: &str) -> Action {
+    /// A client line while an AUTH exchange is under way. Bytes that are not clean
+    /// UTF-8 end the exchange: they are never decoded lossily into credentials.
+    pub async fn auth_line(&mut self, bytes: &[u8]) -> Action {
         let Some(step) = self.auth_step.take() else {
             return Action::Reply(fixed::UNKNOWN);
         };
-        self.progress(auth::advance(step, line)).await
+        match line::text(bytes) {
+            Ok(text) => self.progress(auth::advance(step, text)).await,
+            Err(_) => self.bad_command(fixed::BAD_BYTES),
+        }
     }
 
     async fn progress(&mut self, progress: Progress) -> Action {
@@ -388,19 +429,17 @@ impl Session {
             Progress::Cancelled => Action::Reply(fixed::AUTH_CANCELLED),
             Progress::Malformed => self.bad_command(fixed::SYNTAX),
             Progress::Credentials { user, password } => {
-                let users = self.config.smtp.users.clone();
-                let name = user.clone();
-                let ok =
-                    tokio::task::spawn_blocking(move || auth::verify(&users, &name, &password))
-                        .await
-                        .unwrap_or(false);
-                if ok {
-                    tracing::info!(peer = %self.peer, %user, "authenticated");
-                    self.user = Some(user);
-                    Action::Reply(fixed::AUTH_OK)
-                } else {
-                    tracing::warn!(peer = %self.peer, %user, "authentication failed");
-                    self.bad_command(fixed::AUTH_FAILED)
+                let users = Arc::new(self.config.smtp.users.clone());
+                let ip = self.peer.ip().to_canonical();
+                match self.auth.verify(ip, users, user.clone(), password).await {
+                    Verdict::Accepted => {
+                        tracing::info!(peer = %self.peer, %user, "authenticated");
+                        self.user = Some(user);
+                        Action::Reply(fixed::AUTH_OK)
+                    }
+                    // Logged in aggregate by the gate, not one line per failure.
+                    Verdict::Refused => self.bad_command(fixed::AUTH_FAILED),
+                    Verdict::Limited | Verdict::Busy => self.bad_command(fixed::AUTH_BUSY),
                 }
             }
         }
@@ -433,5 +472,13 @@ impl Session {
             }
         }
         .filter(|c| !c.is_empty())
+    }
+}
+
+impl Drop for Session {
+    /// A connection that ends mid-transaction (closed, timed out, dropped at shutdown)
+    /// still owes its held refusals to a campaign.
+    fn drop(&mut self) {
+        self.end_transaction();
     }
 }

@@ -137,6 +137,19 @@ impl Smtp {
         c
     }
 
+    /// As [`Smtp::connect_raw`], from the loopback address `source` (`127.0.0.2`, ...):
+    /// tests that need many client addresses use the whole of 127.0.0.0/8.
+    pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> std::io::Result<Smtp> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let stream = socket.connect(addr).await?;
+        let (r, w) = stream.into_split();
+        Ok(Smtp {
+            reader: TokioBufReader::new(r),
+            writer: w,
+        })
+    }
+
     pub async fn connect_raw(addr: SocketAddr) -> Smtp {
         let stream = TcpStream::connect(addr)
             .await
@@ -146,6 +159,32 @@ impl Smtp {
             reader: TokioBufReader::new(r),
             writer: w,
         }
+    }
+
+    /// Half-closes: the server sees the end of input after what was sent.
+    pub async fn finish(&mut self) {
+        let _ = self.writer.shutdown().await;
+    }
+
+    /// Every reply until the server closes (or `limit` passes), one entry per line.
+    pub async fn replies_until_close(&mut self, limit: Duration) -> Vec<String> {
+        let mut lines = Vec::new();
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let mut line = Vec::new();
+                match self.reader.read_until(b'\n', &mut line).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => lines.push(String::from_utf8_lossy(&line).trim_end().to_owned()),
+                }
+            }
+        })
+        .await;
+        lines
+    }
+
+    /// As [`Smtp::send`], for clients that expect to be cut off.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes).await
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
@@ -402,4 +441,13 @@ pub async fn admin(
     let (status, text) = http(addr, method, path, Some(TOKEN), body).await;
     assert_eq!(status, 200, "{method} {path}: {text}");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text}"))
+}
+
+/// One series' value from the admin `/metrics` page (`name` with its labels, as written).
+pub async fn metric(admin_addr: SocketAddr, name: &str) -> f64 {
+    let (status, text) = http(admin_addr, "GET", "/metrics", Some(TOKEN), None).await;
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {name} in /metrics"))
 }
