@@ -11,10 +11,12 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub mod delivery;
+pub mod diff;
 pub mod duration;
 pub mod events;
 pub mod faillog;
 pub mod route;
+pub mod token;
 
 pub use delivery::{DeliveryConfig, Rate};
 pub use duration::Dur;
@@ -41,7 +43,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -68,7 +70,7 @@ pub struct Config {
     pub routes: Vec<Route>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Name used in the SMTP greeting, EHLO reply and `Received:` headers.
@@ -86,7 +88,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SmtpConfig {
     pub listen: Vec<SocketAddr>,
@@ -137,14 +139,14 @@ impl Default for SmtpConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert: toml::Spanned<PathBuf>,
     pub key: toml::Spanned<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -152,7 +154,7 @@ pub struct UserConfig {
     pub password_hash: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: Option<SocketAddr>,
@@ -174,7 +176,7 @@ impl Default for HttpConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyConfig {
     pub name: String,
@@ -186,7 +188,7 @@ pub struct ApiKeyConfig {
     pub rate: Option<Rate>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
@@ -211,7 +213,7 @@ pub enum Synchronous {
     Normal,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     pub dir: PathBuf,
@@ -222,6 +224,9 @@ pub struct QueueConfig {
     pub max_size_mb: u64,
     /// How long a claimed recipient stays leased to a courier before it is due again.
     pub lease: Dur,
+    /// Finished (delivered or failed) recipients, and messages with none left, are
+    /// deleted this long after they finished; lifetime totals are kept in counters.
+    pub retention: Dur,
 }
 
 impl Default for QueueConfig {
@@ -232,11 +237,12 @@ impl Default for QueueConfig {
             max_batch: 1024,
             max_size_mb: 0,
             lease: Dur::secs(600),
+            retention: Dur::secs(7 * 86_400),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Nameservers as `ip:port`; empty means the system resolver (/etc/resolv.conf).
@@ -378,18 +384,25 @@ impl Config {
                 ));
             }
         }
-        if self.admin.listen.is_some() && self.admin.token.len() < 16 {
-            return Err(invalid(
-                "admin.token",
-                None,
-                "must be at least 16 characters while [admin] listen is set".into(),
-            ));
+        // No token: one is generated into the state directory at start (see `token`).
+        if let Some(why) = (!self.admin.token.is_empty())
+            .then(|| token::refusal(&self.admin.token))
+            .flatten()
+        {
+            return Err(invalid("admin.token", None, why));
         }
         if self.queue.max_batch == 0 {
             return Err(invalid(
                 "queue.max_batch",
                 None,
                 "must be at least 1".into(),
+            ));
+        }
+        if self.queue.retention.0.is_zero() {
+            return Err(invalid(
+                "queue.retention",
+                None,
+                "must be above 0 (e.g. \"7d\")".into(),
             ));
         }
         if self.dns.attempts == 0 || self.dns.timeout.0.is_zero() {
@@ -443,28 +456,6 @@ impl Config {
         Ok(())
     }
 
-    /// The settings that changed between `self` and `new` but only take effect after a
-    /// restart (listeners, queue location). SIGHUP applies everything else.
-    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        if self.smtp.listen != new.smtp.listen {
-            changed.push("smtp.listen");
-        }
-        if self.http.listen != new.http.listen {
-            changed.push("http.listen");
-        }
-        if self.admin.listen != new.admin.listen {
-            changed.push("admin.listen");
-        }
-        if self.queue.dir != new.queue.dir {
-            changed.push("queue.dir");
-        }
-        if self.queue.synchronous != new.queue.synchronous {
-            changed.push("queue.synchronous");
-        }
-        changed
-    }
-
     /// The route for a recipient domain, with its index in `routes`.
     pub fn route_for(&self, domain: &str) -> Option<&Route> {
         route::find(&self.routes, domain).map(|(_, r)| r)
@@ -507,7 +498,7 @@ mod tests {
         Config::parse(text, Path::new("/etc/floodgate/test.toml"))
     }
 
-    const TOKEN: &str = "[admin]\ntoken = \"0123456789abcdef\"\n";
+    const TOKEN: &str = "[admin]\ntoken = \"0123456789abcdef01234567\"\n";
 
     #[test]
     fn empty_file_gets_defaults() {
@@ -552,11 +543,15 @@ mod tests {
     }
 
     #[test]
-    fn short_admin_token_is_refused() {
-        let err = parse("[admin]\ntoken = \"short\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("admin.token"), "{err}");
+    fn short_or_placeholder_admin_token_is_refused() {
+        for bad in ["short", "0123456789abcdef", token::PLACEHOLDER] {
+            let err = parse(&format!("[admin]\ntoken = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("admin.token"), "{err}");
+        }
+        // No token at all is fine: one is generated at start.
+        assert!(parse("[admin]\nlisten = \"127.0.0.1:8026\"\n").is_ok());
     }
 
     #[test]

@@ -20,3 +20,4 @@ pub mod queue;
 pub mod reason;
 pub mod scheduler;
 pub mod smtp;
+pub mod supervise;
