@@ -233,14 +233,7 @@ impl App {
             events,
             events_task: Some(events_task),
             background,
-            server: Arc::new(Server {
-                intake: intake.clone(),
-                tls: Arc::new(ArcSwapOption::from(tls.map(Arc::new))),
-                connections: Arc::new(Connections::default()),
-                shutdown: CancellationToken::new(),
-                abort: CancellationToken::new(),
-                tracker: TaskTracker::new(),
-            }),
+            server: smtp_server(intake.clone(), tls),
             intake,
             supervisor,
             injected_resolver,
@@ -422,6 +415,17 @@ impl App {
         }
         tracing::info!("stopped");
     }
+}
+
+fn smtp_server(intake: Arc<Intake>, tls: Option<TlsAcceptor>) -> Arc<Server> {
+    Arc::new(Server {
+        intake,
+        tls: Arc::new(ArcSwapOption::from(tls.map(Arc::new))),
+        connections: Arc::new(Connections::default()),
+        shutdown: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    })
 }
 
 async fn load_campaigns(queue: &Queue) -> Result<Arc<Campaigns>, AppError> {
