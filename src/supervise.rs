@@ -198,10 +198,8 @@ impl Supervisor {
     /// Aborts every task named `name`.
     pub fn abort(&self, name: &str) {
         for e in self.inner.entries.lock().expect("supervisor lock").iter() {
-            if e.name == name {
-                if let Some(a) = &e.abort {
-                    a.abort();
-                }
+            if let (true, Some(a)) = (e.name == name, &e.abort) {
+                a.abort();
             }
         }
     }

@@ -1,5 +1,6 @@
 //! The durable queue in `<[queue] dir>/queue.db`: types, and the API the rest of the
-//! daemon uses. SQL lives in `store`, the group commit in `writer`.
+//! daemon uses. SQL lives in `store` (changes), `status` (reads behind metrics) and
+//! `retention` (deleting finished rows); the group commit in `writer`.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
