@@ -164,8 +164,27 @@ async fn delivery_can_be_switched_on_and_off_by_reload() {
     let applied = s.reload("", &relay(Some(port), "", ""));
     assert_eq!(applied, ["delivery.enabled", "delivery.command_timeout"]);
     sink.wait_for(1, WAIT).await;
-    let msg = s.t.app.queue().message(&first).await.unwrap().unwrap();
-    assert_eq!(msg.recipients[0].state, RecipientState::Delivered);
+    // The outcome is recorded just after the sink's reply: wait for it, so that the
+    // scheduler stopped below has nothing left in flight.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while s
+        .t
+        .app
+        .queue()
+        .message(&first)
+        .await
+        .unwrap()
+        .unwrap()
+        .recipients[0]
+        .state
+        != RecipientState::Delivered
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never recorded as delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Off: the scheduler stops (and is not counted as a death).
     s.reload("", &relay(None, "", &routes));
     assert!(
