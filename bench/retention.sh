@@ -25,6 +25,7 @@ Usage: bench/retention.sh [options]
       --sessions N   SMTP sessions of the loadgen          (env SESSIONS, default 16)
       --retention D  Floodgate [queue] retention           (env RETENTION, default 1m)
       --scrapes N    /metrics scrapes timed at the end      (env SCRAPES, default 50)
+      --debug        use the debug build (target/debug): figures are then upper bounds
       --no-build     do not build first
       --keep         keep the temporary directory
   -h, --help         this text
@@ -38,6 +39,7 @@ RETENTION=${RETENTION:-1m}
 SCRAPES=${SCRAPES:-50}
 BUILD=1
 KEEP=0
+PROFILE=release
 while [[ $# -gt 0 ]]; do
     case $1 in
         -m|--messages) MESSAGES=$2; shift 2 ;;
@@ -45,6 +47,7 @@ while [[ $# -gt 0 ]]; do
         --sessions) SESSIONS=$2; shift 2 ;;
         --retention) RETENTION=$2; shift 2 ;;
         --scrapes) SCRAPES=$2; shift 2 ;;
+        --debug) PROFILE=debug; shift ;;
         --no-build) BUILD=0; shift ;;
         --keep) KEEP=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -62,11 +65,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 need_root
 for c in dnsmasq sqlite3 curl python3; do command -v "$c" >/dev/null || die "$c not found"; done
 if [[ $BUILD -eq 1 ]]; then
-    log "cargo build --release --bin floodgate --example loadgen"
-    (cd "$REPO" && cargo build --release --quiet --bin floodgate --example loadgen)
+    flag=--release; [[ $PROFILE == debug ]] && flag=
+    log "cargo build $flag --bin floodgate --example loadgen"
+    # shellcheck disable=SC2086
+    (cd "$REPO" && cargo build $flag --quiet --bin floodgate --example loadgen)
 fi
-FLOODGATE=$REPO/target/release/floodgate
-LOADGEN=$REPO/target/release/examples/loadgen
+FLOODGATE=$REPO/target/$PROFILE/floodgate
+LOADGEN=$REPO/target/$PROFILE/examples/loadgen
 [[ -x $FLOODGATE && -x $LOADGEN ]] || die "build first (floodgate and examples/loadgen)"
 log "machine: $NPROC x $CPU_MODEL; 4 KiB O_DSYNC write: $(dsync_ms) ms"
 
@@ -147,14 +152,14 @@ done
 curl -s -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$admin/metrics" >"$dir/metrics"
 rows=$(sqlite3 -readonly "$db" "SELECT (SELECT COUNT(*) FROM messages) || ' messages, ' || (SELECT COUNT(*) FROM recipients) || ' recipients'")
 stop_pid "$FG_PID"
-python3 - "$dir/loadgen.json" "$dir/scrapes" "$dir/metrics" "$max" "$s" "$rows" "$MESSAGES" "$RATE" "$RETENTION" <<'EOF'
+python3 - "$dir/loadgen.json" "$dir/scrapes" "$dir/metrics" "$max" "$s" "$rows" "$MESSAGES" "$RATE" "$RETENTION" "$PROFILE" <<'EOF'
 import json, statistics, sys
 lg = json.load(open(sys.argv[1]))
 times = sorted(float(t) * 1000 for t in open(sys.argv[2]) if t.strip())
-metrics = {l.split(" ")[0]: l.split(" ")[1] for l in open(sys.argv[3]) if l.startswith("floodgate_queue_")}
+metrics = dict(l.split() for l in open(sys.argv[3]) if l.startswith("floodgate_queue_"))
 mb = lambda b: int(b) / 1024 / 1024
 v = lg["valid"]
-print(f"messages offered {sys.argv[7]} at {sys.argv[8]}/s, retention {sys.argv[9]}")
+print(f"messages offered {sys.argv[7]} at {sys.argv[8]}/s, retention {sys.argv[9]}, build {sys.argv[10]}")
 print(f"acknowledged {v['sent_acked']}, received by the sink {v['received']} "
       f"(lost {v['sent_acked'] - v['received_of_acked']}, duplicates {v['duplicates']}), "
       f"achieved {v['rate_achieved']:.0f} msg/s")
