@@ -44,8 +44,14 @@ impl App {
                 .iter()
                 .any(|k| k == prefix || k.starts_with(&format!("{prefix}.")))
         };
-        if changed("dns") && !self.injected_resolver {
-            self.intake.policy.dns.reconfigure(hickory(&new)?, &new.dns);
+        if changed("dns") {
+            // An injected resolver (tests) stays; its cache and TTL bounds still change.
+            let resolver = if self.injected_resolver {
+                self.intake.policy.dns.resolver()
+            } else {
+                hickory(&new)?
+            };
+            self.intake.policy.dns.reconfigure(resolver, &new.dns);
         }
         // Nothing can fail from here on: apply.
         self.server.tls.store(tls.map(Arc::new));
