@@ -342,21 +342,40 @@ pub fn apply(conn: &Connection, updates: &[(i64, Update)], now_ms: i64) -> Resul
                 (RecipientState::Failed, now_ms, reply, Some(reason))
             }
         };
-        let old: Option<i64> = before.query_row([id], |r| r.get(0)).optional()?;
+        let Some(old) = before
+            .query_row([id], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(RecipientState::from_i64)
+        else {
+            continue;
+        };
+        if !supersedes(old, state) {
+            continue;
+        }
         let message: Option<i64> = stmt
             .query_row(
                 params![id, state.as_i64(), next, reply, reason, now_ms],
                 |r| r.get(0),
             )
             .optional()?;
-        if let Some(old) = old {
-            totals.leave(RecipientState::from_i64(old));
-            totals.enter(state);
-        }
+        totals.leave(old);
+        totals.enter(state);
         messages.extend(message);
     }
     totals.save(conn)?;
     free_bodies(conn, messages)
+}
+
+/// Whether an attempt's outcome may replace a recipient's current state. A finished
+/// recipient never goes back to waiting: one purged while its delivery was under way
+/// must not be rescheduled by that delivery's 451. Only a delivery that did happen
+/// overrides an earlier failure (a purge, or an expired lease's duplicate attempt).
+fn supersedes(current: RecipientState, next: RecipientState) -> bool {
+    match current {
+        RecipientState::Scheduled | RecipientState::Held => true,
+        RecipientState::Failed => next == RecipientState::Delivered,
+        RecipientState::Delivered => false,
+    }
 }
 
 /// Changes to the lifetime totals of finished recipients within one operation.
@@ -560,4 +579,51 @@ pub fn remember_response(
     conn.prepare_cached("INSERT OR REPLACE INTO idempotency (key, status, body, created_at) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![key, response.0, response.1, now_ms])?;
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{NewRecipient, QueueId, Source, status};
+
+    #[test]
+    fn a_purged_recipient_stays_purged_when_its_delivery_reports_late() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer(&dir.path().join("queue.db"), Synchronous::Normal, 0).unwrap();
+        let msg = NewMessage {
+            queue_id: QueueId::generate(1),
+            sender: "a@client.test".into(),
+            campaign: Some("c".into()),
+            source: Source::Smtp,
+            client: "test".into(),
+            body: b"x".to_vec(),
+            recipients: vec![NewRecipient {
+                address: "u@mx.test".into(),
+                domain: "mx.test".into(),
+            }],
+        };
+        insert_message(&conn, &msg, 0).unwrap();
+        let claimed = claim(&conn, 0, 1000, 10, &[], &[]).unwrap();
+        assert_eq!(purge_batch(&conn, "c", 10, 1).unwrap(), 1);
+        // The courier's 451 for the purged recipient arrives after the purge.
+        let retry = Update::Retry {
+            next_attempt: 10,
+            reply: "451 4.3.0 later".into(),
+        };
+        apply(&conn, &[(claimed[0].id, retry)], 2).unwrap();
+        assert_eq!(
+            status::live_by_state(&conn).unwrap(),
+            vec![],
+            "nothing waits again"
+        );
+        assert_eq!(status::totals(&conn).unwrap().failed, 1);
+        // A delivery that did happen is recorded as such, and counted once.
+        let delivered = Update::Delivered {
+            reply: "250 ok".into(),
+        };
+        apply(&conn, &[(claimed[0].id, delivered.clone())], 3).unwrap();
+        apply(&conn, &[(claimed[0].id, delivered)], 4).unwrap();
+        let t = status::totals(&conn).unwrap();
+        assert_eq!((t.delivered, t.failed), (1, 0));
+    }
 }
