@@ -3,8 +3,7 @@
 //! it, passing their own resolver and clock.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -15,12 +14,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::campaign::Campaigns;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, TlsConfig};
+use crate::config::{Config, TlsConfig, token};
 use crate::deliver::smtp::SmtpCourier;
 use crate::deliver::webhook::WebhookCourier;
 use crate::dns::{Hickory, MailDns, Resolver};
 use crate::events::{Events, EventsTask, Reporting};
-use crate::faillog::{FailLog, FailLogError, FailLogSettings};
+use crate::faillog::{FailLog, FailLogError};
 use crate::guard::Guard;
 use crate::http::admin::Admin;
 use crate::intake::Intake;
@@ -29,6 +28,11 @@ use crate::queue::{Queue, QueueError};
 use crate::scheduler::{Couriers, Scheduler};
 use crate::smtp::server::Server;
 use crate::smtp::tls::{self, TlsError};
+use crate::supervise::{Supervisor, Unhealthy};
+
+mod reload;
+
+pub use reload::Reloaded;
 
 /// Most distinct campaigns tracked in memory before the rest share one bucket.
 const MAX_CAMPAIGNS: usize = 10_000;
@@ -48,6 +52,8 @@ pub enum AppError {
     Tls(#[from] TlsError),
     #[error("DNS resolver: {0}")]
     Dns(String),
+    #[error("admin token: {0}")]
+    Token(#[from] token::TokenError),
 }
 
 /// What the daemon takes from outside; tests pass their own.
@@ -76,15 +82,23 @@ pub struct App {
     pub webhook: Arc<WebhookCourier>,
     pub events: Events,
     events_task: Option<EventsTask>,
-    faillog_thread: Option<JoinHandle<()>>,
     background: CancellationToken,
     pub intake: Arc<Intake>,
     server: Arc<Server>,
-    tracker: TaskTracker,
-    writer: Option<JoinHandle<()>>,
+    supervisor: Supervisor,
     injected_resolver: bool,
-    scheduler: Option<(Arc<Scheduler>, tokio::task::JoinHandle<()>)>,
+    dns: Arc<MailDns>,
+    /// The running scheduler; `None` while `[delivery] enabled = false`.
+    scheduler: Mutex<Option<Arc<Scheduler>>>,
 }
+
+/// Supervised task names (see [`Supervisor`]).
+const SCHEDULER: &str = "scheduler";
+const QUEUE_WRITER: &str = "queue writer";
+const FAILLOG_WRITER: &str = "failure log writer";
+const SMTP_LISTENER: &str = "smtp listener";
+const HTTP_LISTENER: &str = "http listener";
+const ADMIN_LISTENER: &str = "admin listener";
 
 /// Checks what `check-config` can check beyond parsing: TLS material loads.
 pub fn preflight(config: &Config) -> Result<(), AppError> {
@@ -109,42 +123,71 @@ fn hickory(config: &Config) -> Result<Arc<dyn Resolver>, AppError> {
         .map_err(|e| AppError::Dns(e.to_string()))
 }
 
+/// With no `[admin] token`, the one in the state directory (generated at first start).
+fn admin_token(config: &Config) -> Result<String, AppError> {
+    if !config.admin.token.is_empty() || config.admin.listen.is_none() {
+        return Ok(config.admin.token.clone());
+    }
+    let (token, created) = token::load_or_create(&config.queue.dir)?;
+    let path = token::path(&config.queue.dir);
+    if created {
+        tracing::info!(path = %path.display(), "generated an admin token (`floodgate ctl` reads it from there)");
+    } else {
+        tracing::info!(path = %path.display(), "admin token read from the state directory");
+    }
+    Ok(token)
+}
+
+/// Every listener, bound before anything is served so that a taken port fails start-up.
+struct Listeners {
+    smtp: Vec<TcpListener>,
+    http: Option<TcpListener>,
+    admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    async fn bind(config: &Config) -> Result<Listeners, AppError> {
+        let mut smtp = Vec::new();
+        for addr in &config.smtp.listen {
+            smtp.push(bind(*addr).await?);
+        }
+        let http = match config.http.listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let admin = match config.admin.listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok(Listeners { smtp, http, admin })
+    }
+}
+
 impl App {
     /// Opens the queue, binds every listener and starts serving. When this returns the
     /// daemon is ready (the moment to tell systemd).
-    pub async fn start(config: Config, deps: Deps) -> Result<App, AppError> {
+    pub async fn start(mut config: Config, deps: Deps) -> Result<App, AppError> {
         let tls = load_tls(config.smtp.tls.as_ref())?;
         let injected_resolver = deps.resolver.is_some();
         let resolver = match deps.resolver {
             Some(r) => r,
             None => hickory(&config)?,
         };
+        config.admin.token = admin_token(&config)?;
+        let supervisor = Supervisor::new();
         let (queue, writer) = Queue::open(&config.queue, deps.clock.clone())?;
+        supervisor.watch_thread(QUEUE_WRITER, writer);
         let (faillog, faillog_thread) =
             FailLog::open(&config.failures_db(), &config.faillog, deps.clock.clone())?;
-        let mut listeners = Vec::new();
-        for addr in &config.smtp.listen {
-            let listener = bind(*addr).await?;
-            listeners.push(listener);
-        }
-        let smtp_addrs: Vec<SocketAddr> = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect();
-        let http_listener = match config.http.listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        };
-        let admin_listener = match config.admin.listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        };
+        supervisor.watch_thread(FAILLOG_WRITER, faillog_thread);
+        let listeners = Listeners::bind(&config).await?;
         let dns = Arc::new(MailDns::new(resolver, &config.dns));
-        let campaigns = Arc::new(Campaigns::new(MAX_CAMPAIGNS));
-        for state in queue.load_campaigns().await? {
-            let c = campaigns.get(Some(&state.name));
-            c.set_paused(state.paused);
-            c.block_until(state.blocked_until);
+        let campaigns = load_campaigns(&queue).await?;
+        // This daemon is the queue's only user: what an earlier process had in flight is
+        // due again. Once, here, never when a reload starts the scheduler again.
+        match queue.release_leases().await? {
+            0 => {}
+            n => tracing::info!(recipients = n, "released leases of an earlier run"),
         }
         let delivery_enabled = config.delivery.enabled;
         let intake = Arc::new(Intake {
@@ -166,101 +209,154 @@ impl App {
             queue.clone(),
             Some(faillog.clone()),
         ));
-        tokio::spawn(guard.clone().run(background.clone()));
+        supervisor.spawn(
+            "guard",
+            guard.clone().run(background.clone(), supervisor.clone()),
+        );
+        supervisor.spawn(
+            "queue retention",
+            retention_task(queue, intake.config.clone(), background.clone()),
+        );
         let (events, events_task) = Events::start(
             intake.config.clone(),
-            campaigns.clone(),
+            campaigns,
             intake.clock.clone(),
+            &supervisor,
         );
-        let webhook = Arc::new(WebhookCourier::new(intake.clock.clone()));
-        let scheduler = delivery_enabled.then(|| {
-            let couriers = Couriers {
-                smtp: Arc::new(SmtpCourier::new(intake.config.clone(), dns)),
-                webhook: Some(webhook.clone()),
-            };
-            let sink = Arc::new(Reporting {
-                inner: intake.clone(),
-                events: events.clone(),
-            });
-            let scheduler = Arc::new(Scheduler::new(
-                queue,
-                intake.config.clone(),
-                campaigns,
-                couriers,
-                sink,
-                intake.wake.clone(),
-            ));
-            let task = tokio::spawn(scheduler.clone().run());
-            (scheduler, task)
-        });
-        let tracker = TaskTracker::new();
-        let server = Arc::new(Server {
-            intake: intake.clone(),
-            tls: Arc::new(ArcSwapOption::from(tls.map(Arc::new))),
-            connections: Arc::default(),
-            auth: Arc::new(crate::smtp::authgate::AuthGate::new(
-                &intake.config.load().smtp,
-                intake.clock.clone(),
-            )),
-            shutdown: CancellationToken::new(),
-            abort: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-        });
-        tokio::spawn(server.auth.clone().run(background.clone()));
-        for (listener, addr) in listeners.into_iter().zip(&smtp_addrs) {
-            tracing::info!(%addr, "smtp listening");
-            tracker.spawn(server.clone().run(listener));
-        }
-        let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
-        if let Some(listener) = http_listener {
-            let api = Arc::new(crate::http::api::Api::new(intake.clone()));
-            tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "http listening");
-            tracker.spawn(crate::http::serve(
-                listener,
-                move |req| api.clone().handle(req),
-                server.shutdown.clone(),
-                // With the SMTP sessions: shutdown waits for requests in flight within
-                // `shutdown_grace`, so a committed message gets its 202.
-                crate::http::Drain::new(server.tracker.clone(), server.abort.clone()),
-            ));
-        }
-        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
-        if let Some(listener) = admin_listener {
-            let admin = Arc::new(Admin {
-                intake: intake.clone(),
-                faillog: Some(faillog.clone()),
-                guard: guard.clone(),
-                webhook: Some(webhook.clone()),
-                events: Some(events.clone()),
-                smtp: Some(server.clone()),
-                started: std::time::Instant::now(),
-            });
-            tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listening");
-            tracker.spawn(crate::http::serve(
-                listener,
-                move |req| admin.clone().handle(req),
-                background.clone(),
-                TaskTracker::new(),
-            ));
-        }
-        Ok(App {
-            smtp_addrs,
-            http_addr,
-            admin_addr,
+        let mut app = App {
+            smtp_addrs: Vec::new(),
+            http_addr: None,
+            admin_addr: None,
             faillog,
             guard,
-            webhook,
+            webhook: Arc::new(WebhookCourier::new(intake.clock.clone())),
             events,
             events_task: Some(events_task),
-            faillog_thread: Some(faillog_thread),
             background,
+            server: smtp_server(intake.clone(), tls),
             intake,
-            server,
-            tracker,
-            writer: Some(writer),
+            supervisor,
             injected_resolver,
-            scheduler,
-        })
+            dns,
+            scheduler: Mutex::default(),
+        };
+        if delivery_enabled {
+            app.start_scheduler();
+        }
+        app.serve(listeners);
+        Ok(app)
+    }
+
+    /// Starts the accept loops, each supervised.
+    fn serve(&mut self, listeners: Listeners) {
+        self.supervisor.spawn(
+            "smtp auth limiter",
+            self.server.auth.clone().run(self.background.clone()),
+        );
+        for listener in listeners.smtp {
+            let Ok(addr) = listener.local_addr() else {
+                continue;
+            };
+            tracing::info!(%addr, "smtp listening");
+            self.smtp_addrs.push(addr);
+            self.supervisor
+                .spawn(SMTP_LISTENER, self.server.clone().run(listener));
+        }
+        if let Some(listener) = listeners.http {
+            self.http_addr = listener.local_addr().ok();
+            let api = Arc::new(crate::http::api::Api::new(self.intake.clone()));
+            tracing::info!(addr = %self.http_addr.map(|a| a.to_string()).unwrap_or_default(), "http listening");
+            self.supervisor.spawn(
+                HTTP_LISTENER,
+                crate::http::serve(
+                    listener,
+                    move |req| api.clone().handle(req),
+                    self.server.shutdown.clone(),
+                    // With the SMTP sessions: shutdown waits for requests in flight within
+                    // `shutdown_grace`, so a committed message gets its 202.
+                    crate::http::Drain::new(
+                        self.server.tracker.clone(),
+                        self.server.abort.clone(),
+                    ),
+                ),
+            );
+        }
+        if let Some(listener) = listeners.admin {
+            self.admin_addr = listener.local_addr().ok();
+            let admin = Arc::new(Admin {
+                intake: self.intake.clone(),
+                faillog: Some(self.faillog.clone()),
+                guard: self.guard.clone(),
+                webhook: Some(self.webhook.clone()),
+                events: Some(self.events.clone()),
+                supervisor: self.supervisor.clone(),
+                smtp: Some(self.server.clone()),
+                started: std::time::Instant::now(),
+            });
+            tracing::info!(addr = %self.admin_addr.map(|a| a.to_string()).unwrap_or_default(), "admin listening");
+            self.supervisor.spawn(
+                ADMIN_LISTENER,
+                crate::http::serve(
+                    listener,
+                    move |req| admin.clone().handle(req),
+                    self.background.clone(),
+                    TaskTracker::new(),
+                ),
+            );
+        }
+    }
+
+    /// Starts a scheduler (at start, or when a reload turns delivery on).
+    fn start_scheduler(&self) {
+        let mut running = self.scheduler.lock().expect("scheduler lock");
+        if running.is_some() {
+            return;
+        }
+        let intake = &self.intake;
+        let couriers = Couriers {
+            smtp: Arc::new(SmtpCourier::new(intake.config.clone(), self.dns.clone())),
+            webhook: Some(self.webhook.clone()),
+        };
+        let sink = Arc::new(Reporting {
+            inner: intake.clone(),
+            events: self.events.clone(),
+        });
+        let scheduler = Arc::new(Scheduler::new(
+            intake.queue.clone(),
+            intake.config.clone(),
+            intake.campaigns().clone(),
+            couriers,
+            sink,
+            intake.wake.clone(),
+        ));
+        self.supervisor.spawn(SCHEDULER, scheduler.clone().run());
+        *running = Some(scheduler);
+    }
+
+    /// Stops claiming (a reload turned delivery off); deliveries under way finish and
+    /// record their outcomes.
+    fn stop_scheduler(&self) {
+        if let Some(scheduler) = self.scheduler.lock().expect("scheduler lock").take() {
+            self.supervisor.retire(SCHEDULER);
+            scheduler.stop();
+        }
+    }
+
+    /// The running scheduler, if delivery is on.
+    fn running_scheduler(&self) -> Option<Arc<Scheduler>> {
+        self.scheduler.lock().expect("scheduler lock").clone()
+    }
+
+    /// The supervisor of the daemon's long-running tasks; parts started later (and
+    /// tests) spawn theirs through it.
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    /// What `/readyz` and the systemd watchdog ask: every supervised task alive and the
+    /// queue writer committing within `limit`.
+    pub async fn health(&self, limit: Duration) -> Result<(), Unhealthy> {
+        self.supervisor.check(self.queue(), limit).await
     }
 
     pub fn queue(&self) -> &Queue {
@@ -276,96 +372,17 @@ impl App {
         self.intake.wake.notify_one();
     }
 
-    /// Applies a new config live (SIGHUP). Returns what changed; settings that need a
-    /// restart are named and left as they were. On error nothing changes.
-    pub fn reload(&self, mut new: Config) -> Result<Vec<String>, AppError> {
-        let old = self.intake.config.load_full();
-        let tls = load_tls(new.smtp.tls.as_ref())?;
-        let mut changed = Vec::new();
-        for key in old.restart_only_changes(&new) {
-            tracing::warn!(
-                key,
-                "changed in the config file but needs a restart; keeping the old value"
-            );
-        }
-        // Keep the settings that only a restart can change, so the live config always
-        // describes what is actually running.
-        new.smtp.listen = old.smtp.listen.clone();
-        new.smtp.auth_workers = old.smtp.auth_workers;
-        new.smtp.auth_queue = old.smtp.auth_queue;
-        new.smtp.auth_fail_burst = old.smtp.auth_fail_burst;
-        new.smtp.auth_fail_interval = old.smtp.auth_fail_interval;
-        new.http.listen = old.http.listen;
-        new.admin.listen = old.admin.listen;
-        new.queue.dir = old.queue.dir.clone();
-        new.queue.synchronous = old.queue.synchronous;
-        if format!("{:?}", old.dns) != format!("{:?}", new.dns) {
-            if !self.injected_resolver {
-                self.intake.policy.dns.reconfigure(hickory(&new)?, &new.dns);
-            }
-            changed.push("dns".to_owned());
-        }
-        if format!("{:?}", old.smtp.tls) != format!("{:?}", new.smtp.tls) {
-            changed.push("smtp.tls".to_owned());
-        }
-        self.server.tls.store(tls.map(Arc::new));
-        if format!("{:?}", old.faillog) != format!("{:?}", new.faillog) {
-            self.faillog
-                .set_settings(FailLogSettings::from(&new.faillog));
-            changed.push("faillog".to_owned());
-        }
-        for (name, a, b) in [
-            (
-                "server",
-                format!("{:?}", old.server),
-                format!("{:?}", new.server),
-            ),
-            ("smtp", format!("{:?}", old.smtp), format!("{:?}", new.smtp)),
-            (
-                "queue",
-                format!("{:?}", old.queue),
-                format!("{:?}", new.queue),
-            ),
-            (
-                "delivery",
-                format!("{:?}", old.delivery),
-                format!("{:?}", new.delivery),
-            ),
-            (
-                "route",
-                format!("{:?}", old.routes),
-                format!("{:?}", new.routes),
-            ),
-            (
-                "admin",
-                format!("{:?}", old.admin),
-                format!("{:?}", new.admin),
-            ),
-            (
-                "events",
-                format!("{:?}", old.events),
-                format!("{:?}", new.events),
-            ),
-        ] {
-            if a != b && !changed.iter().any(|c| c.starts_with(name)) {
-                changed.push(name.to_owned());
-            }
-        }
-        if self.webhook.enable_all() > 0 {
-            changed.push("webhook endpoints re-enabled".to_owned());
-        }
-        self.intake.config.store(Arc::new(new));
-        Ok(changed)
-    }
-
     /// Stops accepting, lets sessions finish for up to `[server] shutdown_grace`, drops
     /// the rest, and waits for the queue writer to commit what it holds.
     pub async fn shutdown(mut self) {
         let grace: Duration = self.intake.config.load().server.shutdown_grace.0;
+        let supervisor = self.supervisor.clone();
+        supervisor.stopping();
         self.server.shutdown.cancel();
         self.background.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
+        for listener in [SMTP_LISTENER, HTTP_LISTENER, ADMIN_LISTENER] {
+            supervisor.join(listener, Duration::MAX).await;
+        }
         self.server.tracker.close();
         if tokio::time::timeout(grace, self.server.tracker.wait())
             .await
@@ -378,48 +395,66 @@ impl App {
             self.server.abort.cancel();
             self.server.tracker.wait().await;
         }
-        if let Some((scheduler, mut task)) = self.scheduler.take() {
+        if let Some(scheduler) = self.scheduler.get_mut().expect("scheduler lock").take() {
             scheduler.stop();
-            // Deliveries under way get the grace period to record their outcomes; the
-            // rest stay leased and are retried after restart.
-            tokio::select! {
-                _ = &mut task => {}
-                () = tokio::time::sleep(grace) => {
-                    tracing::warn!("deliveries still under way at shutdown; they will be retried");
-                    task.abort();
-                }
-            }
+        }
+        // Deliveries under way get the grace period to record their outcomes; the rest
+        // stay leased and are retried after restart.
+        if !supervisor.join(SCHEDULER, grace).await {
+            tracing::warn!("deliveries still under way at shutdown; they will be retried");
+            supervisor.abort(SCHEDULER);
         }
         if let Some(events) = self.events_task.take() {
             // After the scheduler: the last outcomes recorded are in the final batch.
             events.close(Duration::from_secs(5)).await;
         }
-        let writer = self.writer.take();
-        let faillog_thread = self.faillog_thread.take();
         self.faillog.close();
         drop(self);
-        if let Some(handle) = faillog_thread {
-            // The failure log flushes its last aggregates before it exits.
-            let join = tokio::task::spawn_blocking(move || handle.join());
-            if tokio::time::timeout(Duration::from_secs(5), join)
-                .await
-                .is_err()
-            {
-                tracing::warn!("failure log writer did not finish its last flush in time");
-            }
+        // The failure log flushes its last aggregates before it exits.
+        if !supervisor
+            .join(FAILLOG_WRITER, Duration::from_secs(5))
+            .await
+        {
+            tracing::warn!("failure log writer did not finish its last flush in time");
         }
-        if let Some(handle) = writer {
-            // The writer ends once the last queue handle is gone, after its final commit.
-            // A delivery stuck past the grace period may still hold a handle; everything
-            // acknowledged is already committed, so do not wait on it forever.
-            let join = tokio::task::spawn_blocking(move || handle.join());
-            if tokio::time::timeout(Duration::from_secs(5), join)
-                .await
-                .is_err()
-            {
-                tracing::warn!("queue writer still held by a delivery; exiting without joining it");
-            }
+        // The writer ends once the last queue handle is gone, after its final commit. A
+        // delivery stuck past the grace period may still hold a handle; everything
+        // acknowledged is already committed, so do not wait on it forever.
+        if !supervisor.join(QUEUE_WRITER, Duration::from_secs(5)).await {
+            tracing::warn!("queue writer still held by a delivery; exiting without joining it");
         }
         tracing::info!("stopped");
+    }
+}
+
+fn smtp_server(intake: Arc<Intake>, tls: Option<TlsAcceptor>) -> Arc<Server> {
+    let auth = Arc::new(crate::smtp::authgate::AuthGate::new(
+        &intake.config.load().smtp,
+        intake.clock.clone(),
+    ));
+    Arc::new(Server {
+        intake,
+        tls: Arc::new(ArcSwapOption::from(tls.map(Arc::new))),
+        connections: Arc::default(),
+        auth,
+        shutdown: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    })
+}
+
+async fn load_campaigns(queue: &Queue) -> Result<Arc<Campaigns>, AppError> {
+    let campaigns = Arc::new(Campaigns::new(MAX_CAMPAIGNS));
+    for state in queue.load_campaigns().await? {
+        let c = campaigns.get(Some(&state.name));
+        c.set_paused(state.paused);
+        c.block_until(state.blocked_until);
+    }
+    Ok(campaigns)
+}
+
+async fn retention_task(queue: Queue, config: Arc<ArcSwap<Config>>, shutdown: CancellationToken) {
+    if let Err(e) = crate::queue::retention::run(queue, config, shutdown).await {
+        tracing::error!(error = %e, "queue retention stopped");
     }
 }

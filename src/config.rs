@@ -11,11 +11,13 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub mod delivery;
+pub mod diff;
 pub mod dkim;
 pub mod duration;
 pub mod events;
 pub mod faillog;
 pub mod route;
+pub mod token;
 
 pub use delivery::{DeliveryConfig, Rate};
 pub use dkim::{DkimAlgorithm, DkimConfig};
@@ -43,7 +45,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -72,7 +74,7 @@ pub struct Config {
     pub dkim: Vec<DkimConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Name used in the SMTP greeting, EHLO reply and `Received:` headers.
@@ -90,7 +92,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SmtpConfig {
     pub listen: Vec<SocketAddr>,
@@ -169,14 +171,14 @@ impl Default for SmtpConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert: toml::Spanned<PathBuf>,
     pub key: toml::Spanned<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -184,7 +186,7 @@ pub struct UserConfig {
     pub password_hash: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: Option<SocketAddr>,
@@ -206,7 +208,7 @@ impl Default for HttpConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyConfig {
     pub name: String,
@@ -218,7 +220,7 @@ pub struct ApiKeyConfig {
     pub rate: Option<Rate>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
@@ -243,7 +245,7 @@ pub enum Synchronous {
     Normal,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     pub dir: PathBuf,
@@ -254,6 +256,9 @@ pub struct QueueConfig {
     pub max_size_mb: u64,
     /// How long a claimed recipient stays leased to a courier before it is due again.
     pub lease: Dur,
+    /// Finished (delivered or failed) recipients, and messages with none left, are
+    /// deleted this long after they finished; lifetime totals are kept in counters.
+    pub retention: Dur,
 }
 
 impl Default for QueueConfig {
@@ -264,11 +269,12 @@ impl Default for QueueConfig {
             max_batch: 1024,
             max_size_mb: 0,
             lease: Dur::secs(600),
+            retention: Dur::secs(7 * 86_400),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Nameservers as `ip:port`; empty means the system resolver (/etc/resolv.conf).
@@ -437,18 +443,25 @@ impl Config {
                 ));
             }
         }
-        if self.admin.listen.is_some() && self.admin.token.len() < 16 {
-            return Err(invalid(
-                "admin.token",
-                None,
-                "must be at least 16 characters while [admin] listen is set".into(),
-            ));
+        // No token: one is generated into the state directory at start (see `token`).
+        if let Some(why) = (!self.admin.token.is_empty())
+            .then(|| token::refusal(&self.admin.token))
+            .flatten()
+        {
+            return Err(invalid("admin.token", None, why));
         }
         if self.queue.max_batch == 0 {
             return Err(invalid(
                 "queue.max_batch",
                 None,
                 "must be at least 1".into(),
+            ));
+        }
+        if self.queue.retention.0.is_zero() {
+            return Err(invalid(
+                "queue.retention",
+                None,
+                "must be above 0 (e.g. \"7d\")".into(),
             ));
         }
         if self.dns.attempts == 0 || self.dns.timeout.0.is_zero() {
@@ -507,43 +520,6 @@ impl Config {
         Ok(())
     }
 
-    /// The settings that changed between `self` and `new` but only take effect after a
-    /// restart (listeners, queue location). SIGHUP applies everything else.
-    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        if self.smtp.listen != new.smtp.listen {
-            changed.push("smtp.listen");
-        }
-        if self.http.listen != new.http.listen {
-            changed.push("http.listen");
-        }
-        if self.admin.listen != new.admin.listen {
-            changed.push("admin.listen");
-        }
-        if self.queue.dir != new.queue.dir {
-            changed.push("queue.dir");
-        }
-        if self.queue.synchronous != new.queue.synchronous {
-            changed.push("queue.synchronous");
-        }
-        // The AUTH pool and its limiter are built once, at start.
-        let (a, b) = (&self.smtp, &new.smtp);
-        if (
-            a.auth_workers,
-            a.auth_queue,
-            a.auth_fail_burst,
-            a.auth_fail_interval,
-        ) != (
-            b.auth_workers,
-            b.auth_queue,
-            b.auth_fail_burst,
-            b.auth_fail_interval,
-        ) {
-            changed.push("smtp.auth_workers / auth_queue / auth_fail_burst / auth_fail_interval");
-        }
-        changed
-    }
-
     /// The route for a recipient domain, with its index in `routes`.
     pub fn route_for(&self, domain: &str) -> Option<&Route> {
         route::find(&self.routes, domain).map(|(_, r)| r)
@@ -586,7 +562,7 @@ mod tests {
         Config::parse(text, Path::new("/etc/floodgate/test.toml"))
     }
 
-    const TOKEN: &str = "[admin]\ntoken = \"0123456789abcdef\"\n";
+    const TOKEN: &str = "[admin]\ntoken = \"0123456789abcdef01234567\"\n";
 
     #[test]
     fn empty_file_gets_defaults() {
@@ -631,11 +607,15 @@ mod tests {
     }
 
     #[test]
-    fn short_admin_token_is_refused() {
-        let err = parse("[admin]\ntoken = \"short\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("admin.token"), "{err}");
+    fn short_or_placeholder_admin_token_is_refused() {
+        for bad in ["short", "0123456789abcdef", token::PLACEHOLDER] {
+            let err = parse(&format!("[admin]\ntoken = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("admin.token"), "{err}");
+        }
+        // No token at all is fine: one is generated at start.
+        assert!(parse("[admin]\nlisten = \"127.0.0.1:8026\"\n").is_ok());
     }
 
     #[test]

@@ -29,7 +29,9 @@ Exit codes:
   4  the admin token was refused (401)
 
 The admin address and token come from --admin and --token, then FLOODGATE_ADMIN_TOKEN
-(token only), then [admin] listen and [admin] token in the --config file.";
+(token only), then [admin] listen and [admin] token in the --config file, then the token
+the daemon generated in <[queue] dir>/admin.token (a relative dir is taken from the
+current folder, as the daemon does).";
 
 #[derive(Args, Debug)]
 #[command(after_help = EXIT_CODES)]
@@ -272,6 +274,26 @@ fn confirm_purge(campaign: &str, block_for: Option<&str>) -> Result<(), CtlError
 struct ConfigFile {
     #[serde(default)]
     admin: AdminSection,
+    #[serde(default)]
+    queue: QueueSection,
+}
+
+#[derive(Deserialize)]
+struct QueueSection {
+    #[serde(default = "default_state_dir")]
+    dir: PathBuf,
+}
+
+impl Default for QueueSection {
+    fn default() -> Self {
+        QueueSection {
+            dir: default_state_dir(),
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    crate::config::QueueConfig::default().dir
 }
 
 #[derive(Deserialize, Default)]
@@ -297,12 +319,18 @@ fn connect(args: &CtlArgs) -> Result<Client, CtlError> {
             Err(_) => ConfigFile::default(),
         }
     };
-    let token = flag_token.or(file.admin.token).filter(|t| !t.is_empty());
-    let Some(token) = token else {
-        return Err(CtlError::Usage(format!(
-            "no admin token: pass --token, set {TOKEN_ENV}, or set [admin] token in {}",
-            path.display()
-        )));
+    let token = match flag_token.or(file.admin.token).filter(|t| !t.is_empty()) {
+        Some(t) => t,
+        // The daemon generated one into its state directory.
+        None => crate::config::token::read(&file.queue.dir)
+            .map_err(|e| CtlError::Usage(e.to_string()))?
+            .ok_or_else(|| {
+                CtlError::Usage(format!(
+                    "no admin token: pass --token, set {TOKEN_ENV}, set [admin] token in {}, or start the daemon once to generate {}",
+                    path.display(),
+                    crate::config::token::path(&file.queue.dir).display()
+                ))
+            })?,
     };
     let addr = match (&args.admin, file.admin.listen) {
         (Some(a), _) => a.clone(),

@@ -29,6 +29,7 @@ use crate::deliver::{FailureSink, tls};
 use crate::http::client::{HttpClient, redact};
 use crate::queue::Claimed;
 use crate::reason::Reason;
+use crate::supervise::Supervisor;
 
 /// Batches waiting per receiver while it is slow; beyond, batches are dropped.
 const BATCHES_PER_RECEIVER: usize = 16;
@@ -81,9 +82,12 @@ pub struct Events {
 
 /// The running sender; [`EventsTask::close`] flushes what is left.
 pub struct EventsTask {
-    handle: JoinHandle<()>,
+    supervisor: Supervisor,
     shutdown: CancellationToken,
 }
+
+/// The supervised name of the event sender's task.
+const TASK: &str = "event sender";
 
 impl Events {
     /// Starts the collector. `[events] max_pending` is read now; everything else is read
@@ -92,6 +96,7 @@ impl Events {
         config: Arc<ArcSwap<Config>>,
         campaigns: Arc<Campaigns>,
         clock: Arc<dyn Clock>,
+        supervisor: &Supervisor,
     ) -> (Events, EventsTask) {
         let pending = config.load().events.max_pending.max(1);
         let (tx, rx) = mpsc::channel(pending);
@@ -119,8 +124,12 @@ impl Events {
             reported_drops: 0,
             stop_retrying: CancellationToken::new(),
         };
-        let handle = tokio::spawn(collector.run(rx, shutdown.clone()));
-        (Events { shared }, EventsTask { handle, shutdown })
+        supervisor.spawn(TASK, collector.run(rx, shutdown.clone()));
+        let task = EventsTask {
+            supervisor: supervisor.clone(),
+            shutdown,
+        };
+        (Events { shared }, task)
     }
 
     /// Queues an event without waiting. Cost: one atomic load when events are off; a
@@ -155,10 +164,9 @@ impl EventsTask {
     /// `limit`.
     pub async fn close(self, limit: Duration) {
         self.shutdown.cancel();
-        let mut handle = self.handle;
-        if tokio::time::timeout(limit, &mut handle).await.is_err() {
+        if !self.supervisor.join(TASK, limit).await {
             tracing::warn!("delivery events not all sent at shutdown");
-            handle.abort();
+            self.supervisor.abort(TASK);
         }
     }
 }

@@ -19,6 +19,7 @@ use crate::faillog::FailLog;
 use crate::http::client::HttpClient;
 use crate::queue::{CampaignState, Queue};
 use crate::reason::Reason;
+use crate::supervise::Supervisor;
 
 /// Alerts kept in memory for the API and dashboard.
 const RECENT_ALERTS: usize = 100;
@@ -175,10 +176,10 @@ impl Guard {
         }
     }
 
-    /// Ticks once a second until shutdown.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Ticks once a second until shutdown; the alert sender runs beside it, supervised.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, supervisor: Supervisor) {
         if let Some(rx) = self.hook_rx.lock().expect("guard lock").take() {
-            tokio::spawn(self.clone().run_hook(rx, shutdown.clone()));
+            supervisor.spawn("alert sender", self.clone().run_hook(rx, shutdown.clone()));
         }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -389,7 +390,7 @@ mod tests {
     fn guard() -> (Guard, Arc<Campaigns>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
-            "[admin]\ntoken = \"0123456789abcdef\"\n[queue]\ndir = \"{}\"\n[guard]\nmin_events = 500\nfailure_ratio = 0.5\n",
+            "[admin]\ntoken = \"0123456789abcdef01234567\"\n[queue]\ndir = \"{}\"\n[guard]\nmin_events = 500\nfailure_ratio = 0.5\n",
             dir.path().display()
         );
         let config = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();

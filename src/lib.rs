@@ -30,3 +30,4 @@ pub mod suppression;
 pub mod template;
 pub mod unsubscribe;
 pub mod wire;
+pub mod supervise;

@@ -215,11 +215,11 @@ async fn run(path: &Path, config: Config) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => reload(&app, path),
             _ = tick.tick(), if watchdog.is_some() => {
-                // Ping only if the queue writer answers: a wedged writer means a wedged
-                // daemon, and systemd should restart it.
-                match tokio::time::timeout(Duration::from_secs(10), app.queue().ping()).await {
-                    Ok(Ok(())) => { let _ = sd_notify::notify(false, &[NotifyState::Watchdog]); }
-                    _ => tracing::error!("queue writer did not answer; withholding the watchdog ping"),
+                // Ping only while healthy: a dead task or a wedged queue writer means a
+                // broken daemon, and systemd should restart it.
+                match app.health(Duration::from_secs(10)).await {
+                    Ok(()) => { let _ = sd_notify::notify(false, &[NotifyState::Watchdog]); }
+                    Err(e) => tracing::error!(reason = %e, "unhealthy; withholding the watchdog ping"),
                 }
             }
         }
@@ -236,8 +236,14 @@ fn reload(app: &App, path: &Path) {
         .map_err(|e| e.to_string())
         .and_then(|c| app.reload(c).map_err(|e| e.to_string()))
     {
-        Ok(changed) if changed.is_empty() => tracing::info!("config reloaded: nothing changed"),
-        Ok(changed) => tracing::info!(changed = %changed.join(", "), "config reloaded"),
+        Ok(r) if r.applied.is_empty() && r.needs_restart.is_empty() => {
+            tracing::info!("config reloaded: nothing changed")
+        }
+        Ok(r) => tracing::info!(
+            changed = %r.applied.join(", "),
+            needs_restart = %r.needs_restart.join(", "),
+            "config reloaded"
+        ),
         Err(e) => tracing::error!(error = %e, "config reload refused; the running config stays"),
     }
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);

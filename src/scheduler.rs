@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::campaign::Campaigns;
-use crate::config::{Config, DeliveryConfig, Transport};
+use crate::config::{Config, DeliveryConfig, Rate, Transport};
 use crate::deliver::{Courier, Destination, FailureSink, Job, Outcome, dsn};
 use crate::queue::{Claimed, NewMessage, NewRecipient, Queue, QueueId, Source, Update};
 use crate::reason::Reason;
@@ -40,11 +40,95 @@ pub fn backoff(schedule: &[Duration], attempt: u32, jitter: f64) -> Duration {
 
 struct Lane {
     jobs: Mutex<VecDeque<Job>>,
-    limiter: DefaultDirectRateLimiter,
+    /// Replaced when a reload changes the destination's rate; `changed` wakes a lane
+    /// waiting on the old one.
+    limiter: ArcSwap<DefaultDirectRateLimiter>,
+    rate: Mutex<Rate>,
+    changed: Notify,
     concurrency: Arc<Semaphore>,
+    /// The concurrency the semaphore currently stands for.
+    concurrency_cap: AtomicUsize,
     running: Mutex<bool>,
     backlog: AtomicUsize,
-    cap: usize,
+    cap: AtomicUsize,
+}
+
+impl Lane {
+    fn new(delivery: &DeliveryConfig, key: &str) -> Lane {
+        let rate = delivery.rate_for(key);
+        Lane {
+            jobs: Mutex::default(),
+            limiter: ArcSwap::from_pointee(RateLimiter::direct(rate.quota())),
+            rate: Mutex::new(rate),
+            changed: Notify::new(),
+            concurrency: Arc::new(Semaphore::new(delivery.concurrency)),
+            concurrency_cap: AtomicUsize::new(delivery.concurrency),
+            running: Mutex::new(false),
+            backlog: AtomicUsize::new(0),
+            cap: AtomicUsize::new(backlog_cap(delivery, rate)),
+        }
+    }
+
+    /// Applies the destination's rate and concurrency from a reloaded config.
+    fn reconfigure(&self, delivery: &DeliveryConfig, key: &str) {
+        let rate = delivery.rate_for(key);
+        let mut current = self.rate.lock().expect("lane lock");
+        if *current != rate {
+            *current = rate;
+            self.limiter
+                .store(Arc::new(RateLimiter::direct(rate.quota())));
+            self.changed.notify_waiters();
+        }
+        self.cap
+            .store(backlog_cap(delivery, rate), Ordering::Relaxed);
+        resize(
+            &self.concurrency,
+            &self.concurrency_cap,
+            delivery.concurrency,
+        );
+    }
+
+    /// Waits for the lane's rate to allow one more transaction, following a reload
+    /// that swaps the limiter while it waits.
+    async fn rate_ready(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let limiter = self.limiter.load_full();
+            tokio::select! {
+                r = limiter.until_n_ready(NonZeroU32::MIN) => {
+                    r.expect("one cell fits any quota");
+                    return;
+                }
+                () = changed => {}
+            }
+        }
+    }
+}
+
+/// Enough work to keep a lane busy for about 30 s, so that nothing claimed waits anywhere
+/// near its lease.
+fn backlog_cap(delivery: &DeliveryConfig, rate: Rate) -> usize {
+    let per_sec = (rate.count as f64 / rate.per.as_secs_f64()).ceil() as usize;
+    (per_sec * 30).clamp(delivery.concurrency * 2, delivery.batch.max(1))
+}
+
+/// Makes `sem` stand for `to` permits: adds the difference, or takes it out of
+/// circulation as permits come back (transactions under way finish undisturbed).
+fn resize(sem: &Arc<Semaphore>, cap: &AtomicUsize, to: usize) {
+    let from = cap.swap(to, Ordering::AcqRel);
+    if to > from {
+        sem.add_permits(to - from);
+    } else if to < from {
+        let sem = sem.clone();
+        let n = u32::try_from(from - to).unwrap_or(u32::MAX);
+        tokio::spawn(async move {
+            if let Ok(permits) = sem.acquire_many_owned(n).await {
+                permits.forget();
+            }
+        });
+    }
 }
 
 pub struct Scheduler {
@@ -57,6 +141,7 @@ pub struct Scheduler {
     pub wake: Arc<Notify>,
     lanes: Mutex<HashMap<Destination, Arc<Lane>>>,
     global: Arc<Semaphore>,
+    global_cap: AtomicUsize,
     in_flight: AtomicUsize,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -81,6 +166,7 @@ impl Scheduler {
             wake,
             lanes: Mutex::default(),
             global: Arc::new(Semaphore::new(max)),
+            global_cap: AtomicUsize::new(max),
             in_flight: AtomicUsize::new(0),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -93,15 +179,21 @@ impl Scheduler {
         self.shutdown.cancel();
     }
 
+    /// Applies `[delivery]` rates, concurrencies and the global cap from a reloaded
+    /// config to the lanes already running; new lanes read the config when made.
+    pub fn reconfigure(&self, delivery: &DeliveryConfig) {
+        resize(&self.global, &self.global_cap, delivery.max_concurrency);
+        for (dest, lane) in self.lanes.lock().expect("lanes lock").iter() {
+            lane.reconfigure(delivery, &dest.key);
+        }
+    }
+
     /// Runs until `shutdown`, then waits for deliveries under way to record their
     /// outcomes (anything not recorded stays leased and is retried after restart).
+    /// Leases of an earlier process are released by whoever starts the daemon, once:
+    /// a scheduler started again by a reload must not free its predecessor's leases.
     pub async fn run(self: Arc<Self>) {
         let shutdown = self.shutdown.clone();
-        match self.queue.release_leases().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(recipients = n, "released leases of an earlier run"),
-            Err(e) => tracing::error!(error = %e, "cannot release old leases"),
-        }
         while !shutdown.is_cancelled() {
             let claimed = self.pass().await;
             if claimed == 0 {
@@ -185,7 +277,7 @@ impl Scheduler {
         let lanes = self.lanes.lock().expect("lanes lock");
         let mut domains = HashSet::new();
         for lane in lanes.values() {
-            if lane.backlog.load(Ordering::Relaxed) >= lane.cap {
+            if lane.backlog.load(Ordering::Relaxed) >= lane.cap.load(Ordering::Relaxed) {
                 for job in lane.jobs.lock().expect("lane lock").iter() {
                     domains.extend(job.recipients.iter().map(|r| r.domain.clone()));
                 }
@@ -198,20 +290,7 @@ impl Scheduler {
         let mut lanes = self.lanes.lock().expect("lanes lock");
         lanes
             .entry(dest.clone())
-            .or_insert_with(|| {
-                let rate = delivery.rate_for(&dest.key);
-                let per_sec = (rate.count as f64 / rate.per.as_secs_f64()).ceil() as usize;
-                Arc::new(Lane {
-                    jobs: Mutex::default(),
-                    limiter: RateLimiter::direct(rate.quota()),
-                    concurrency: Arc::new(Semaphore::new(delivery.concurrency)),
-                    running: Mutex::new(false),
-                    backlog: AtomicUsize::new(0),
-                    // Enough work to keep the lane busy for about 30 s, so nothing claimed
-                    // waits anywhere near its lease.
-                    cap: (per_sec * 30).clamp(delivery.concurrency * 2, delivery.batch.max(1)),
-                })
-            })
+            .or_insert_with(|| Arc::new(Lane::new(delivery, &dest.key)))
             .clone()
     }
 
@@ -254,10 +333,7 @@ impl Scheduler {
             let ready = async {
                 let local = lane.concurrency.clone().acquire_owned().await;
                 let global = self.global.clone().acquire_owned().await;
-                lane.limiter
-                    .until_n_ready(NonZeroU32::MIN)
-                    .await
-                    .expect("one cell fits any quota");
+                lane.rate_ready().await;
                 (local, global)
             };
             let (local, global) = tokio::select! {
@@ -281,7 +357,7 @@ impl Scheduler {
                 // A lane or the whole scheduler that was full stopped claiming; now that
                 // there is room, claim again at once rather than at the next idle tick.
                 let global_cap = this.config.load().delivery.max_concurrency * 4;
-                if backlog == lane_ref.cap || in_flight == global_cap {
+                if backlog == lane_ref.cap.load(Ordering::Relaxed) || in_flight == global_cap {
                     this.wake.notify_one();
                 }
             });

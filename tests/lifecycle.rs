@@ -33,7 +33,7 @@ fn check_config(text: &str) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
-const TOKEN: &str = "[admin]\ntoken = \"0123456789abcdef\"\n";
+const TOKEN: &str = "[admin]\ntoken = \"0123456789abcdef01234567\"\n";
 
 #[test]
 fn check_config_explains_what_is_wrong() {

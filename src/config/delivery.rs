@@ -4,7 +4,7 @@ use serde::Deserialize;
 
 use super::Dur;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
     /// Whether the scheduler runs. Off, mail is accepted and queued but not relayed.

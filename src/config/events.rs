@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use super::Dur;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsConfig {
     /// Receivers of event batches; empty turns events off.
@@ -67,7 +67,7 @@ mod tests {
 
     use crate::config::Config;
 
-    const BASE: &str = "[admin]\ntoken = \"0123456789abcdef\"\n";
+    const BASE: &str = "[admin]\ntoken = \"0123456789abcdef01234567\"\n";
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
     fn parse(extra: &str) -> Result<Config, String> {

@@ -30,7 +30,7 @@ impl FailLogMode {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FailLogConfig {
     pub mode: FailLogMode,
@@ -76,7 +76,7 @@ pub enum GuardAction {
     Pause,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuardConfig {
     pub enabled: bool,

@@ -29,7 +29,7 @@ pub enum TlsMode {
     Tls,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// `example.com` (exact), `*.example.com` (its subdomains) or `*` (every domain).

@@ -220,11 +220,16 @@ struct Shared {
     closed: AtomicBool,
     prune_requested: AtomicBool,
     counters: Counters,
+    /// The writer's batch size, flush interval and retention, read at each tick so
+    /// that a reload applies them (the channel's capacity is fixed at open).
+    config: ArcSwap<FailLogConfig>,
 }
 
 impl Shared {
-    fn new(path: PathBuf, clock: Arc<dyn Clock>, settings: FailLogSettings) -> Shared {
+    fn new(path: PathBuf, clock: Arc<dyn Clock>, config: &FailLogConfig) -> Shared {
+        let settings = FailLogSettings::from(config);
         Shared {
+            config: ArcSwap::from_pointee(config.clone()),
             path,
             clock,
             gate: ArcSwap::from_pointee(Gate::new(settings)),
@@ -269,8 +274,8 @@ impl FailLog {
         let conn = store::open_writer(path, limits.max_size_mb)?;
         let (tx, rx) = mpsc::sync_channel(config.channel_capacity.max(1));
         let settings = FailLogSettings::from(config);
-        let shared = Arc::new(Shared::new(path.to_owned(), clock, settings));
-        let writer = writer::Writer::new(conn, rx, shared.clone(), config);
+        let shared = Arc::new(Shared::new(path.to_owned(), clock, config));
+        let writer = writer::Writer::new(conn, rx, shared.clone());
         let handle = std::thread::Builder::new()
             .name("faillog-writer".into())
             .spawn(move || writer.run())
@@ -352,6 +357,18 @@ impl FailLog {
             burst = next.burst,
             "failure log settings changed"
         );
+    }
+
+    /// Applies a reloaded `[faillog]`: the switches (as [`FailLog::set_settings`]) when
+    /// they changed, and the writer's batch size, flush interval and retention from
+    /// its next tick on.
+    pub fn set_config(&self, config: &FailLogConfig) {
+        let shared = &self.inner.shared;
+        if FailLogSettings::from(config) != self.settings() {
+            self.set_settings(FailLogSettings::from(config));
+        }
+        shared.config.store(Arc::new(config.clone()));
+        let _ = self.inner.tx.try_send(Msg::Wake);
     }
 
     pub fn settings(&self) -> FailLogSettings {

@@ -79,6 +79,8 @@ pub(super) struct Writer {
     retention: Duration,
     max_rows: u64,
     stats_retention: Duration,
+    /// The config the fields above were taken from.
+    tuned: Arc<FailLogConfig>,
     rows: Vec<FailureEvent>,
     write_warn: Throttle,
     drop_warn: Throttle,
@@ -87,33 +89,51 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) fn new(
-        conn: Connection,
-        rx: Receiver<Msg>,
-        shared: Arc<Shared>,
-        config: &FailLogConfig,
-    ) -> Writer {
-        let batch_rows = config.batch_rows.max(1);
-        Writer {
+    pub(super) fn new(conn: Connection, rx: Receiver<Msg>, shared: Arc<Shared>) -> Writer {
+        let config = shared.config.load_full();
+        let mut writer = Writer {
             conn,
             rx,
             shared,
-            batch_rows,
-            // A zero interval would spin, and an absurd one would overflow `Instant`
-            // arithmetic; neither bound is anywhere near a useful tick.
-            flush_every: config
-                .flush_interval
-                .0
-                .clamp(Duration::from_millis(1), MAX_FLUSH_INTERVAL),
-            retention: config.retention.0,
-            max_rows: config.max_rows,
-            stats_retention: config.stats_retention.0,
-            rows: Vec::with_capacity(batch_rows),
+            batch_rows: 1,
+            flush_every: MAX_FLUSH_INTERVAL,
+            retention: Duration::ZERO,
+            max_rows: 0,
+            stats_retention: Duration::ZERO,
+            tuned: config.clone(),
+            rows: Vec::new(),
             write_warn: Throttle::new(),
             drop_warn: Throttle::new(),
             dropped_seen: 0,
             rate_window: VecDeque::new(),
+        };
+        writer.tune(&config);
+        writer
+    }
+
+    fn tune(&mut self, config: &FailLogConfig) {
+        self.batch_rows = config.batch_rows.max(1);
+        // A zero interval would spin, and an absurd one would overflow `Instant`
+        // arithmetic; neither bound is anywhere near a useful tick.
+        self.flush_every = config
+            .flush_interval
+            .0
+            .clamp(Duration::from_millis(1), MAX_FLUSH_INTERVAL);
+        self.retention = config.retention.0;
+        self.max_rows = config.max_rows;
+        self.stats_retention = config.stats_retention.0;
+    }
+
+    /// Picks up a reloaded config; true when the flush interval changed.
+    fn retune(&mut self) -> bool {
+        let config = self.shared.config.load_full();
+        if Arc::ptr_eq(&config, &self.tuned) {
+            return false;
         }
+        let before = self.flush_every;
+        self.tune(&config);
+        self.tuned = config;
+        before != self.flush_every
     }
 
     pub(super) fn run(mut self) {
@@ -140,6 +160,9 @@ impl Writer {
                 break;
             }
             let now = Instant::now();
+            if self.retune() {
+                next_flush = next_flush.min(now + self.flush_every);
+            }
             let prune = self.shared.prune_requested.swap(false, Ordering::AcqRel);
             if self.rows.len() >= self.batch_rows || now >= next_flush || prune {
                 self.flush();
@@ -354,23 +377,19 @@ mod tests {
     use super::*;
     use crate::clock::SystemClock;
     use crate::config::FailLogMode;
-    use crate::faillog::FailLogSettings;
     use crate::reason::{Reason, Stage};
 
     fn writer(conn: Connection) -> Writer {
-        let settings = FailLogSettings {
+        let config = FailLogConfig {
             mode: FailLogMode::Full,
             sample_rate: 1,
             rows_per_sec: 1000,
             burst: 1000,
+            ..FailLogConfig::default()
         };
-        let shared = Arc::new(Shared::new(
-            "unused".into(),
-            Arc::new(SystemClock),
-            settings,
-        ));
+        let shared = Arc::new(Shared::new("unused".into(), Arc::new(SystemClock), &config));
         let (_tx, rx) = std::sync::mpsc::sync_channel(8);
-        Writer::new(conn, rx, shared, &FailLogConfig::default())
+        Writer::new(conn, rx, shared)
     }
 
     fn ev(i: i64) -> FailureEvent {

@@ -29,6 +29,8 @@ pub struct Admin {
     pub events: Option<crate::events::Events>,
     /// The SMTP door's counters (connections, evictions, AUTH), for `/metrics`.
     pub smtp: Option<Arc<crate::smtp::server::Server>>,
+    /// Supervised tasks: `/readyz` fails once one has died.
+    pub supervisor: crate::supervise::Supervisor,
     pub started: std::time::Instant,
 }
 
@@ -155,12 +157,16 @@ impl Admin {
     }
 
     async fn readyz(&self) -> Response<Body> {
-        match tokio::time::timeout(Duration::from_secs(2), self.intake.queue.ping()).await {
-            Ok(Ok(())) => super::text(StatusCode::OK, "text/plain", "ready\n"),
-            _ => super::text(
+        match self
+            .supervisor
+            .check(&self.intake.queue, Duration::from_secs(2))
+            .await
+        {
+            Ok(()) => super::text(StatusCode::OK, "text/plain", "ready\n"),
+            Err(e) => super::text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
-                "queue writer not answering\n",
+                format!("{e}\n"),
             ),
         }
     }

@@ -108,9 +108,11 @@ pub async fn render(admin: &Admin) -> Response<Body> {
         &mut out,
         "floodgate_queue_recipients",
         "gauge",
-        "Recipients in queue.db by state.",
+        "Recipients waiting in queue.db, by state (scheduled, held).",
     );
-    if let Ok(states) = admin.intake.queue.count_by_state().await {
+    // Both reads cost O(live rows): a partial index over waiting recipients, and the
+    // counters table for everything that finished (retention deletes those rows).
+    if let Ok(states) = admin.intake.queue.live_by_state().await {
         for (state, n) in states {
             let _ = writeln!(
                 out,
@@ -118,6 +120,40 @@ pub async fn render(admin: &Admin) -> Response<Body> {
                 state.as_str()
             );
         }
+    }
+    if let Ok(t) = admin.intake.queue.totals().await {
+        metric(
+            &mut out,
+            "floodgate_queue_finished_total",
+            "counter",
+            "Recipients ever finished, by state; kept across restarts and retention.",
+        );
+        let _ = writeln!(
+            out,
+            "floodgate_queue_finished_total{{state=\"delivered\"}} {}",
+            t.delivered
+        );
+        let _ = writeln!(
+            out,
+            "floodgate_queue_finished_total{{state=\"failed\"}} {}",
+            t.failed
+        );
+        metric(
+            &mut out,
+            "floodgate_queue_pruned_total",
+            "counter",
+            "Finished rows deleted by [queue] retention.",
+        );
+        let _ = writeln!(
+            out,
+            "floodgate_queue_pruned_total{{table=\"recipients\"}} {}",
+            t.pruned_recipients
+        );
+        let _ = writeln!(
+            out,
+            "floodgate_queue_pruned_total{{table=\"messages\"}} {}",
+            t.pruned_messages
+        );
     }
     let w = admin.intake.queue.writer_stats();
     metric(

@@ -1,5 +1,6 @@
 //! The durable queue in `<[queue] dir>/queue.db`: types, and the API the rest of the
-//! daemon uses. SQL lives in `store`, the group commit in `writer`.
+//! daemon uses. SQL lives in `store` (changes), `status` (reads behind metrics) and
+//! `retention` (deleting finished rows); the group commit in `writer`.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -8,10 +9,14 @@ use std::thread::JoinHandle;
 use rusqlite::Connection;
 use rusqlite::ffi::ErrorCode;
 
+pub mod retention;
+pub mod status;
 pub mod store;
 pub mod writer;
 
-pub use store::{CampaignState, Claimed, QueueSummary, StoredMessage, StoredRecipient, Update};
+pub use retention::Pruned;
+pub use status::{QueueSummary, Totals};
+pub use store::{CampaignState, Claimed, StoredMessage, StoredRecipient, Update};
 pub use writer::{Writer, WriterStats};
 
 use crate::clock::Clock;
@@ -165,6 +170,10 @@ pub struct Queue {
     path: PathBuf,
     readers: Arc<Mutex<Vec<Connection>>>,
     clock: Arc<dyn Clock>,
+    /// Rung by [`Queue::prune_now`]: the retention task runs a pass at once.
+    prune_wake: Arc<tokio::sync::Notify>,
+    /// Retention passes finished (successful or not), for whoever waits on one.
+    prune_runs: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Queue {
@@ -180,12 +189,14 @@ impl Queue {
         })?;
         let path = config.dir.join("queue.db");
         let conn = store::open_writer(&path, config.synchronous, config.max_size_mb)?;
-        let (writer, handle) = Writer::start(conn, config.max_batch);
+        let (writer, handle) = Writer::start(conn, config.max_batch, config.max_size_mb);
         let queue = Queue {
             writer,
             path,
             readers: Arc::default(),
             clock,
+            prune_wake: Arc::default(),
+            prune_runs: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         Ok((queue, handle))
     }
@@ -390,14 +401,55 @@ impl Queue {
     }
 
     pub async fn summary(&self) -> Result<QueueSummary, QueueError> {
-        self.read(store::summary).await
+        self.read(status::summary).await
+    }
+
+    /// Lifetime totals of finished recipients and of what retention deleted.
+    pub async fn totals(&self) -> Result<Totals, QueueError> {
+        self.read(status::totals).await
+    }
+
+    /// Live recipients by state (scheduled, held): O(live rows).
+    pub async fn live_by_state(&self) -> Result<Vec<(RecipientState, u64)>, QueueError> {
+        self.read(status::live_by_state).await
+    }
+
+    /// One retention batch (see [`retention::prune_batch`]), in the next group commit.
+    pub async fn prune_batch(&self, before_ms: i64, limit: usize) -> Result<Pruned, QueueError> {
+        self.writer
+            .run(move |conn| retention::prune_batch(conn, before_ms, limit))
+            .await
+    }
+
+    /// Asks the retention task for a pass now rather than at its next tick; returns a
+    /// receiver of the pass count, which rises once that pass is done.
+    pub fn prune_now(&self) -> tokio::sync::watch::Receiver<u64> {
+        let rx = self.prune_runs.subscribe();
+        self.prune_wake.notify_one();
+        rx
+    }
+
+    fn note_pass(&self) {
+        self.prune_runs.send_modify(|n| *n += 1);
+    }
+
+    /// Caps queue.db at `max_size_mb` MiB from the next commit on (0 = no cap). A cap
+    /// below the file's current size holds it at that size until retention frees pages.
+    pub fn set_max_size(&self, max_size_mb: u64) {
+        self.writer.set_max_size(max_size_mb);
+    }
+
+    /// Most operations per group commit, from the next batch on.
+    pub fn set_max_batch(&self, max_batch: usize) {
+        self.writer.set_max_batch(max_batch);
     }
 
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
     }
 
+    /// Live recipients by state, then lifetime totals of delivered and failed ones.
     pub async fn count_by_state(&self) -> Result<Vec<(RecipientState, u64)>, QueueError> {
-        self.read(store::count_by_state).await
+        self.read(status::count_by_state).await
     }
 }

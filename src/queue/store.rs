@@ -1,5 +1,6 @@
-//! Every SQL statement the queue runs: schema and migrations, enqueue, claims, outcomes,
-//! purges and status reads. Nothing outside this file speaks SQL to queue.db.
+//! The queue's SQL for schema and migrations, enqueue, claims, outcomes and purges. The
+//! status reads live in `status`, the retention deletes in `retention`; nothing outside
+//! these three files speaks SQL to queue.db.
 
 use std::path::Path;
 
@@ -57,6 +58,18 @@ const MIGRATIONS: &[&str] = &[
     // 3: the fingerprint of the request an idempotent response answered, so that the same
     // key with a different request is refused instead of answered with the first response.
     "ALTER TABLE idempotency ADD COLUMN request_sha256 TEXT NOT NULL DEFAULT '';",
+    // 4: retention. Lifetime totals of finished recipients live in `counters`, updated in
+    // the same transaction as the outcome, so that pruning finished rows loses no count.
+    // Status reads touch live rows only (`recipients_live`); retention finds finished
+    // ones by age (`recipients_finished`): neither costs anything per row of history.
+    "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO counters (name, value)
+        SELECT 'delivered', COUNT(*) FROM recipients WHERE state = 1;
+    INSERT INTO counters (name, value)
+        SELECT 'failed', COUNT(*) FROM recipients WHERE state = 2;
+    INSERT INTO counters (name, value) VALUES ('pruned_recipients', 0), ('pruned_messages', 0);
+    CREATE INDEX recipients_live ON recipients(state, campaign, domain) WHERE state IN (0, 3);
+    CREATE INDEX recipients_finished ON recipients(updated_at) WHERE state IN (1, 2);",
 ];
 
 /// Opens queue.db for writing, applies pragmas and migrations.
@@ -77,13 +90,23 @@ pub fn open_writer(
         },
     )?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    if max_size_mb > 0 {
-        let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        let pages = max_size_mb * 1024 * 1024 / page_size.max(512);
-        conn.pragma_update(None, "max_page_count", pages)?;
-    }
+    set_max_size(&conn, max_size_mb)?;
     migrate(&conn)?;
     Ok(conn)
+}
+
+/// `PRAGMA max_page_count` for a cap in MiB; 0 lifts the cap.
+pub fn set_max_size(conn: &Connection, max_size_mb: u64) -> Result<(), QueueError> {
+    // SQLite's own ceiling on the page count: "no cap".
+    const NO_CAP: u64 = 4_294_967_294;
+    let pages = if max_size_mb == 0 {
+        NO_CAP
+    } else {
+        let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        (max_size_mb * 1024 * 1024 / page_size.max(512)).min(NO_CAP)
+    };
+    conn.pragma_update(None, "max_page_count", pages)?;
+    Ok(())
 }
 
 /// Opens a read-only connection (WAL readers never block the writer).
@@ -208,17 +231,6 @@ pub fn read_message(
     Ok(Some(msg))
 }
 
-/// Recipients per state, for metrics and `floodgate ctl queue`.
-pub fn count_by_state(conn: &Connection) -> Result<Vec<(RecipientState, u64)>, QueueError> {
-    let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM recipients GROUP BY state")?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((RecipientState::from_i64(r.get(0)?), r.get::<_, u64>(1)?))
-        })?
-        .collect::<Result<_, _>>()?;
-    Ok(rows)
-}
-
 /// A recipient claimed for delivery, with what the scheduler needs about its message.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -308,8 +320,14 @@ pub enum Update {
     Failed { reason: String, reply: String },
 }
 
-/// Applies attempt outcomes and frees the bodies no scheduled recipient needs any more.
+/// Applies attempt outcomes, moves the lifetime totals with them, and frees the bodies
+/// no scheduled recipient needs any more.
 pub fn apply(conn: &Connection, updates: &[(i64, Update)], now_ms: i64) -> Result<(), QueueError> {
+    // A recipient can be reported twice (its lease expired while a slow courier still
+    // worked on it) or purged while in flight: totals follow the state it leaves and the
+    // state it enters, never the number of reports.
+    let mut before = conn.prepare_cached("SELECT state FROM recipients WHERE id = ?1")?;
+    let mut totals = Totals::default();
     let mut stmt = conn.prepare_cached(
         "UPDATE recipients SET state = ?2, attempts = attempts + 1, next_attempt = ?3,
              last_reply = ?4, reason = ?5, lease_until = NULL, updated_at = ?6
@@ -327,15 +345,77 @@ pub fn apply(conn: &Connection, updates: &[(i64, Update)], now_ms: i64) -> Resul
                 (RecipientState::Failed, now_ms, reply, Some(reason))
             }
         };
+        let Some(old) = before
+            .query_row([id], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(RecipientState::from_i64)
+        else {
+            continue;
+        };
+        if !supersedes(old, state) {
+            continue;
+        }
         let message: Option<i64> = stmt
             .query_row(
                 params![id, state.as_i64(), next, reply, reason, now_ms],
                 |r| r.get(0),
             )
             .optional()?;
+        totals.leave(old);
+        totals.enter(state);
         messages.extend(message);
     }
+    totals.save(conn)?;
     free_bodies(conn, messages)
+}
+
+/// Whether an attempt's outcome may replace a recipient's current state. A finished
+/// recipient never goes back to waiting: one purged while its delivery was under way
+/// must not be rescheduled by that delivery's 451. Only a delivery that did happen
+/// overrides an earlier failure (a purge, or an expired lease's duplicate attempt).
+fn supersedes(current: RecipientState, next: RecipientState) -> bool {
+    match current {
+        RecipientState::Scheduled | RecipientState::Held => true,
+        RecipientState::Failed => next == RecipientState::Delivered,
+        RecipientState::Delivered => false,
+    }
+}
+
+/// Changes to the lifetime totals of finished recipients within one operation.
+#[derive(Default)]
+struct Totals {
+    delivered: i64,
+    failed: i64,
+}
+
+impl Totals {
+    fn enter(&mut self, state: RecipientState) {
+        self.add(state, 1);
+    }
+
+    fn leave(&mut self, state: RecipientState) {
+        self.add(state, -1);
+    }
+
+    fn add(&mut self, state: RecipientState, n: i64) {
+        match state {
+            RecipientState::Delivered => self.delivered += n,
+            RecipientState::Failed => self.failed += n,
+            RecipientState::Scheduled | RecipientState::Held => {}
+        }
+    }
+
+    /// Writes the changes, in the caller's transaction.
+    fn save(&self, conn: &Connection) -> Result<(), QueueError> {
+        let mut stmt =
+            conn.prepare_cached("UPDATE counters SET value = value + ?2 WHERE name = ?1")?;
+        for (name, n) in [("delivered", self.delivered), ("failed", self.failed)] {
+            if n != 0 {
+                stmt.execute(params![name, n])?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Frees the bodies of `messages` that no scheduled recipient needs any more: a message
@@ -434,6 +514,9 @@ pub fn purge_batch(
         .query_map(params![campaign, limit as i64, now_ms], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     let purged = conn.changes() as usize;
+    let mut totals = Totals::default();
+    totals.add(RecipientState::Failed, purged as i64);
+    totals.save(conn)?;
     free_bodies(conn, messages)?;
     Ok(purged)
 }
@@ -468,41 +551,6 @@ pub fn release_batch(
              WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 3 LIMIT ?2)",
         )?
         .execute(params![campaign, limit as i64, now_ms])?)
-}
-
-/// Scheduled recipients per campaign, domain or state, for `floodgate ctl queue`.
-pub fn summary(conn: &Connection) -> Result<QueueSummary, QueueError> {
-    let by_state = count_by_state(conn)?;
-    let top = |sql: &str| -> Result<Vec<(String, u64)>, QueueError> {
-        let mut stmt = conn.prepare_cached(sql)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, Option<String>>(0)?.unwrap_or_else(|| "-".into()),
-                    r.get(1)?,
-                ))
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
-    };
-    let by_domain = top(
-        "SELECT domain, COUNT(*) c FROM recipients WHERE state IN (0, 3) GROUP BY domain ORDER BY c DESC LIMIT 20",
-    )?;
-    let by_campaign = top(
-        "SELECT campaign, COUNT(*) c FROM recipients WHERE state IN (0, 3) GROUP BY campaign ORDER BY c DESC LIMIT 20",
-    )?;
-    Ok(QueueSummary {
-        by_state,
-        by_domain,
-        by_campaign,
-    })
-}
-
-#[derive(Debug, Clone)]
-pub struct QueueSummary {
-    pub by_state: Vec<(RecipientState, u64)>,
-    pub by_domain: Vec<(String, u64)>,
-    pub by_campaign: Vec<(String, u64)>,
 }
 
 /// A stored HTTP response for an idempotency key, if still fresh.
@@ -540,4 +588,51 @@ pub fn remember_response(
     conn.prepare_cached("INSERT OR REPLACE INTO idempotency (key, status, body, created_at, request_sha256) VALUES (?1, ?2, ?3, ?4, ?5)")?
         .execute(params![key, response.status, response.body, now_ms, response.request_sha256])?;
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{NewRecipient, QueueId, Source, status};
+
+    #[test]
+    fn a_purged_recipient_stays_purged_when_its_delivery_reports_late() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer(&dir.path().join("queue.db"), Synchronous::Normal, 0).unwrap();
+        let msg = NewMessage {
+            queue_id: QueueId::generate(1),
+            sender: "a@client.test".into(),
+            campaign: Some("c".into()),
+            source: Source::Smtp,
+            client: "test".into(),
+            body: b"x".to_vec(),
+            recipients: vec![NewRecipient {
+                address: "u@mx.test".into(),
+                domain: "mx.test".into(),
+            }],
+        };
+        insert_message(&conn, &msg, 0).unwrap();
+        let claimed = claim(&conn, 0, 1000, 10, &[], &[]).unwrap();
+        assert_eq!(purge_batch(&conn, "c", 10, 1).unwrap(), 1);
+        // The courier's 451 for the purged recipient arrives after the purge.
+        let retry = Update::Retry {
+            next_attempt: 10,
+            reply: "451 4.3.0 later".into(),
+        };
+        apply(&conn, &[(claimed[0].id, retry)], 2).unwrap();
+        assert_eq!(
+            status::live_by_state(&conn).unwrap(),
+            vec![],
+            "nothing waits again"
+        );
+        assert_eq!(status::totals(&conn).unwrap().failed, 1);
+        // A delivery that did happen is recorded as such, and counted once.
+        let delivered = Update::Delivered {
+            reply: "250 ok".into(),
+        };
+        apply(&conn, &[(claimed[0].id, delivered.clone())], 3).unwrap();
+        apply(&conn, &[(claimed[0].id, delivered)], 4).unwrap();
+        let t = status::totals(&conn).unwrap();
+        assert_eq!((t.delivered, t.failed), (1, 0));
+    }
 }

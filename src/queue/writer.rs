@@ -3,7 +3,7 @@
 //! COMMIT that holds its work (durable before ack).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use rusqlite::Connection;
@@ -61,20 +61,55 @@ pub struct WriterStats {
 pub struct Writer {
     tx: mpsc::Sender<Box<dyn Work>>,
     pub stats: Arc<WriterStats>,
+    settings: Arc<Settings>,
+}
+
+/// What a reload may change, read by the writer thread at each batch.
+struct Settings {
+    max_batch: AtomicUsize,
+    /// `[queue] max_size_mb`, applied as `PRAGMA max_page_count` on the write connection.
+    max_size_mb: AtomicU64,
 }
 
 impl Writer {
     /// Starts the writer thread. It exits, after committing what it holds, once every
     /// `Writer` clone is dropped.
-    pub fn start(conn: Connection, max_batch: usize) -> (Writer, JoinHandle<()>) {
+    /// `max_size_mb` is the cap `conn` was opened with.
+    pub fn start(conn: Connection, max_batch: usize, max_size_mb: u64) -> (Writer, JoinHandle<()>) {
+        // The channel's size is fixed at start: it bounds waiting callers, not batches.
         let (tx, rx) = mpsc::channel(max_batch * 8);
         let stats = Arc::new(WriterStats::default());
-        let thread_stats = stats.clone();
+        let settings = Arc::new(Settings {
+            max_batch: AtomicUsize::new(max_batch),
+            max_size_mb: AtomicU64::new(max_size_mb),
+        });
+        let (thread_stats, thread_settings) = (stats.clone(), settings.clone());
         let handle = std::thread::Builder::new()
             .name("queue-writer".into())
-            .spawn(move || run(conn, rx, max_batch, &thread_stats))
+            .spawn(move || run(conn, rx, &thread_settings, &thread_stats))
             .expect("spawn queue writer thread");
-        (Writer { tx, stats }, handle)
+        (
+            Writer {
+                tx,
+                stats,
+                settings,
+            },
+            handle,
+        )
+    }
+
+    /// Most operations per group commit, from the next batch on.
+    pub fn set_max_batch(&self, max_batch: usize) {
+        self.settings
+            .max_batch
+            .store(max_batch.max(1), Ordering::Relaxed);
+    }
+
+    /// The size cap in MiB (0 = none), applied before the next batch.
+    pub fn set_max_size(&self, max_size_mb: u64) {
+        self.settings
+            .max_size_mb
+            .store(max_size_mb, Ordering::Relaxed);
     }
 
     /// Runs `f` inside the next group transaction and returns its result once committed.
@@ -97,11 +132,24 @@ impl Writer {
 fn run(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Box<dyn Work>>,
-    max_batch: usize,
+    settings: &Settings,
     stats: &WriterStats,
 ) {
-    let mut batch: Vec<Box<dyn Work>> = Vec::with_capacity(max_batch);
+    let mut batch: Vec<Box<dyn Work>> = Vec::new();
+    let mut size_cap = settings.max_size_mb.load(Ordering::Relaxed);
     while let Some(first) = rx.blocking_recv() {
+        let max_batch = settings.max_batch.load(Ordering::Relaxed);
+        let wanted = settings.max_size_mb.load(Ordering::Relaxed);
+        if wanted != size_cap {
+            match super::store::set_max_size(&conn, wanted) {
+                Ok(()) => {
+                    tracing::info!(max_size_mb = wanted, "queue size cap applied");
+                    size_cap = wanted;
+                }
+                // Tried again before the next batch; the old cap stays meanwhile.
+                Err(e) => tracing::error!(error = %e, "cannot apply the queue size cap"),
+            }
+        }
         batch.push(first);
         while batch.len() < max_batch {
             match rx.try_recv() {
