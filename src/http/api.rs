@@ -401,6 +401,7 @@ impl Api {
                     domain: m.domain,
                 })
                 .collect(),
+            smtputf8: false,
         };
         let response_body = serde_json::json!({ "id": queue_id.as_str(), "campaign": campaign, "recipients": results }).to_string();
         let outcome = match idempotency {

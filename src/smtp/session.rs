@@ -39,6 +39,8 @@ struct Envelope {
     /// The campaign known before DATA (AUTH user or sender), for attributing refusals.
     campaign: Option<String>,
     recipients: Vec<Mailbox>,
+    /// MAIL carried SMTPUTF8 (RFC 6531): relayed with it.
+    smtputf8: bool,
 }
 
 pub struct Session {
@@ -189,6 +191,7 @@ impl Session {
             sender,
             campaign,
             recipients: Vec::new(),
+            smtputf8: from.flags & smtp_proto::MAIL_SMTPUTF8 != 0,
         });
         Action::Reply(fixed::SENDER_OK)
     }
@@ -297,6 +300,7 @@ impl Session {
                     domain: m.domain,
                 })
                 .collect(),
+            smtputf8: envelope.smtputf8,
         };
         match self.intake.enqueue(msg).await {
             Ok(()) => Reply::owned(250, [2, 0, 0], format!("{queue_id} Message queued")),
