@@ -17,7 +17,7 @@ use crate::campaign::Campaigns;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, TlsConfig};
 use crate::deliver::smtp::SmtpCourier;
-use crate::deliver::webhook::WebhookCourier;
+use crate::deliver::webhook::{DisabledEndpoints, WebhookCourier};
 use crate::dns::{Hickory, MailDns, Resolver};
 use crate::events::{Events, EventsTask, Reporting};
 use crate::faillog::{FailLog, FailLogError, FailLogSettings};
@@ -147,12 +147,14 @@ impl App {
             c.block_until(state.blocked_until);
         }
         let delivery_enabled = config.delivery.enabled;
+        let disabled_webhooks = Arc::new(DisabledEndpoints::default());
         let intake = Arc::new(Intake {
             config: Arc::new(ArcSwap::from_pointee(config)),
             policy: Policy {
                 dns: dns.clone(),
                 campaigns: campaigns.clone(),
                 clock: deps.clock.clone(),
+                webhooks: disabled_webhooks.clone(),
             },
             queue: queue.clone(),
             clock: deps.clock,
@@ -172,7 +174,7 @@ impl App {
             campaigns.clone(),
             intake.clock.clone(),
         );
-        let webhook = Arc::new(WebhookCourier::new(intake.clock.clone()));
+        let webhook = Arc::new(WebhookCourier::new(intake.clock.clone(), disabled_webhooks));
         let scheduler = delivery_enabled.then(|| {
             let couriers = Couriers {
                 smtp: Arc::new(SmtpCourier::new(intake.config.clone(), dns)),

@@ -21,7 +21,10 @@ use crate::dns::BoxFuture;
 use crate::http::client::{HttpClient, HttpError, HttpResponse, redact};
 use crate::reason::Reason;
 
+pub mod disabled;
 pub mod payload;
+
+pub use disabled::DisabledEndpoints;
 
 /// How much of a response body is read (it only ends up, cut shorter, in the reply).
 const MAX_RESPONSE_BODY: usize = 16 * 1024;
@@ -127,14 +130,19 @@ pub struct WebhookCourier {
     /// One client per trust anchor (`None`: the web roots; or a route's `tls_ca`).
     clients: Mutex<HashMap<Option<PathBuf>, Arc<HttpClient>>>,
     endpoints: Mutex<HashMap<String, Arc<Mutex<Endpoint>>>>,
+    /// The disabled endpoints, as the door sees them.
+    disabled: Arc<DisabledEndpoints>,
 }
 
 impl WebhookCourier {
-    pub fn new(clock: Arc<dyn Clock>) -> WebhookCourier {
+    /// `disabled` is shared with the door (`Policy`), which refuses the domains of a
+    /// disabled endpoint with a temporary reply instead of accepting mail that would fail.
+    pub fn new(clock: Arc<dyn Clock>, disabled: Arc<DisabledEndpoints>) -> WebhookCourier {
         WebhookCourier {
             clock,
             clients: Mutex::default(),
             endpoints: Mutex::default(),
+            disabled,
         }
     }
 
@@ -150,6 +158,7 @@ impl WebhookCourier {
                 enabled += 1;
             }
         }
+        self.disabled.clear();
         enabled
     }
 
@@ -251,6 +260,7 @@ impl WebhookCourier {
                     "webhook endpoint answered 410 Gone; disabled until the config is reloaded"
                 );
                 ep.disabled = Some(reply.to_owned());
+                self.disabled.insert(url);
                 ep.failures = 0;
                 ep.circuit = Circuit::Closed;
             }
