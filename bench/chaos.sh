@@ -189,8 +189,9 @@ t_start=$(date +%s.%N)
 for trial in $(seq "$TRIALS"); do
     run=$(awk -v a="$MIN_RUN" -v b="$MAX_RUN" -v s="$RANDOM" 'BEGIN { srand(s); printf "%.2f", a + rand() * (b - a) }')
     sleep "$run"
-    date +%s.%N >>"$TMP/kills"
+    k0=$(date +%s.%N)
     kill9
+    echo "$k0 $(date +%s.%N)" >>"$TMP/kills"
     check=$(sqlite3 "$Q" "PRAGMA integrity_check" 2>&1 | tr '\n' ' ')
     [[ $check == "ok " ]] || bad_integrity=$((bad_integrity + 1))
     received=$(wc -l <"$SINK_OUT")
@@ -232,13 +233,14 @@ comm -23 "$TMP/acked.sorted" "$TMP/received.uniq" | head -n 20 >"$TMP/lost.sampl
 # Each extra copy is either a redelivery after a kill (a kill between the two copies: the
 # sink had it, the queue had not yet recorded it; at-least-once) or a resend within one
 # run of the daemon (what must not happen).
-read -r across_kill within_run < <(awk 'NR == FNR { kills[++nk] = $1; next }
+read -r across_kill within_run < <(awk 'NR == FNR { k0[++nk] = $1; k1[nk] = $2; next }
     { n = ++count[$1]; t[$1, n] = $2 }
     END {
         a = 0; w = 0
         for (id in count) for (i = 2; i <= count[id]; i++) {
             lo = t[id, i - 1]; hi = t[id, i]; if (lo > hi) { x = lo; lo = hi; hi = x }
-            hit = 0; for (k = 1; k <= nk; k++) if (kills[k] >= lo && kills[k] <= hi) hit = 1
+            # A kill takes a moment: a copy taken while it was under way belongs to that run.
+            hit = 0; for (k = 1; k <= nk; k++) if (lo <= k1[k] && hi >= k0[k]) hit = 1
             if (hit) a++; else w++
         }
         print a, w
