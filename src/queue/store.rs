@@ -319,9 +319,11 @@ pub enum Update {
 /// Applies attempt outcomes and frees the bodies no scheduled recipient needs any more.
 pub fn apply(conn: &Connection, updates: &[(i64, Update)], now_ms: i64) -> Result<(), QueueError> {
     let mut stmt = conn.prepare_cached(
+        // Only a recipient still scheduled takes its attempt's outcome: one an operator
+        // purged while the attempt was under way stays purged.
         "UPDATE recipients SET state = ?2, attempts = attempts + 1, next_attempt = ?3,
              last_reply = ?4, reason = ?5, lease_until = NULL, updated_at = ?6
-         WHERE id = ?1 RETURNING message_id",
+         WHERE id = ?1 AND state = 0 RETURNING message_id",
     )?;
     let mut messages = std::collections::BTreeSet::new();
     for (id, update) in updates {
