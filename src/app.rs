@@ -16,7 +16,7 @@ use crate::campaign::Campaigns;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, TlsConfig, token};
 use crate::deliver::smtp::SmtpCourier;
-use crate::deliver::webhook::WebhookCourier;
+use crate::deliver::webhook::{DisabledEndpoints, WebhookCourier};
 use crate::dns::{Hickory, MailDns, Resolver};
 use crate::events::{Events, EventsTask, Reporting};
 use crate::faillog::{FailLog, FailLogError};
@@ -190,12 +190,14 @@ impl App {
             n => tracing::info!(recipients = n, "released leases of an earlier run"),
         }
         let delivery_enabled = config.delivery.enabled;
+        let disabled_webhooks = Arc::new(DisabledEndpoints::default());
         let intake = Arc::new(Intake {
             config: Arc::new(ArcSwap::from_pointee(config)),
             policy: Policy {
                 dns: dns.clone(),
                 campaigns: campaigns.clone(),
                 clock: deps.clock.clone(),
+                webhooks: disabled_webhooks.clone(),
             },
             queue: queue.clone(),
             clock: deps.clock,
@@ -229,7 +231,7 @@ impl App {
             admin_addr: None,
             faillog,
             guard,
-            webhook: Arc::new(WebhookCourier::new(intake.clock.clone())),
+            webhook: Arc::new(WebhookCourier::new(intake.clock.clone(), disabled_webhooks)),
             events,
             events_task: Some(events_task),
             background,

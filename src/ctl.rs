@@ -100,6 +100,9 @@ enum CtlCommand {
     },
     /// Guard alerts (failure ratios, failure-log write rate), newest first.
     Alerts,
+    /// Webhook endpoints: disabled by `410 Gone` (their domains are answered 451 4.3.2
+    /// until a config reload), circuit state, consecutive failures.
+    Webhooks,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -238,6 +241,7 @@ async fn run(args: CtlArgs) -> Result<String, CtlError> {
             show(&client.get(&path).await?, &render::failures)
         }
         CtlCommand::Alerts => show(&client.get("/admin/v1/alerts").await?, &render::alerts),
+        CtlCommand::Webhooks => show(&client.get("/admin/v1/webhooks").await?, &render::webhooks),
     })
 }
 

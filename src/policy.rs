@@ -1,5 +1,5 @@
 //! The door: for each recipient, in order of cost, relay access, limits, syntax, pause
-//! switches, route and DNS, ending in an accepted mailbox or a typed refusal.
+//! switches, route (and whether its webhook endpoint is enabled) and DNS, ending in an accepted mailbox or a typed refusal.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -7,7 +7,8 @@ use std::sync::Arc;
 use crate::address::{self, Mailbox};
 use crate::campaign::Campaigns;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, Transport};
+use crate::deliver::webhook::DisabledEndpoints;
 use crate::dns::{MailDns, Verdict};
 use crate::reason::Reason;
 
@@ -29,6 +30,8 @@ pub struct Policy {
     pub dns: Arc<MailDns>,
     pub campaigns: Arc<Campaigns>,
     pub clock: Arc<dyn Clock>,
+    /// Webhook endpoints disabled by `410 Gone`: their domains wait at the door.
+    pub webhooks: Arc<DisabledEndpoints>,
 }
 
 impl Policy {
@@ -59,6 +62,16 @@ impl Policy {
         let mailbox = address::parse(address)?;
         self.check_open(campaign)?;
         let route = config.route_for(&mailbox.domain).ok_or(Reason::NoRoute)?;
+        // Accepting mail for a disabled endpoint would only fail it later; a temporary
+        // refusal keeps it with the sender until the operator re-enables (reloads).
+        if route.transport == Transport::Webhook
+            && route
+                .url
+                .as_deref()
+                .is_some_and(|u| self.webhooks.contains(u))
+        {
+            return Err(Reason::DestinationDisabled);
+        }
         if route.check_dns() {
             match self.dns.verdict(&mailbox.domain).await {
                 Verdict::Mail(_) => {}

@@ -61,6 +61,7 @@ reasons! {
     NullMx => "null_mx", false;
     DnsTempfail => "dns_tempfail", true;
     NoRoute => "no_route", false;
+    DestinationDisabled => "destination_disabled", true;
     RelayDenied => "relay_denied", false;
     CampaignPaused => "campaign_paused", true;
     IntakePaused => "intake_paused", true;

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::campaign::Campaigns;
 use crate::config::{Config, DeliveryConfig, Rate, Transport};
-use crate::deliver::{Courier, Destination, FailureSink, Job, Outcome, dsn};
+use crate::deliver::{Courier, Destination, Enhanced, FailureSink, Job, Outcome, Reply, dsn};
 use crate::queue::{Claimed, NewMessage, NewRecipient, Queue, QueueId, Source, Update};
 use crate::reason::Reason;
 
@@ -253,6 +253,7 @@ impl Scheduler {
                 message_id: first.message_id,
                 queue_id: first.queue_id.clone(),
                 sender: first.sender.clone(),
+                smtputf8: first.smtputf8,
                 body: Arc::new(Vec::new()),
                 recipients,
                 route,
@@ -261,13 +262,11 @@ impl Scheduler {
             self.enqueue_job(&config, dest, job);
         }
         if !no_route.is_empty() {
-            let outcomes = vec![
-                Outcome::Permanent {
-                    reason: Reason::NoRoute,
-                    reply: "550 5.7.1 no route for recipient domain".into(),
-                };
-                no_route.len()
-            ];
+            let outcomes =
+                vec![
+                    Outcome::permanent(Reason::NoRoute, "550 5.7.1 no route for recipient domain");
+                    no_route.len()
+                ];
             self.finish(&config, &no_route, outcomes, now, None).await;
         }
         count
@@ -371,10 +370,7 @@ impl Scheduler {
             Ok(Some(body)) => body,
             Ok(None) => {
                 tracing::error!(queue_id = %job.queue_id, "message body missing; failing its recipients");
-                let o = Outcome::Permanent {
-                    reason: Reason::Rejected,
-                    reply: "554 5.3.0 message body lost".into(),
-                };
+                let o = Outcome::permanent(Reason::Rejected, "554 5.3.0 message body lost");
                 let outcomes = vec![o; job.recipients.len()];
                 self.finish(&config, &job.recipients, outcomes, started, None)
                     .await;
@@ -417,13 +413,21 @@ impl Scheduler {
         for (r, outcome) in recipients.iter().zip(outcomes) {
             let update = match outcome {
                 Outcome::Delivered { reply } => {
+                    let reply = reply.to_string();
                     self.sink.relay_delivered(r, &reply);
                     Update::Delivered { reply }
                 }
                 Outcome::Transient { reply, retry_after } => {
+                    let reply = reply.to_string();
                     if now - r.received_at >= delivery.max_age.0.as_millis() as i64 {
                         self.sink.relay_failed(r, Reason::Expired, &reply);
-                        failed.push((r.address.clone(), reply.clone()));
+                        // Given up on: a permanent failure in the notification (RFC 3463 4.4.7).
+                        let given_up = Reply {
+                            code: Some(550),
+                            enhanced: Some(Enhanced::new(5, 4, 7)),
+                            text: format!("delivery time expired; last reply: {reply}"),
+                        };
+                        failed.push((r.address.clone(), given_up));
                         Update::Failed {
                             reason: Reason::Expired.as_str().into(),
                             reply,
@@ -441,11 +445,12 @@ impl Scheduler {
                     }
                 }
                 Outcome::Permanent { reason, reply } => {
-                    self.sink.relay_failed(r, reason, &reply);
-                    failed.push((r.address.clone(), reply.clone()));
+                    let shown = reply.to_string();
+                    self.sink.relay_failed(r, reason, &shown);
+                    failed.push((r.address.clone(), reply));
                     Update::Failed {
                         reason: reason.as_str().into(),
-                        reply,
+                        reply: shown,
                     }
                 }
             };
@@ -468,7 +473,7 @@ impl Scheduler {
         config: &Config,
         recipients: &[Claimed],
         job: Option<&Job>,
-        failed: &[(String, String)],
+        failed: &[(String, Reply)],
         now: i64,
     ) {
         let Some(first) = recipients.first() else {
@@ -509,6 +514,7 @@ impl Scheduler {
                 address: sender.address,
                 domain: sender.domain,
             }],
+            smtputf8: false,
         };
         match self.queue.enqueue(msg).await {
             Ok(()) => self.wake.notify_one(),

@@ -21,6 +21,7 @@ use sha2::Sha256;
 const WAIT: Duration = Duration::from_secs(15);
 /// The signing key; the config holds it as `whsec_` + base64.
 const KEY: &[u8] = b"floodgate-webhook-test-key-32-by";
+const API_KEY: &str = "fg_webhook_test_api_key_01";
 
 fn secret() -> String {
     format!("whsec_{}", B64.encode(KEY))
@@ -216,7 +217,11 @@ async fn gone_fails_permanently_and_disables_the_endpoint_until_reload() {
     let dns = TestDns::start(Zone::new()).await;
     let hook = Receiver::start().await;
     hook.script([Reply::status(410)]);
-    let extra = config("", &[route("hook.test", &hook.url("/in"), "")], "");
+    let keys = format!(
+        "[[http.api_keys]]\nname = \"app\"\nkey_sha256 = \"{}\"\n",
+        floodgate::http::api::key_hash(API_KEY)
+    );
+    let extra = config("", &[route("hook.test", &hook.url("/in"), "")], &keys);
     let t = start(&dns, &extra).await;
     let first = submit(&t, "app@client.test", &["a@hook.test"]).await;
     let (reply, reason) = wait_state(&t, &first[0], RecipientState::Failed).await;
@@ -242,11 +247,34 @@ async fn gone_fails_permanently_and_disables_the_endpoint_until_reload() {
             .any(|l| l.starts_with("floodgate_webhook_endpoint_disabled{") && l.ends_with(" 1")),
         "{metrics}"
     );
-    // The next message fails without a request.
-    let second = submit(&t, "app@client.test", &["b@hook.test"]).await;
-    let (reply, _) = wait_state(&t, &second[0], RecipientState::Failed).await;
-    assert!(reply.contains("disabled"), "{reply}");
+    // While it is disabled its domains wait at the door (a temporary refusal, nothing
+    // queued to fail), over SMTP and over HTTP; other routes are not affected.
+    let mut c = t.client().await;
+    c.ehlo().await;
+    c.cmd("MAIL FROM:<app@client.test>", "250").await;
+    c.rcpt("b@hook.test", "451 4.3.2").await;
+    c.cmd("QUIT", "221").await;
+    let req = r#"{"from": "app@client.test", "to": ["b@hook.test"], "subject": "s", "text": "t"}"#;
+    let (status, body) = common::floodgate::http(
+        t.app.http_addr.unwrap(),
+        "POST",
+        "/v1/messages",
+        Some(API_KEY),
+        Some(req),
+    )
+    .await;
+    assert!(status == 503 || status == 422, "{status} {body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["recipients"][0]["code"], 451, "{answer}");
+    assert_eq!(
+        answer["recipients"][0]["enhanced_code"], "4.3.2",
+        "{answer}"
+    );
+    assert_eq!(answer["recipients"][0]["reason"], "destination_disabled");
     assert_eq!(hook.count(), 1, "no request to a disabled endpoint");
+    // `ctl webhooks` shows it too.
+    let out = common::floodgate::ctl(admin, &["webhooks"]).await;
+    assert!(out.contains("disabled"), "{out}");
     // A config reload re-enables it.
     let text = config_text(t.dir.path(), dns.addr, "", &extra);
     t.app.reload(parse_config(t.dir.path(), &text)).unwrap();

@@ -343,6 +343,55 @@ pub fn failures(v: &Value) -> String {
     t.render()
 }
 
+/// `GET /admin/v1/webhooks`: one row per endpoint the courier has used.
+pub fn webhooks(v: &Value) -> String {
+    let rows = v
+        .get("endpoints")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut out = String::new();
+    let mut t = Table::new(&[
+        ("ENDPOINT", false),
+        ("STATE", false),
+        ("CIRCUIT", false),
+        ("FAILURES", true),
+    ]);
+    for r in &rows {
+        let disabled = r.get("disabled").and_then(Value::as_bool).unwrap_or(false);
+        t.row(vec![
+            s(r, "url").to_owned(),
+            if disabled {
+                "disabled (410)"
+            } else {
+                "enabled"
+            }
+            .to_owned(),
+            s(r, "circuit").to_owned(),
+            r.get("consecutive_failures")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                .to_string(),
+        ]);
+    }
+    if rows.is_empty() {
+        t.row(vec![
+            "(no webhook used yet)".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    out.push_str(&t.render());
+    if rows
+        .iter()
+        .any(|r| r.get("disabled").and_then(Value::as_bool) == Some(true))
+    {
+        out.push_str("\ndisabled endpoints' domains are answered 451 4.3.2 until the config is reloaded (SIGHUP)\n");
+    }
+    out
+}
+
 /// `GET /admin/v1/alerts`: newest first.
 pub fn alerts(v: &Value) -> String {
     let mut list = v.as_array().cloned().unwrap_or_default();

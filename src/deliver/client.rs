@@ -16,7 +16,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::Outcome;
+pub use super::transaction::{Phase, SendError, Transaction};
+use super::{Enhanced, Outcome, Reply};
 
 /// Why a connection or a command failed below the level of an SMTP reply.
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +54,29 @@ fn safe_argument(value: &str, step: &'static str) -> Result<(), ClientError> {
 
 /// The outcome of a recipient whose envelope value could not be written safely.
 fn unsafe_outcome(e: &ClientError) -> Outcome {
-    Outcome::Permanent {
-        reason: crate::reason::Reason::MalformedAddress,
-        reply: format!("550 5.1.3 {e}"),
+    Outcome::permanent(
+        crate::reason::Reason::MalformedAddress,
+        format!("550 5.1.3 {e}"),
+    )
+}
+
+/// Marks the recipients that cannot be written safely (all of them when the sender
+/// cannot), so that no byte of theirs reaches the wire.
+fn refuse_unsafe(tx: &Transaction<'_>, known: &mut [Option<Outcome>]) {
+    if let Err(e) = safe_argument(tx.sender, "MAIL") {
+        tracing::warn!(error = %e, "envelope sender not written");
+        let outcome = unsafe_outcome(&e);
+        for slot in known.iter_mut().filter(|k| k.is_none()) {
+            *slot = Some(outcome.clone());
+        }
+        return;
+    }
+    for (slot, r) in known.iter_mut().zip(tx.recipients) {
+        if slot.is_none()
+            && let Err(e) = safe_argument(r, "RCPT")
+        {
+            *slot = Some(unsafe_outcome(&e));
+        }
     }
 }
 
@@ -69,6 +90,32 @@ pub struct Response {
     pub lines: Vec<String>,
 }
 
+impl Response {
+    /// The outcome this reply means for the recipients it answers, code and enhanced
+    /// code typed.
+    pub fn outcome(&self) -> Outcome {
+        Outcome::from_reply(self.reply())
+    }
+
+    pub fn reply(&self) -> Reply {
+        // Multi-line replies repeat the enhanced code on every line; the first one counts.
+        let first = self.lines.first().map(String::as_str).unwrap_or("");
+        let mut reply = Reply::smtp(self.code, first);
+        if self.lines.len() > 1 {
+            let strip = |l: &String| match (reply.enhanced, l.split_once(' ')) {
+                (Some(e), Some((w, rest))) if Enhanced::parse(w) == Some(e) => rest.to_owned(),
+                _ => l.clone(),
+            };
+            let more: Vec<String> = self.lines[1..].iter().map(strip).collect();
+            reply.text = std::iter::once(reply.text.clone())
+                .chain(more)
+                .collect::<Vec<_>>()
+                .join(" ");
+        }
+        reply
+    }
+}
+
 /// What the server's EHLO reply offered.
 #[derive(Debug, Clone, Default)]
 pub struct Capabilities {
@@ -78,6 +125,7 @@ pub struct Capabilities {
     pub auth_plain: bool,
     pub auth_login: bool,
     pub eight_bit: bool,
+    pub smtputf8: bool,
 }
 
 impl Capabilities {
@@ -89,6 +137,7 @@ impl Capabilities {
                 Some("PIPELINING") => caps.pipelining = true,
                 Some("STARTTLS") => caps.starttls = true,
                 Some("8BITMIME") => caps.eight_bit = true,
+                Some("SMTPUTF8") => caps.smtputf8 = true,
                 Some("SIZE") => caps.size = words.next().and_then(|n| n.parse().ok()),
                 Some("AUTH") => {
                     for mech in words {
@@ -272,119 +321,115 @@ impl Connection {
         Ok(())
     }
 
-    /// One mail transaction. Returns one outcome per recipient; an error means the
-    /// connection is unusable and every recipient without a final answer is transient.
-    /// A sender or recipient holding CR, LF or NUL fails for good before anything is
-    /// written.
-    pub async fn send(
-        &mut self,
-        sender: &str,
-        recipients: &[&str],
-        body: &[u8],
-    ) -> Result<Vec<Outcome>, ClientError> {
-        if let Err(e) = safe_argument(sender, "MAIL") {
-            tracing::warn!(error = %e, "envelope sender not written");
-            return Ok(vec![unsafe_outcome(&e); recipients.len()]);
+    /// One mail transaction. Returns one outcome per recipient. An error means the
+    /// connection is unusable; its phase says whether the message may have been handed
+    /// over (only then can another attempt duplicate it). A sender or recipient holding
+    /// CR, LF or NUL fails for good before anything is written.
+    pub async fn send(&mut self, tx: &Transaction<'_>) -> Result<Vec<Outcome>, SendError> {
+        let mut known = tx.utf8_refusals(self.caps.smtputf8);
+        refuse_unsafe(tx, &mut known);
+        let active: Vec<usize> = (0..known.len()).filter(|&i| known[i].is_none()).collect();
+        if active.is_empty() {
+            return Ok(known.into_iter().flatten().collect());
         }
-        let unsafe_rcpts: Vec<Option<Outcome>> = recipients
-            .iter()
-            .map(|r| safe_argument(r, "RCPT").err().map(|e| unsafe_outcome(&e)))
-            .collect();
-        if unsafe_rcpts.iter().any(Option::is_some) {
-            return self
-                .send_safe_only(sender, recipients, body, unsafe_rcpts)
-                .await;
-        }
-        let mut mail = format!("MAIL FROM:<{sender}>");
-        if self.caps.size.is_some() {
-            mail.push_str(&format!(" SIZE={}", body.len()));
-        }
-        if self.caps.eight_bit && !body.is_ascii() {
-            mail.push_str(" BODY=8BITMIME");
-        }
-        let mut rcpt_replies = Vec::with_capacity(recipients.len());
-        let mail_reply = if self.caps.pipelining {
-            // Pipelined: the envelope in one write, then its replies (RFC 2920).
-            let mut batch = format!("{mail}\r\n");
-            for r in recipients {
-                batch.push_str(&format!("RCPT TO:<{r}>\r\n"));
-            }
-            self.write(batch.as_bytes(), "MAIL").await?;
-            let mail_reply = self.read("MAIL", self.timeouts.command).await?;
-            for _ in recipients {
-                rcpt_replies.push(self.read("RCPT", self.timeouts.command).await?);
-            }
-            mail_reply
-        } else {
-            let mail_reply = self.command(&mail, "MAIL").await?;
-            if mail_reply.code == 250 {
-                for r in recipients {
-                    rcpt_replies.push(self.command(&format!("RCPT TO:<{r}>"), "RCPT").await?);
-                }
-            }
-            mail_reply
-        };
+        let (mail_reply, rcpt_replies) = self
+            .envelope(tx, &active)
+            .await
+            .map_err(|e| SendError::new(Phase::Envelope, e, &known))?;
         if mail_reply.code != 250 {
-            self.reset().await?;
-            let outcome = Outcome::from_smtp(mail_reply.code, &mail_reply.text);
-            return Ok(vec![outcome; recipients.len()]);
+            self.reset()
+                .await
+                .map_err(|e| SendError::new(Phase::Envelope, e, &known))?;
+            let outcome = mail_reply.outcome();
+            for &i in &active {
+                known[i] = Some(outcome.clone());
+            }
+            return Ok(known.into_iter().flatten().collect());
         }
-        let mut outcomes: Vec<Option<Outcome>> = rcpt_replies
-            .iter()
-            .map(|r| (r.code != 250 && r.code != 251).then(|| Outcome::from_smtp(r.code, &r.text)))
-            .collect();
-        if outcomes.iter().all(Option::is_some) {
-            self.reset().await?;
-            return Ok(outcomes.into_iter().flatten().collect());
+        for (&i, r) in active.iter().zip(&rcpt_replies) {
+            if r.code != 250 && r.code != 251 {
+                known[i] = Some(r.outcome());
+            }
         }
-        let data = self.command("DATA", "DATA").await?;
+        if known.iter().all(Option::is_some) {
+            self.reset()
+                .await
+                .map_err(|e| SendError::new(Phase::Envelope, e, &known))?;
+            return Ok(known.into_iter().flatten().collect());
+        }
+        let data = self
+            .command("DATA", "DATA")
+            .await
+            .map_err(|e| SendError::new(Phase::Envelope, e, &known))?;
         if data.code != 354 {
-            let o = Outcome::from_smtp(data.code, &data.text);
-            return Ok(outcomes
+            let o = data.outcome();
+            return Ok(known
                 .into_iter()
                 .map(|x| x.unwrap_or_else(|| o.clone()))
                 .collect());
         }
-        let wire = dot_stuff(body);
-        self.write_with(&wire, "DATA", self.timeouts.data).await?;
-        let final_reply = self.read("end of DATA", self.timeouts.data).await?;
-        let o = Outcome::from_smtp(final_reply.code, &final_reply.text);
-        for slot in &mut outcomes {
-            if slot.is_none() {
-                *slot = Some(o.clone());
-            }
-        }
-        Ok(outcomes.into_iter().flatten().collect())
+        let wire = dot_stuff(tx.body);
+        // Until the final dot is written completely the server cannot have taken the
+        // message: a failure here is safe to retry anywhere.
+        self.write_with(&wire, "DATA", self.timeouts.data)
+            .await
+            .map_err(|e| SendError::new(Phase::Body, e, &known))?;
+        let final_reply = self
+            .read("end of DATA", self.timeouts.data)
+            .await
+            .map_err(|e| SendError::new(Phase::AwaitingFinalReply, e, &known))?;
+        let o = final_reply.outcome();
+        Ok(known
+            .into_iter()
+            .map(|x| x.unwrap_or_else(|| o.clone()))
+            .collect())
     }
 
-    /// Sends to the recipients that can be written and merges their outcomes with the
-    /// refusals of those that cannot, in the recipients' order.
-    async fn send_safe_only(
+    /// MAIL and the RCPTs of the `active` recipients, pipelined when offered; returns
+    /// their replies (no RCPT replies when MAIL was refused without pipelining).
+    async fn envelope(
         &mut self,
-        sender: &str,
-        recipients: &[&str],
-        body: &[u8],
-        refused: Vec<Option<Outcome>>,
-    ) -> Result<Vec<Outcome>, ClientError> {
-        let safe: Vec<&str> = recipients
-            .iter()
-            .zip(&refused)
-            .filter(|(_, r)| r.is_none())
-            .map(|(a, _)| *a)
-            .collect();
-        let mut sent = if safe.is_empty() {
-            Vec::new()
-        } else {
-            Box::pin(self.send(sender, &safe, body)).await?
+        tx: &Transaction<'_>,
+        active: &[usize],
+    ) -> Result<(Response, Vec<Response>), ClientError> {
+        let mail = self.mail_command(tx);
+        let mut rcpt_replies = Vec::with_capacity(active.len());
+        if self.caps.pipelining {
+            // Pipelined: the envelope in one write, then its replies (RFC 2920).
+            let mut batch = format!("{mail}\r\n");
+            for &i in active {
+                batch.push_str(&format!("RCPT TO:<{}>\r\n", tx.recipients[i]));
+            }
+            self.write(batch.as_bytes(), "MAIL").await?;
+            let mail_reply = self.read("MAIL", self.timeouts.command).await?;
+            for _ in active {
+                rcpt_replies.push(self.read("RCPT", self.timeouts.command).await?);
+            }
+            return Ok((mail_reply, rcpt_replies));
         }
-        .into_iter();
-        Ok(refused
-            .into_iter()
-            .map(|r| {
-                r.or_else(|| sent.next())
-                    .expect("one outcome per safe recipient")
-            })
-            .collect())
+        let mail_reply = self.command(&mail, "MAIL").await?;
+        if mail_reply.code == 250 {
+            for &i in active {
+                let line = format!("RCPT TO:<{}>", tx.recipients[i]);
+                rcpt_replies.push(self.command(&line, "RCPT").await?);
+            }
+        }
+        Ok((mail_reply, rcpt_replies))
+    }
+
+    /// `MAIL FROM` with the parameters the server offers and the message needs.
+    fn mail_command(&self, tx: &Transaction<'_>) -> String {
+        let mut mail = format!("MAIL FROM:<{}>", tx.sender);
+        if self.caps.size.is_some() {
+            mail.push_str(&format!(" SIZE={}", tx.body.len()));
+        }
+        if self.caps.eight_bit && !tx.body.is_ascii() {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if self.caps.smtputf8 && tx.needs_smtputf8() {
+            mail.push_str(" SMTPUTF8");
+        }
+        mail
     }
 
     async fn reset(&mut self) -> Result<(), ClientError> {
@@ -579,20 +624,22 @@ mod tests {
             .await
             .unwrap();
         let injected = "app@client.test>\r\nRCPT TO:<bcc@nowhere.example>\r\nNOOP";
-        let out = conn
-            .send(injected, &["victim@good.test"], b"Subject: x\r\n\r\nhi\r\n")
-            .await
-            .unwrap();
+        let tx = |sender, recipients| Transaction {
+            sender,
+            recipients,
+            body: b"Subject: x\r\n\r\nhi\r\n",
+            smtputf8: false,
+        };
+        let out = conn.send(&tx(injected, &["victim@good.test"])).await.unwrap();
         assert!(
-            matches!(&out[..], [Outcome::Permanent { reply, .. }] if reply.contains("CR, LF or NUL")),
+            matches!(&out[..], [Outcome::Permanent { reply, .. }] if reply.to_string().contains("CR, LF or NUL")),
             "{out:?}"
         );
         let out = conn
-            .send(
+            .send(&tx(
                 "app@client.test",
                 &["ok@good.test", "x@y.test>\r\nRSET", "nul\0@y.test"],
-                b"Subject: x\r\n\r\nhi\r\n",
-            )
+            ))
             .await
             .unwrap();
         assert!(matches!(out[0], Outcome::Delivered { .. }), "{out:?}");
@@ -622,6 +669,12 @@ mod tests {
         let r = read_reply(&mut io, "test").await.unwrap();
         assert_eq!(r.code, 250);
         assert_eq!(r.lines, ["first", "second", "last"]);
+        // Enhanced codes repeated on each line of a multi-line reply are given once.
+        let data: &[u8] = b"550-5.1.1 no such user\r\n550 5.1.1 see the docs\r\n";
+        let r = read_reply(&mut BufReader::new(data), "test").await.unwrap();
+        let reply = r.reply();
+        assert_eq!(reply.enhanced, Some(Enhanced::new(5, 1, 1)));
+        assert_eq!(reply.to_string(), "550 5.1.1 no such user see the docs");
         let mut bad = BufReader::new(&b"hello\r\n"[..]);
         assert!(read_reply(&mut bad, "test").await.is_err());
     }

@@ -3,11 +3,13 @@
 
 use chrono::{DateTime, Utc};
 
+use super::Reply;
+
 /// One recipient's failure as reported in the notification.
 pub struct Failed<'a> {
     pub recipient: &'a str,
-    /// The last reply, e.g. `550 5.1.1 no such user`.
-    pub reply: &'a str,
+    /// The last reply, e.g. `550 5.1.1 no such user`: its enhanced code is the Status.
+    pub reply: &'a Reply,
 }
 
 /// Builds the notification (a `multipart/report` message) for `failed` recipients of the
@@ -42,7 +44,11 @@ pub fn build(
         "This is the mail system at host {hostname}.\r\n\r\nYour message (queue id {queue_id}) could not be delivered to:\r\n\r\n"
     ));
     for f in failed {
-        out.push_str(&format!("  <{}>: {}\r\n", f.recipient, one_line(f.reply)));
+        out.push_str(&format!(
+            "  <{}>: {}\r\n",
+            f.recipient,
+            one_line(&f.reply.to_string())
+        ));
     }
     out.push_str(&format!(
         "\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
@@ -54,8 +60,8 @@ pub fn build(
         out.push_str(&format!(
             "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\nDiagnostic-Code: smtp; {}\r\n",
             f.recipient,
-            status(f.reply),
-            one_line(f.reply)
+            f.reply.status(),
+            one_line(&f.reply.to_string())
         ));
     }
     out.push_str(&format!(
@@ -65,21 +71,6 @@ pub fn build(
     bytes.extend_from_slice(headers(original));
     bytes.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     bytes
-}
-
-/// The enhanced status code in a reply (`5.1.1`), or a generic permanent one.
-fn status(reply: &str) -> String {
-    reply
-        .split_whitespace()
-        .find(|w| {
-            let parts: Vec<&str> = w.split('.').collect();
-            parts.len() == 3
-                && parts
-                    .iter()
-                    .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
-        })
-        .unwrap_or("5.0.0")
-        .to_owned()
 }
 
 fn one_line(s: &str) -> String {
@@ -110,7 +101,7 @@ mod tests {
             b"Subject: hi\r\nFrom: a@b.test\r\n\r\nsecret body\r\n",
             &[Failed {
                 recipient: "x@y.test",
-                reply: "550 5.1.1 no such user",
+                reply: &Reply::smtp(550, "5.1.1 no such user"),
             }],
             0,
         );

@@ -8,11 +8,14 @@ use crate::config::{Route, Transport};
 use crate::dns::BoxFuture;
 use crate::queue::Claimed;
 use crate::reason::Reason;
+pub use reply::{Enhanced, Reply};
 
 pub mod client;
 pub mod dsn;
+pub mod reply;
 pub mod smtp;
 pub mod tls;
+pub mod transaction;
 pub mod webhook;
 
 /// Where a batch goes: the route, and within it the destination that has its own rate
@@ -48,40 +51,67 @@ pub struct Job {
     pub recipients: Vec<Claimed>,
     pub route: Route,
     pub destination: Destination,
+    /// Relay with the SMTPUTF8 parameter (the message was submitted with it).
+    pub smtputf8: bool,
 }
 
 /// What became of one recipient in one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// 2xx: the destination took responsibility.
-    Delivered { reply: String },
+    Delivered { reply: Reply },
     /// 4xx, network or TLS trouble: try again later (not before `retry_after` if given).
     Transient {
-        reply: String,
+        reply: Reply,
         retry_after: Option<Duration>,
     },
     /// 5xx or equivalent: it will never work.
-    Permanent { reason: Reason, reply: String },
+    Permanent { reason: Reason, reply: Reply },
 }
 
 impl Outcome {
-    pub fn transient(reply: impl Into<String>) -> Outcome {
+    /// A transient outcome with one of Floodgate's own replies (see [`Reply::local`]).
+    pub fn transient(reply: impl AsRef<str>) -> Outcome {
         Outcome::Transient {
-            reply: reply.into(),
+            reply: Reply::local(reply.as_ref()),
             retry_after: None,
         }
     }
 
-    /// Classifies an SMTP reply: 2xx delivered, 4xx transient, 5xx permanent.
-    pub fn from_smtp(code: u16, text: &str) -> Outcome {
-        let reply = format!("{code} {text}");
-        match code {
+    /// A permanent outcome with one of Floodgate's own replies.
+    pub fn permanent(reason: Reason, reply: impl AsRef<str>) -> Outcome {
+        Outcome::Permanent {
+            reason,
+            reply: Reply::local(reply.as_ref()),
+        }
+    }
+
+    /// Classifies an SMTP reply: 2xx delivered, 4xx transient, 5xx permanent; the code
+    /// and enhanced code stay typed in the outcome.
+    pub fn from_reply(reply: Reply) -> Outcome {
+        match reply.code.unwrap_or(0) {
             200..=299 => Outcome::Delivered { reply },
             500..=599 => Outcome::Permanent {
                 reason: Reason::Rejected,
                 reply,
             },
-            _ => Outcome::transient(reply),
+            _ => Outcome::Transient {
+                reply,
+                retry_after: None,
+            },
+        }
+    }
+
+    /// An SMTP reply as read from the wire: `code` and its text.
+    pub fn from_smtp(code: u16, text: &str) -> Outcome {
+        Outcome::from_reply(Reply::smtp(code, text))
+    }
+
+    pub fn reply(&self) -> &Reply {
+        match self {
+            Outcome::Delivered { reply }
+            | Outcome::Transient { reply, .. }
+            | Outcome::Permanent { reply, .. } => reply,
         }
     }
 }
@@ -113,12 +143,14 @@ mod tests {
             Outcome::from_smtp(451, "4.3.0 later"),
             Outcome::Transient { .. }
         ));
-        assert!(matches!(
-            Outcome::from_smtp(550, "5.1.1 no such user"),
-            Outcome::Permanent {
-                reason: Reason::Rejected,
-                ..
-            }
-        ));
+        let Outcome::Permanent {
+            reason: Reason::Rejected,
+            reply,
+        } = Outcome::from_smtp(550, "5.1.1 no such user")
+        else {
+            panic!("5xx is permanent");
+        };
+        assert_eq!(reply.enhanced, Some(Enhanced::new(5, 1, 1)));
+        assert_eq!(reply.to_string(), "550 5.1.1 no such user");
     }
 }

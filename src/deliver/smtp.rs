@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use rustls::ClientConfig;
 
-use super::client::{ClientError, Connection, Timeouts};
+use super::client::{ClientError, Connection, SendError, Timeouts, Transaction};
 use super::{Courier, Job, Outcome, tls};
 use crate::config::{Config, Route, TlsMode, Transport};
 use crate::dns::{BoxFuture, MailDns, Verdict};
@@ -233,27 +233,62 @@ impl SmtpCourier {
         let config = self.config.load_full();
         let n = job.recipients.len();
         let recipients: Vec<&str> = job.recipients.iter().map(|r| r.address.as_str()).collect();
+        let tx = Transaction {
+            sender: &job.sender,
+            recipients: &recipients,
+            body: &job.body,
+            smtputf8: job.smtputf8,
+        };
         let key = format!("{}#{}", job.destination.route, job.destination.key);
-        // A pooled connection may have been closed by the peer while idle; one failure on
-        // it is not the destination's fault, so retry once on a fresh connection.
-        if let Some(mut conn) = self.take_pooled(&key, config.delivery.idle_connection.0)
-            && let Ok(outcomes) = conn.send(&job.sender, &recipients, &job.body).await
-        {
-            self.put_pooled(key, conn, config.delivery.concurrency);
-            return outcomes;
+        if let Some(mut conn) = self.take_pooled(&key, config.delivery.idle_connection.0) {
+            match conn.send(&tx).await {
+                Ok(outcomes) => {
+                    self.put_pooled(key, conn, config.delivery.concurrency);
+                    return outcomes;
+                }
+                // The final dot went out and its reply never came: the server may have
+                // the message. Resending now would deliver it twice; the scheduler
+                // retries after the backoff instead (a duplicate then is the accepted
+                // SMTP trade-off, RFC 1047).
+                Err(e) if e.handed_over() => return deferred(e),
+                // A pooled connection may have been closed by the peer while idle; a
+                // failure before the message went out is not the destination's fault,
+                // so retry once on a fresh connection.
+                Err(e) => {
+                    tracing::debug!(queue_id = %job.queue_id, error = %e, "pooled connection failed; retrying on a fresh one");
+                }
+            }
         }
         let mut conn = match self.connect(job, &config).await {
             Ok(c) => c,
             Err(outcome) => return vec![outcome; n],
         };
-        match conn.send(&job.sender, &recipients, &job.body).await {
+        match conn.send(&tx).await {
             Ok(outcomes) => {
                 self.put_pooled(key, conn, config.delivery.concurrency);
                 outcomes
             }
-            Err(e) => vec![transient_from(&e); n],
+            Err(e) => deferred(e),
         }
     }
+}
+
+/// The outcomes after a connection failed mid-transaction: answers already given stand,
+/// every other recipient is deferred with what happened and when.
+fn deferred(e: SendError) -> Vec<Outcome> {
+    let reply = if e.handed_over() {
+        format!(
+            "451 4.4.2 no reply to the end of DATA, the message may have been delivered: {}",
+            e.error
+        )
+    } else {
+        format!("451 4.4.1 {e}")
+    };
+    let o = Outcome::transient(&reply);
+    e.known
+        .into_iter()
+        .map(|k| k.unwrap_or_else(|| o.clone()))
+        .collect()
 }
 
 impl Courier for SmtpCourier {
@@ -263,10 +298,7 @@ impl Courier for SmtpCourier {
 }
 
 fn permanent(reason: Reason, reply: &str) -> Outcome {
-    Outcome::Permanent {
-        reason,
-        reply: reply.to_owned(),
-    }
+    Outcome::permanent(reason, reply)
 }
 
 /// Network trouble is always worth another try; a refusal keeps its class.

@@ -15,13 +15,16 @@ use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::{Courier, Job, Outcome, tls};
+use super::{Courier, Job, Outcome, Reply, tls};
 use crate::clock::Clock;
 use crate::dns::BoxFuture;
 use crate::http::client::{HttpClient, HttpError, HttpResponse, redact};
 use crate::reason::Reason;
 
+pub mod disabled;
 pub mod payload;
+
+pub use disabled::DisabledEndpoints;
 
 /// How much of a response body is read (it only ends up, cut shorter, in the reply).
 const MAX_RESPONSE_BODY: usize = 16 * 1024;
@@ -127,14 +130,19 @@ pub struct WebhookCourier {
     /// One client per trust anchor (`None`: the web roots; or a route's `tls_ca`).
     clients: Mutex<HashMap<Option<PathBuf>, Arc<HttpClient>>>,
     endpoints: Mutex<HashMap<String, Arc<Mutex<Endpoint>>>>,
+    /// The disabled endpoints, as the door sees them.
+    disabled: Arc<DisabledEndpoints>,
 }
 
 impl WebhookCourier {
-    pub fn new(clock: Arc<dyn Clock>) -> WebhookCourier {
+    /// `disabled` is shared with the door (`Policy`), which refuses the domains of a
+    /// disabled endpoint with a temporary reply instead of accepting mail that would fail.
+    pub fn new(clock: Arc<dyn Clock>, disabled: Arc<DisabledEndpoints>) -> WebhookCourier {
         WebhookCourier {
             clock,
             clients: Mutex::default(),
             endpoints: Mutex::default(),
+            disabled,
         }
     }
 
@@ -150,6 +158,7 @@ impl WebhookCourier {
                 enabled += 1;
             }
         }
+        self.disabled.clear();
         enabled
     }
 
@@ -207,20 +216,22 @@ impl WebhookCourier {
         if let Some(why) = &ep.disabled {
             return Err(Outcome::Permanent {
                 reason: Reason::Rejected,
-                reply: format!("webhook endpoint disabled ({why}); reload the config to re-enable"),
+                reply: Reply::other(format!(
+                    "webhook endpoint disabled ({why}); reload the config to re-enable"
+                )),
             });
         }
         let now = Instant::now();
         match ep.circuit {
             Circuit::Closed => Ok(()),
             Circuit::Open { until } if now < until => Err(Outcome::Transient {
-                reply: "webhook circuit open".into(),
+                reply: Reply::other("webhook circuit open"),
                 retry_after: Some(until - now),
             }),
             // A probe that outlived its own timeout was dropped (shutdown); let another go.
             Circuit::Probing { since } if now - since < timeout + Duration::from_secs(1) => {
                 Err(Outcome::Transient {
-                    reply: "webhook circuit open (probe in flight)".into(),
+                    reply: Reply::other("webhook circuit open (probe in flight)"),
                     retry_after: None,
                 })
             }
@@ -249,6 +260,7 @@ impl WebhookCourier {
                     "webhook endpoint answered 410 Gone; disabled until the config is reloaded"
                 );
                 ep.disabled = Some(reply.to_owned());
+                self.disabled.insert(url);
                 ep.failures = 0;
                 ep.circuit = Circuit::Closed;
             }
@@ -302,11 +314,7 @@ impl WebhookCourier {
         let headers = secret.headers(&id, now_ms / 1000, &body);
         let result = client.post(url, &headers, body, timeout).await;
         let (outcome, health) = classify(result, now_ms);
-        let reply = match &outcome {
-            Outcome::Delivered { reply }
-            | Outcome::Transient { reply, .. }
-            | Outcome::Permanent { reply, .. } => reply.clone(),
-        };
+        let reply = outcome.reply().to_string();
         self.record(&ep, url, job, health, &reply);
         all(outcome)
     }
@@ -329,7 +337,7 @@ fn classify(result: Result<HttpResponse, HttpError>, now_ms: i64) -> (Outcome, H
             );
         }
     };
-    let reply = reply_text(&resp);
+    let reply = Reply::other(reply_text(&resp));
     let retry_after = || {
         resp.headers
             .get(hyper::header::RETRY_AFTER)
@@ -457,7 +465,7 @@ mod tests {
         assert_eq!(
             o,
             Outcome::Transient {
-                reply: "HTTP 429 Too Many Requests: nope".into(),
+                reply: Reply::other("HTTP 429 Too Many Requests: nope"),
                 retry_after: Some(Duration::from_secs(120))
             }
         );

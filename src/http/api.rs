@@ -428,6 +428,7 @@ impl Api {
                     domain: m.domain,
                 })
                 .collect(),
+            smtputf8: false,
         };
         let response_body = serde_json::json!({ "id": queue_id.as_str(), "campaign": campaign, "recipients": results }).to_string();
         self.commit(config, msg, response_body, idempotency).await

@@ -120,6 +120,8 @@ pub struct NewMessage {
     pub client: String,
     pub body: Vec<u8>,
     pub recipients: Vec<NewRecipient>,
+    /// Submitted with the SMTPUTF8 parameter (RFC 6531): relayed with it.
+    pub smtputf8: bool,
 }
 
 /// A recipient's place in its life. Stored as an integer.

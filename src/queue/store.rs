@@ -70,6 +70,9 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO counters (name, value) VALUES ('pruned_recipients', 0), ('pruned_messages', 0);
     CREATE INDEX recipients_live ON recipients(state, campaign, domain) WHERE state IN (0, 3);
     CREATE INDEX recipients_finished ON recipients(updated_at) WHERE state IN (1, 2);",
+    // 5: whether the message was submitted with SMTPUTF8 (RFC 6531), so the
+    // relay passes the parameter on or refuses a next hop that lacks it.
+    "ALTER TABLE messages ADD COLUMN smtputf8 INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Opens queue.db for writing, applies pragmas and migrations.
@@ -139,8 +142,8 @@ fn migrate(conn: &Connection) -> Result<(), QueueError> {
 /// Inserts one message and its recipients. Runs inside the writer's batch transaction.
 pub fn insert_message(conn: &Connection, msg: &NewMessage, now_ms: i64) -> Result<(), QueueError> {
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO messages (queue_id, sender, campaign, source, client, received_at, size, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO messages (queue_id, sender, campaign, source, client, received_at, size, body, smtputf8)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     stmt.execute(params![
         msg.queue_id.as_str(),
@@ -151,6 +154,7 @@ pub fn insert_message(conn: &Connection, msg: &NewMessage, now_ms: i64) -> Resul
         now_ms,
         msg.body.len() as i64,
         &msg.body[..],
+        msg.smtputf8,
     ])?;
     let message_id = conn.last_insert_rowid();
     let mut stmt = conn.prepare_cached(
@@ -243,6 +247,8 @@ pub struct Claimed {
     pub domain: String,
     pub attempts: u32,
     pub received_at: i64,
+    /// The message was submitted with SMTPUTF8.
+    pub smtputf8: bool,
 }
 
 /// Leases up to `limit` due recipients until `lease_until`, skipping held campaigns and
@@ -283,21 +289,26 @@ pub fn claim(
                     queue_id: String::new(),
                     sender: String::new(),
                     received_at: 0,
+                    smtputf8: false,
                 })
             },
         )?
         .collect::<Result<_, _>>()?;
-    let mut meta =
-        conn.prepare_cached("SELECT queue_id, sender, received_at FROM messages WHERE id = ?1")?;
-    let mut cache: std::collections::HashMap<i64, (String, String, i64)> = Default::default();
+    let mut meta = conn.prepare_cached(
+        "SELECT queue_id, sender, received_at, smtputf8 FROM messages WHERE id = ?1",
+    )?;
+    let mut cache: std::collections::HashMap<i64, (String, String, i64, bool)> = Default::default();
     for c in &mut claimed {
         if let std::collections::hash_map::Entry::Vacant(slot) = cache.entry(c.message_id) {
-            slot.insert(meta.query_row([c.message_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?);
+            slot.insert(meta.query_row([c.message_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?);
         }
-        let (queue_id, sender, received_at) = &cache[&c.message_id];
+        let (queue_id, sender, received_at, smtputf8) = &cache[&c.message_id];
         c.queue_id = queue_id.clone();
         c.sender = sender.clone();
         c.received_at = *received_at;
+        c.smtputf8 = *smtputf8;
     }
     claimed.sort_by_key(|c| (c.message_id, c.id));
     Ok(claimed)
@@ -329,6 +340,7 @@ pub fn apply(conn: &Connection, updates: &[(i64, Update)], now_ms: i64) -> Resul
     let mut before = conn.prepare_cached("SELECT state FROM recipients WHERE id = ?1")?;
     let mut totals = Totals::default();
     let mut stmt = conn.prepare_cached(
+        // Which outcome may replace which state is `supersedes`' decision.
         "UPDATE recipients SET state = ?2, attempts = attempts + 1, next_attempt = ?3,
              last_reply = ?4, reason = ?5, lease_until = NULL, updated_at = ?6
          WHERE id = ?1 RETURNING message_id",
@@ -606,6 +618,7 @@ mod tests {
             source: Source::Smtp,
             client: "test".into(),
             body: b"x".to_vec(),
+            smtputf8: false,
             recipients: vec![NewRecipient {
                 address: "u@mx.test".into(),
                 domain: "mx.test".into(),

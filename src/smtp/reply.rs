@@ -87,6 +87,11 @@ pub fn for_reason(reason: Reason) -> Reply {
             "DNS lookup of recipient domain failed, try again later",
         ),
         NoRoute => Reply::new(550, [5, 7, 1], "No route for recipient domain"),
+        DestinationDisabled => Reply::new(
+            451,
+            [4, 3, 2],
+            "Destination of recipient domain is disabled, try again later",
+        ),
         RelayDenied => Reply::new(
             554,
             [5, 7, 1],

@@ -43,6 +43,8 @@ struct Envelope {
     recipients: Vec<Mailbox>,
     /// RCPT refusals, counted once the campaign is final.
     held: Held,
+    /// MAIL carried SMTPUTF8 (RFC 6531): relayed with it.
+    smtputf8: bool,
 }
 
 pub struct Session {
@@ -224,6 +226,7 @@ impl Session {
             campaign,
             recipients: Vec::new(),
             held: Held::default(),
+            smtputf8: from.flags & smtp_proto::MAIL_SMTPUTF8 != 0,
         });
         Action::Reply(fixed::SENDER_OK)
     }
@@ -348,6 +351,7 @@ impl Session {
                     domain: m.domain,
                 })
                 .collect(),
+            smtputf8: envelope.smtputf8,
         };
         match self.intake.enqueue(msg).await {
             Ok(()) => Reply::owned(250, [2, 0, 0], format!("{queue_id} Message queued")),

@@ -431,6 +431,27 @@ pub async fn http(
     (status, body)
 }
 
+/// `floodgate ctl --admin ADDR --token TOKEN ARGS` (the real binary), asserting exit 0;
+/// returns its standard output.
+pub async fn ctl(admin: SocketAddr, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(binary())
+        .arg("ctl")
+        .args(["--admin", &admin.to_string(), "--token", TOKEN])
+        .args(args)
+        .env_remove("FLOODGATE_ADMIN_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run floodgate ctl");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "ctl {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// `http` against the admin API with the test token, parsing the JSON body.
 pub async fn admin(
     addr: SocketAddr,

@@ -30,6 +30,8 @@ pub struct Received {
     pub auth_user: Option<String>,
     /// The EHLO/HELO argument the client gave.
     pub helo: String,
+    /// MAIL FROM parameters after the path, as sent (e.g. `SIZE=123 SMTPUTF8`).
+    pub mail_params: String,
 }
 
 /// What to answer to one RCPT TO.
@@ -63,6 +65,12 @@ pub struct SinkConfig {
     /// `(user, pass)`: offer AUTH PLAIN LOGIN and require it for MAIL
     /// (and only offer it after STARTTLS when `tls` is set).
     pub auth: Option<(String, String)>,
+    /// Called with the number of messages this connection already accepted: `Some(d)`
+    /// records the message, then sends no reply to its final dot (silent for `d`, then
+    /// closes): a reply lost after the message was taken.
+    pub lose_reply: Box<dyn Fn(usize) -> Option<Duration> + Send + Sync>,
+    /// Offer SMTPUTF8 (RFC 6531) in EHLO.
+    pub smtputf8: bool,
 }
 
 impl Default for SinkConfig {
@@ -78,6 +86,8 @@ impl Default for SinkConfig {
             greeting: (220, "sink.test ESMTP floodgate-test-sink".into()),
             tls: None,
             auth: None,
+            lose_reply: Box::new(|_| None),
+            smtputf8: false,
         }
     }
 }
@@ -211,7 +221,10 @@ struct Conn<'a> {
     helo: Option<String>,
     auth_user: Option<String>,
     mail_from: Option<String>,
+    mail_params: String,
     rcpts: Vec<String>,
+    /// Messages accepted on this connection.
+    accepted: usize,
 }
 
 /// Maximum accepted line; longer lines end the session (keeps a broken client from eating RAM).
@@ -267,6 +280,9 @@ impl Conn<'_> {
             "SIZE 52428800".into(),
             "ENHANCEDSTATUSCODES".into(),
         ];
+        if cfg.smtputf8 {
+            l.push("SMTPUTF8".into());
+        }
         if cfg.tls.is_some() && !self.tls {
             l.push("STARTTLS".into());
         }
@@ -372,7 +388,9 @@ async fn session(stream: TcpStream, s: &Shared) -> std::io::Result<()> {
         helo: None,
         auth_user: None,
         mail_from: None,
+        mail_params: String::new(),
         rcpts: Vec::new(),
+        accepted: 0,
     };
     let (gcode, gtext) = s.cfg.greeting.clone();
     c.reply(gcode, &gtext).await?;
@@ -440,6 +458,10 @@ async fn session(stream: TcpStream, s: &Shared) -> std::io::Result<()> {
                     c.reply(503, "5.5.1 Nested MAIL command").await?;
                 } else if let Some(from) = from {
                     c.mail_from = Some(from);
+                    c.mail_params = args
+                        .split_once('>')
+                        .map(|(_, p)| p.trim().to_string())
+                        .unwrap_or_default();
                     c.reply(250, "2.1.0 OK").await?;
                 } else {
                     c.reply(501, "5.5.4 Syntax: MAIL FROM:<address>").await?;
@@ -490,7 +512,9 @@ async fn session(stream: TcpStream, s: &Shared) -> std::io::Result<()> {
                     return Ok(());
                 }
                 let (code, text) = s.cfg.data_reply.clone();
-                if code / 100 == 2 {
+                let lost = (s.cfg.lose_reply)(c.accepted);
+                if code / 100 == 2 || lost.is_some() {
+                    c.accepted += 1;
                     s.received.lock().unwrap().push(Received {
                         mail_from: c.mail_from.clone().unwrap_or_default(),
                         rcpts: c.rcpts.clone(),
@@ -499,7 +523,12 @@ async fn session(stream: TcpStream, s: &Shared) -> std::io::Result<()> {
                         tls: c.tls,
                         auth_user: c.auth_user.clone(),
                         helo: c.helo.clone().unwrap_or_default(),
+                        mail_params: c.mail_params.clone(),
                     });
+                }
+                if let Some(d) = lost {
+                    tokio::time::sleep(d).await;
+                    return Ok(());
                 }
                 c.reset();
                 c.reply(code, &text).await?;

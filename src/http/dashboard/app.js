@@ -134,15 +134,17 @@ function refresh() {
 async function poll() {
   try {
     const wantQueue = tick % QUEUE_EVERY === 0;
-    const [status, campaigns, alerts, queue] = await Promise.all([
+    const [status, campaigns, alerts, queue, webhooks] = await Promise.all([
       api("GET", "/admin/v1/status"),
       api("GET", "/admin/v1/campaigns"),
       api("GET", "/admin/v1/alerts"),
       wantQueue ? api("GET", "/admin/v1/queue") : Promise.resolve(null),
+      api("GET", "/admin/v1/webhooks"),
     ]);
     tick += 1;
     record(status, campaigns);
     render(status, campaigns, alerts, queue);
+    renderWebhooks((webhooks && webhooks.endpoints) || []);
     setConn("live", "live");
     $("updated").textContent = "updated " + clock(Date.now());
   } catch (e) {
@@ -361,6 +363,22 @@ function renderPaused(campaigns) {
     list.appendChild(li);
   }
   $("paused-empty").hidden = held.length > 0;
+}
+
+function renderWebhooks(endpoints) {
+  const list = $("webhooks-disabled");
+  list.replaceChildren();
+  const disabled = endpoints.filter((e) => e.disabled);
+  for (const e of disabled) {
+    const li = document.createElement("li");
+    const state = document.createElement("span");
+    state.className = "state";
+    state.dataset.state = "paused";
+    state.textContent = "DISABLED";
+    li.append(state, " " + e.url);
+    list.appendChild(li);
+  }
+  $("webhooks-disabled-empty").hidden = disabled.length > 0;
 }
 
 function renderFailLog(faillog) {
