@@ -276,10 +276,7 @@ impl App {
                     self.server.shutdown.clone(),
                     // With the SMTP sessions: shutdown waits for requests in flight within
                     // `shutdown_grace`, so a committed message gets its 202.
-                    crate::http::Drain::new(
-                        self.server.tracker.clone(),
-                        self.server.abort.clone(),
-                    ),
+                    crate::http::Drain::new(self.server.tracker.clone(), self.server.abort.clone()),
                 ),
             );
         }

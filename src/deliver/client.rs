@@ -630,7 +630,10 @@ mod tests {
             body: b"Subject: x\r\n\r\nhi\r\n",
             smtputf8: false,
         };
-        let out = conn.send(&tx(injected, &["victim@good.test"])).await.unwrap();
+        let out = conn
+            .send(&tx(injected, &["victim@good.test"]))
+            .await
+            .unwrap();
         assert!(
             matches!(&out[..], [Outcome::Permanent { reply, .. }] if reply.to_string().contains("CR, LF or NUL")),
             "{out:?}"
