@@ -398,7 +398,8 @@ impl Connection {
             // Pipelined: the envelope in one write, then its replies (RFC 2920).
             let mut batch = format!("{mail}\r\n");
             for &i in active {
-                batch.push_str(&format!("RCPT TO:<{}>\r\n", tx.recipients[i]));
+                let rcpt = tx.wire(tx.recipients[i], self.caps.smtputf8);
+                batch.push_str(&format!("RCPT TO:<{rcpt}>\r\n"));
             }
             self.write(batch.as_bytes(), "MAIL").await?;
             let mail_reply = self.read("MAIL", self.timeouts.command).await?;
@@ -410,7 +411,10 @@ impl Connection {
         let mail_reply = self.command(&mail, "MAIL").await?;
         if mail_reply.code == 250 {
             for &i in active {
-                let line = format!("RCPT TO:<{}>", tx.recipients[i]);
+                let line = format!(
+                    "RCPT TO:<{}>",
+                    tx.wire(tx.recipients[i], self.caps.smtputf8)
+                );
                 rcpt_replies.push(self.command(&line, "RCPT").await?);
             }
         }
@@ -419,7 +423,7 @@ impl Connection {
 
     /// `MAIL FROM` with the parameters the server offers and the message needs.
     fn mail_command(&self, tx: &Transaction<'_>) -> String {
-        let mut mail = format!("MAIL FROM:<{}>", tx.sender);
+        let mut mail = format!("MAIL FROM:<{}>", tx.wire(tx.sender, self.caps.smtputf8));
         if self.caps.size.is_some() {
             mail.push_str(&format!(" SIZE={}", tx.body.len()));
         }

@@ -70,10 +70,12 @@ impl Transaction<'_> {
         self.smtputf8 || !self.sender.is_ascii() || self.recipients.iter().any(|r| !r.is_ascii())
     }
 
-    /// Without SMTPUTF8 at the next hop (RFC 6531 §3.4): a UTF-8 sender, or the UTF-8
-    /// headers of a message submitted with SMTPUTF8, fail every recipient; a UTF-8
-    /// recipient fails alone. Permanent: this host will not grow the extension between
-    /// two attempts often enough to hold mail for it.
+    /// Without SMTPUTF8 at the next hop (RFC 6531 §3.4): a UTF-8 local part of the
+    /// sender, or the UTF-8 headers of a message submitted with SMTPUTF8, fail every
+    /// recipient; a recipient with a UTF-8 local part fails alone. A UTF-8 *domain* needs
+    /// no extension: it is sent as its A-label (see [`Transaction::wire`]). Permanent:
+    /// this host will not grow the extension between two attempts often enough to hold
+    /// mail for it.
     pub(super) fn utf8_refusals(&self, offered: bool) -> Vec<Option<Outcome>> {
         let n = self.recipients.len();
         if offered {
@@ -85,14 +87,45 @@ impl Transaction<'_> {
                 "550 5.6.7 next hop does not support SMTPUTF8, which this message needs (RFC 6531)",
             ))
         };
-        if !self.sender.is_ascii() || (self.smtputf8 && !header_section(self.body).is_ascii()) {
+        if !local_part(self.sender).is_ascii()
+            || (self.smtputf8 && !header_section(self.body).is_ascii())
+        {
             return vec![refused(); n];
         }
         self.recipients
             .iter()
-            .map(|r| if r.is_ascii() { None } else { refused() })
+            .map(|r| {
+                if local_part(r).is_ascii() {
+                    None
+                } else {
+                    refused()
+                }
+            })
             .collect()
     }
+
+    /// An envelope address as written to a next hop: as given when it offers SMTPUTF8;
+    /// otherwise with its domain as IDNA A-labels (`a@xn--x-bga.test`), which names the
+    /// same domain in ASCII.
+    pub fn wire<'a>(&self, address: &'a str, offered: bool) -> std::borrow::Cow<'a, str> {
+        if offered || address.is_ascii() {
+            return address.into();
+        }
+        match address.rsplit_once('@') {
+            Some((local, domain)) if local.is_ascii() => {
+                match crate::address::ascii_domain(domain) {
+                    Some(ascii) => format!("{local}@{ascii}").into(),
+                    None => address.into(),
+                }
+            }
+            _ => address.into(),
+        }
+    }
+}
+
+/// The part of an address before its last `@` (all of it when there is none).
+fn local_part(address: &str) -> &str {
+    address.rsplit_once('@').map_or(address, |(l, _)| l)
 }
 
 /// The header section of a message (up to the first empty line), for the SMTPUTF8 check.
@@ -147,6 +180,12 @@ mod tests {
         assert!(sender.needs_smtputf8());
         let one = tx("a@x.test", &["ü@y.test", "c@y.test"], ascii_body, false);
         assert_eq!(refused(&one, false), [true, false]);
+        // A UTF-8 domain alone needs no extension: it goes out as its A-label.
+        let idn = tx("a@xé.test", &["b@yé.test"], ascii_body, false);
+        assert_eq!(refused(&idn, false), [false]);
+        assert_eq!(idn.wire("b@yé.test", false), "b@xn--y-bga.test");
+        assert_eq!(idn.wire("b@yé.test", true), "b@yé.test");
+        assert_eq!(idn.wire("ü@yé.test", false), "ü@yé.test");
         // With the extension nothing is refused here.
         assert_eq!(refused(&sender, true), [false, false]);
         let Some(Outcome::Permanent { reply, .. }) = &sender.utf8_refusals(false)[0] else {
