@@ -199,12 +199,15 @@ fn serve(path: &Path) -> ExitCode {
 }
 
 async fn run(path: &Path, config: Config) -> anyhow::Result<()> {
-    let app = App::start(config, Deps::default()).await?;
-    let _ = sd_notify::notify(false, &[NotifyState::Ready]);
-    tracing::info!(config = %path.display(), "floodgate ready");
+    // Before the listeners open: a SIGTERM that arrives while the daemon starts waits for
+    // the start to finish and then shuts down gracefully, instead of killing a process
+    // that may already be answering requests.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let app = App::start(config, Deps::default()).await?;
+    let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+    tracing::info!(config = %path.display(), "floodgate ready");
     let mut usec = 0;
     let watchdog =
         sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec) / 2);

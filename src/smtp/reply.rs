@@ -182,12 +182,12 @@ pub mod fixed {
     pub const BAD_SENDER_BYTES: Reply = Reply::new(
         501,
         [5, 1, 7],
-        "Sender address holds invalid bytes (NUL or invalid UTF-8)",
+        "Sender address holds invalid bytes (NUL, bare CR or LF, or invalid UTF-8)",
     );
     pub const BAD_RECIPIENT_BYTES: Reply = Reply::new(
         501,
         [5, 1, 3],
-        "Recipient address holds invalid bytes (NUL or invalid UTF-8)",
+        "Recipient address holds invalid bytes (NUL, bare CR or LF, or invalid UTF-8)",
     );
     pub const BAD_HELO: Reply = Reply::new(
         501,
