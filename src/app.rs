@@ -111,10 +111,25 @@ fn load_tls(tls: Option<&TlsConfig>) -> Result<Option<TlsAcceptor>, TlsError> {
         .transpose()
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Listen { addr, source })
+/// The smallest listen backlog: the kernel's accept queue. A burst of connections larger
+/// than it is not refused but silently delayed (the kernel drops the handshake's last ACK
+/// and the client's SYN-ACK retransmits back off for seconds), so it is sized for the
+/// connection limit.
+const MIN_BACKLOG: u32 = 4096;
+
+fn bind(addr: SocketAddr, backlog: usize) -> Result<TcpListener, AppError> {
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // As std and tokio do: a restarted daemon rebinds while old sockets linger.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        // The kernel caps it at net.core.somaxconn.
+        socket.listen(u32::try_from(backlog).unwrap_or(u32::MAX).max(MIN_BACKLOG))
+    };
+    listen().map_err(|source| AppError::Listen { addr, source })
 }
 
 fn hickory(config: &Config) -> Result<Arc<dyn Resolver>, AppError> {
@@ -148,15 +163,16 @@ struct Listeners {
 impl Listeners {
     async fn bind(config: &Config) -> Result<Listeners, AppError> {
         let mut smtp = Vec::new();
+        let backlog = config.smtp.max_connections;
         for addr in &config.smtp.listen {
-            smtp.push(bind(*addr).await?);
+            smtp.push(bind(*addr, backlog)?);
         }
         let http = match config.http.listen {
-            Some(addr) => Some(bind(addr).await?),
+            Some(addr) => Some(bind(addr, MIN_BACKLOG as usize)?),
             None => None,
         };
         let admin = match config.admin.listen {
-            Some(addr) => Some(bind(addr).await?),
+            Some(addr) => Some(bind(addr, MIN_BACKLOG as usize)?),
             None => None,
         };
         Ok(Listeners { smtp, http, admin })
