@@ -517,6 +517,15 @@ impl Config {
                 .check()
                 .map_err(|why| invalid(&format!("dkim[{i}]"), None, why))?;
         }
+        if !self.dkim.is_empty() {
+            // Accepting the tables while sending unsigned mail would tell an operator
+            // their mail is signed when it is not.
+            return Err(invalid(
+                "dkim[0]",
+                None,
+                "signing outgoing mail is not applied yet; keys can be made with `floodgate dkim-keygen`, but remove [[dkim]] until a release signs with them".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -563,6 +572,27 @@ mod tests {
     }
 
     const TOKEN: &str = "[admin]\ntoken = \"0123456789abcdef01234567\"\n";
+
+    #[test]
+    fn dkim_tables_are_refused_until_signing_is_applied() {
+        let text = format!(
+            "{TOKEN}[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey = \"/k.pem\"\n"
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("dkim[0]") && err.contains("not applied yet"),
+            "{err}"
+        );
+        let bad = format!(
+            "{TOKEN}[[dkim]]\ndomain = \"bad domain\"\nselector = \"s1\"\nkey = \"/k.pem\"\n"
+        );
+        assert!(
+            parse(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("not a domain")
+        );
+    }
 
     #[test]
     fn empty_file_gets_defaults() {
