@@ -88,6 +88,17 @@ pub enum FailLogMode {
     Off,
 }
 
+impl FailLogMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailLogMode::Full => "full",
+            FailLogMode::Sampled => "sampled",
+            FailLogMode::Aggregate => "aggregate",
+            FailLogMode::Off => "off",
+        }
+    }
+}
+
 /// The failure log's runtime switches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailLogSettings {
