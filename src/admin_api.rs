@@ -64,11 +64,12 @@ pub struct CampaignActionResponse {
 }
 
 /// The body of `POST /admin/v1/campaigns/{name}/purge` (an empty body is the default).
+/// Requests leave out what is not given; the daemon takes an absent field and a null alike.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PurgeRequest {
     /// Refuse the campaign's new submissions for this long after the purge (`"10m"`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_for: Option<String>,
 }
 
@@ -145,13 +146,13 @@ pub struct FailLogView {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailLogUpdate {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<FailLogMode>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_rate: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows_per_sec: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
 }
 

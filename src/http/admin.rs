@@ -26,6 +26,10 @@ pub use views::{campaign_state, campaign_view};
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/readyz"),
+    ("GET", "/"),
+    ("GET", "/index.html"),
+    ("GET", "/assets/app.js"),
+    ("GET", "/assets/style.css"),
     ("GET", "/metrics"),
     ("GET", "/admin/v1/status"),
     ("GET", "/admin/v1/campaigns"),
