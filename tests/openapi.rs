@@ -92,10 +92,10 @@ fn check(doc: &Value, schema: &Value, value: &Value, at: &str, errors: &mut Vec<
         errors.push(format!("{at}: {value} is not of type {types:?}"));
         return;
     }
-    if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
-        if !allowed.contains(value) {
-            errors.push(format!("{at}: {value} is not one of {allowed:?}"));
-        }
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+        && !allowed.contains(value)
+    {
+        errors.push(format!("{at}: {value} is not one of {allowed:?}"));
     }
     match value {
         Value::Object(map)
@@ -283,7 +283,7 @@ fn failure_log_types_match_their_schemas() {
         recipient: "a@nx.test".into(),
         detail: "550 5.1.2 Recipient domain does not exist".into(),
     };
-    type_is_documented(&doc, "FailureRow", &[row.clone()]);
+    type_is_documented(&doc, "FailureRow", std::slice::from_ref(&row));
     type_is_documented(
         &doc,
         "FailuresResponse",
@@ -333,7 +333,7 @@ fn queue_alert_webhook_and_status_types_match_their_schemas() {
         circuit: CircuitState::HalfOpen,
         consecutive_failures: 2,
     };
-    type_is_documented(&doc, "WebhookEndpoint", &[endpoint.clone()]);
+    type_is_documented(&doc, "WebhookEndpoint", std::slice::from_ref(&endpoint));
     type_is_documented(
         &doc,
         "WebhooksResponse",
