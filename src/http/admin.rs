@@ -19,7 +19,6 @@ mod actions;
 mod views;
 
 pub use super::daemon::Admin;
-pub use views::{campaign_state, campaign_view};
 
 /// Every admin route: method and path pattern (`{name}` and `{action}` are one segment).
 /// `tests/openapi.rs` checks that each appears in `docs/openapi.yaml`.

@@ -15,7 +15,7 @@ use crate::http::{Body, error, json, query_pairs};
 use crate::reason::Reason;
 
 /// A campaign's one-word state at `now_ms`.
-pub fn campaign_state(c: &Campaign, now_ms: i64) -> api::CampaignState {
+fn campaign_state(c: &Campaign, now_ms: i64) -> api::CampaignState {
     if c.is_paused() {
         api::CampaignState::Paused
     } else if c.blocked_until() > now_ms {
@@ -105,6 +105,8 @@ fn failure_row(r: FailureRow) -> api::FailureRow {
     }
 }
 
+/// The courier reports its circuit as one of three words (`closed`, `open`, `half-open`:
+/// `EndpointStatus::circuit`); this is the one place that turns them into the wire enum.
 fn circuit(word: &str) -> api::CircuitState {
     match word {
         "closed" => api::CircuitState::Closed,
