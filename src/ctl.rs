@@ -6,8 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand, ValueEnum};
+use hyper::Method;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
+
+use crate::admin_api as api;
 
 pub mod client;
 pub mod render;
@@ -111,12 +114,32 @@ enum IntakeAction {
     Resume,
 }
 
+impl IntakeAction {
+    fn word(self) -> &'static str {
+        match self {
+            IntakeAction::Pause => "pause",
+            IntakeAction::Resume => "resume",
+        }
+    }
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum Mode {
     Full,
     Sampled,
     Aggregate,
     Off,
+}
+
+impl Mode {
+    fn api(self) -> api::FailLogMode {
+        match self {
+            Mode::Full => api::FailLogMode::Full,
+            Mode::Sampled => api::FailLogMode::Sampled,
+            Mode::Aggregate => api::FailLogMode::Aggregate,
+            Mode::Off => api::FailLogMode::Off,
+        }
+    }
 }
 
 /// Runs one `ctl` command; the exit code is the documented one.
@@ -145,32 +168,59 @@ pub fn main(args: CtlArgs) -> ExitCode {
 
 async fn run(args: CtlArgs) -> Result<String, CtlError> {
     let client = connect(&args)?;
-    let json = args.json;
-    let show = |v: &Value, human: &dyn Fn(&Value) -> String| {
-        if json {
-            serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
-        } else {
-            human(v)
+    let call = request(&args.command)?;
+    let answer = client
+        .call(call.method.clone(), &call.path, call.body)
+        .await?;
+    if args.json {
+        return Ok(serde_json::to_string_pretty(&answer).unwrap_or_default() + "\n");
+    }
+    // A daemon of another version may answer a shape this ctl does not know.
+    human(&args.command, &client.addr, answer).map_err(|e| CtlError::Api {
+        addr: client.addr.clone(),
+        method: call.method,
+        path: call.path,
+        status: hyper::StatusCode::OK,
+        message: format!("the answer does not match this ctl's admin API: {e}"),
+    })
+}
+
+/// What a command asks of the admin API.
+struct Call {
+    method: Method,
+    path: String,
+    body: Option<Value>,
+}
+
+impl Call {
+    fn get(path: impl Into<String>) -> Call {
+        Call {
+            method: Method::GET,
+            path: path.into(),
+            body: None,
         }
-    };
-    Ok(match &args.command {
-        CtlCommand::Status => {
-            let v = client.get("/admin/v1/status").await?;
-            show(&v, &|v| render::status(&client.addr, v))
+    }
+
+    fn with(method: Method, path: impl Into<String>, body: Option<impl serde::Serialize>) -> Call {
+        Call {
+            method,
+            path: path.into(),
+            body: body.map(|b| serde_json::to_value(b).unwrap_or_default()),
         }
-        CtlCommand::Campaigns => show(
-            &client.get("/admin/v1/campaigns").await?,
-            &render::campaigns,
-        ),
-        CtlCommand::Pause { campaign } | CtlCommand::Resume { campaign } => {
-            let action = match args.command {
-                CtlCommand::Pause { .. } => "pause",
-                _ => "resume",
-            };
-            let v = client.post(&campaign_path(campaign, action), None).await?;
-            show(&v, &|v| {
-                format!("campaign {campaign}: {}\n", render::state(v))
-            })
+    }
+}
+
+/// The request of a command; a purge is checked and confirmed here, before it is sent.
+fn request(command: &CtlCommand) -> Result<Call, CtlError> {
+    const NONE: Option<()> = None;
+    Ok(match command {
+        CtlCommand::Status => Call::get("/admin/v1/status"),
+        CtlCommand::Campaigns => Call::get("/admin/v1/campaigns"),
+        CtlCommand::Pause { campaign } => {
+            Call::with(Method::POST, campaign_path(campaign, "pause"), NONE)
+        }
+        CtlCommand::Resume { campaign } => {
+            Call::with(Method::POST, campaign_path(campaign, "resume"), NONE)
         }
         CtlCommand::Purge {
             campaign,
@@ -184,48 +234,34 @@ async fn run(args: CtlArgs) -> Result<String, CtlError> {
             if !yes {
                 confirm_purge(campaign, block_for.as_deref())?;
             }
-            let body = json!({ "block_for": block_for });
-            let v = client
-                .post(&campaign_path(campaign, "purge"), Some(body))
-                .await?;
-            show(&v, &|v| {
-                format!(
-                    "campaign {campaign}: purged {} queued recipients; now {}\n",
-                    v.get("purged").and_then(Value::as_u64).unwrap_or(0),
-                    render::state(v)
-                )
-            })
+            let body = api::PurgeRequest {
+                block_for: block_for.clone(),
+            };
+            Call::with(Method::POST, campaign_path(campaign, "purge"), Some(body))
         }
         CtlCommand::Intake { action } => {
-            let (path, words) = match action {
-                IntakeAction::Pause => (
-                    "/admin/v1/intake/pause",
-                    "intake paused: new mail is answered 451 4.7.1 until `floodgate ctl intake resume`",
-                ),
-                IntakeAction::Resume => {
-                    ("/admin/v1/intake/resume", "intake resumed: accepting mail")
-                }
-            };
-            let v = client.post(path, None).await?;
-            show(&v, &|_| format!("{words}\n"))
+            let path = format!("/admin/v1/intake/{}", action.word());
+            Call::with(Method::POST, path, NONE)
         }
+        CtlCommand::Faillog {
+            mode: None,
+            sample_rate: None,
+            rows_per_sec: None,
+        } => Call::get("/admin/v1/faillog"),
         CtlCommand::Faillog {
             mode,
             sample_rate,
             rows_per_sec,
         } => {
-            let v = if mode.is_none() && sample_rate.is_none() && rows_per_sec.is_none() {
-                client.get("/admin/v1/faillog").await?
-            } else {
-                let mode = mode
-                    .and_then(|m| m.to_possible_value())
-                    .map(|p| p.get_name().to_owned());
-                let body = json!({ "mode": mode, "sample_rate": sample_rate, "rows_per_sec": rows_per_sec });
-                client.put("/admin/v1/faillog", body).await?
+            let body = api::FailLogUpdate {
+                mode: mode.map(Mode::api),
+                sample_rate: *sample_rate,
+                rows_per_sec: *rows_per_sec,
+                burst: None,
             };
-            show(&v, &render::faillog)
+            Call::with(Method::PUT, "/admin/v1/faillog", Some(body))
         }
-        CtlCommand::Queue => show(&client.get("/admin/v1/queue").await?, &render::queue),
+        CtlCommand::Queue => Call::get("/admin/v1/queue"),
         CtlCommand::Failures {
             campaign,
             reason,
@@ -238,10 +274,44 @@ async fn run(args: CtlArgs) -> Result<String, CtlError> {
             if let Some(r) = reason {
                 path.push_str(&format!("&reason={}", encode(r)));
             }
-            show(&client.get(&path).await?, &render::failures)
+            Call::get(path)
         }
-        CtlCommand::Alerts => show(&client.get("/admin/v1/alerts").await?, &render::alerts),
-        CtlCommand::Webhooks => show(&client.get("/admin/v1/webhooks").await?, &render::webhooks),
+        CtlCommand::Alerts => Call::get("/admin/v1/alerts"),
+        CtlCommand::Webhooks => Call::get("/admin/v1/webhooks"),
+    })
+}
+
+/// The answer to a command, decoded into its admin API type and put in words.
+fn human(command: &CtlCommand, addr: &str, answer: Value) -> Result<String, serde_json::Error> {
+    use serde_json::from_value as decode;
+    Ok(match command {
+        CtlCommand::Status => render::status(addr, &decode(answer)?),
+        CtlCommand::Campaigns => render::campaigns(&decode::<Vec<_>>(answer)?),
+        CtlCommand::Pause { campaign } | CtlCommand::Resume { campaign } => {
+            let done: api::CampaignActionResponse = decode(answer)?;
+            format!("campaign {campaign}: {}\n", render::state(&done.campaign))
+        }
+        CtlCommand::Purge { campaign, .. } => {
+            let done: api::CampaignActionResponse = decode(answer)?;
+            format!(
+                "campaign {campaign}: purged {} queued recipients; now {}\n",
+                done.purged.unwrap_or(0),
+                render::state(&done.campaign)
+            )
+        }
+        CtlCommand::Intake { action } => {
+            let _: api::IntakeResponse = decode(answer)?;
+            match action {
+                IntakeAction::Pause => "intake paused: new mail is answered 451 4.7.1 until `floodgate ctl intake resume`\n",
+                IntakeAction::Resume => "intake resumed: accepting mail\n",
+            }
+            .to_owned()
+        }
+        CtlCommand::Faillog { .. } => render::faillog(&decode(answer)?),
+        CtlCommand::Queue => render::queue(&decode(answer)?),
+        CtlCommand::Failures { .. } => render::failures(&decode(answer)?),
+        CtlCommand::Alerts => render::alerts(&decode::<Vec<_>>(answer)?),
+        CtlCommand::Webhooks => render::webhooks(&decode(answer)?),
     })
 }
 

@@ -3,6 +3,7 @@
 //! recipients. `main.rs` is only the CLI; everything lives here so tests can run it.
 
 pub mod address;
+pub mod admin_api;
 pub mod app;
 pub mod bounce;
 pub mod campaign;

@@ -3,7 +3,12 @@
 
 use std::fmt::Write as _;
 
-use serde_json::Value;
+use std::collections::BTreeMap;
+
+use crate::admin_api::{
+    Alert, CampaignState, CampaignView, FailLogView, FailuresResponse, QueueResponse,
+    StatusResponse, WebhooksResponse,
+};
 
 /// Columns aligned by width; a column whose header is right-aligned holds numbers.
 pub struct Table {
@@ -59,14 +64,6 @@ impl Table {
     }
 }
 
-fn u(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or(0)
-}
-
-fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
-}
-
 /// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` UTC.
 pub fn utc(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
@@ -85,15 +82,8 @@ fn uptime(secs: u64) -> String {
 
 /// `{"no_such_domain": 5000, "malformed_address": 12}` as `no_such_domain 5000, malformed_address 12`,
 /// the largest first.
-fn top_reasons(reasons: &Value, n: usize) -> String {
-    let mut list: Vec<(&str, u64)> = reasons
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| (k.as_str(), v.as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default();
+fn top_reasons(reasons: &BTreeMap<String, u64>, n: usize) -> String {
+    let mut list: Vec<(&str, u64)> = reasons.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     list.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     if list.is_empty() {
         return "-".into();
@@ -107,34 +97,28 @@ fn top_reasons(reasons: &Value, n: usize) -> String {
 
 /// A campaign's state in words, with the end of a purge block (which a pause hides in the
 /// API's one-word state, and which `resume` lifts too).
-pub fn state(c: &Value) -> String {
-    let until = c
-        .get("blocked_until_ms")
-        .and_then(Value::as_i64)
-        .unwrap_or(0);
-    match s(c, "state") {
-        "blocked" => format!("blocked until {} UTC", utc(until)),
-        "paused" if until > chrono::Utc::now().timestamp_millis() => {
+pub fn state(c: &CampaignView) -> String {
+    let until = c.blocked_until_ms;
+    match c.state {
+        CampaignState::Blocked => format!("blocked until {} UTC", utc(until)),
+        CampaignState::Paused if until > chrono::Utc::now().timestamp_millis() => {
             format!("paused, and blocked until {} UTC", utc(until))
         }
-        other => other.to_owned(),
+        other => other.as_str().to_owned(),
     }
 }
 
 /// As [`state`], short enough for a table column: `paused, blocked to 06:02 UTC`.
-fn state_short(c: &Value) -> String {
-    let until = c
-        .get("blocked_until_ms")
-        .and_then(Value::as_i64)
-        .unwrap_or(0);
-    let word = s(c, "state");
+fn state_short(c: &CampaignView) -> String {
+    let until = c.blocked_until_ms;
+    let word = c.state.as_str();
     if until > chrono::Utc::now().timestamp_millis() {
         let hm = chrono::DateTime::from_timestamp_millis(until)
             .map(|t| t.format("%H:%M").to_string())
             .unwrap_or_default();
-        match word {
-            "blocked" => format!("blocked to {hm} UTC"),
-            other => format!("{other}, blocked to {hm} UTC"),
+        match c.state {
+            CampaignState::Blocked => format!("blocked to {hm} UTC"),
+            _ => format!("{word}, blocked to {hm} UTC"),
         }
     } else {
         word.to_owned()
@@ -142,8 +126,7 @@ fn state_short(c: &Value) -> String {
 }
 
 /// `GET /admin/v1/campaigns`: the API sorts by failures, the worst first; keep that order.
-pub fn campaigns(list: &Value) -> String {
-    let items = list.as_array().map(Vec::as_slice).unwrap_or_default();
+pub fn campaigns(items: &[CampaignView]) -> String {
     if items.is_empty() {
         return "no campaigns yet: nothing has been submitted since the daemon started\n".into();
     }
@@ -156,152 +139,114 @@ pub fn campaigns(list: &Value) -> String {
         ("TOP REASONS", false),
     ]);
     for c in items {
-        let ratio = c
-            .get("failure_ratio")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0);
         t.row(vec![
-            s(c, "name").to_owned(),
+            c.name.clone(),
             state_short(c),
-            u(c, "accepted").to_string(),
-            u(c, "failed").to_string(),
-            format!("{:.1}%", ratio * 100.0),
-            top_reasons(c.get("reasons").unwrap_or(&Value::Null), 3),
+            c.accepted.to_string(),
+            c.failed.to_string(),
+            format!("{:.1}%", c.failure_ratio * 100.0),
+            top_reasons(&c.reasons, 3),
         ]);
     }
     t.render()
 }
 
 /// `GET /admin/v1/status`.
-pub fn status(addr: &str, v: &Value) -> String {
+pub fn status(addr: &str, v: &StatusResponse) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "floodgate at {addr}, up {}",
-        uptime(u(v, "uptime_secs"))
-    );
-    let intake = if v.get("intake_paused").and_then(Value::as_bool) == Some(true) {
+    let _ = writeln!(out, "floodgate at {addr}, up {}", uptime(v.uptime_secs));
+    let intake = if v.intake_paused {
         "PAUSED: new mail is answered 451 4.7.1 (floodgate ctl intake resume)"
     } else {
         "accepting"
     };
     let _ = writeln!(out, "intake        {intake}");
     let queue = v
-        .get("queue")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .map(|(k, n)| format!("{k} {}", n.as_u64().unwrap_or(0)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .filter(|q| !q.is_empty())
-        .unwrap_or_else(|| "empty".into());
+        .queue
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let queue = if queue.is_empty() {
+        "empty".into()
+    } else {
+        queue
+    };
     let _ = writeln!(out, "queue         {queue}");
     let _ = writeln!(
         out,
         "recipients    accepted {}, delivered {}, failed {} (refusals and failures of every kind: {})",
-        u(v, "accepted_total"),
-        u(v, "delivered_total"),
-        u(v, "failed_total"),
-        u(v, "failures_total"),
+        v.accepted_total, v.delivered_total, v.failed_total, v.failures_total,
     );
-    let held: Vec<&str> = v
-        .get("paused_campaigns")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    let held = if held.is_empty() {
+    let held = if v.paused_campaigns.is_empty() {
         "none paused".to_owned()
     } else {
-        format!("paused or blocked: {}", held.join(", "))
+        format!("paused or blocked: {}", v.paused_campaigns.join(", "))
     };
-    let _ = writeln!(out, "campaigns     {}, {held}", u(v, "campaigns"));
-    let _ = writeln!(
-        out,
-        "failure log   {}",
-        faillog_line(v.get("faillog").unwrap_or(&Value::Null))
-    );
-    let _ = writeln!(
-        out,
-        "alerts        {} (floodgate ctl alerts)",
-        u(v, "alerts")
-    );
+    let _ = writeln!(out, "campaigns     {}, {held}", v.campaigns);
+    let _ = writeln!(out, "failure log   {}", faillog_line(&v.faillog));
+    let _ = writeln!(out, "alerts        {} (floodgate ctl alerts)", v.alerts);
     out
 }
 
-fn faillog_line(f: &Value) -> String {
-    let Some(settings) = f.get("settings").filter(|s| !s.is_null()) else {
+fn faillog_line(f: &FailLogView) -> String {
+    let Some(settings) = &f.settings else {
         return "not running".into();
     };
-    let counters = f.get("counters").unwrap_or(&Value::Null);
+    let counters = f.counters.unwrap_or_default();
     format!(
         "mode {}, writing {:.1} rows/s, {} rows written, {} dropped",
-        s(settings, "mode"),
-        f.get("rows_per_sec").and_then(Value::as_f64).unwrap_or(0.0),
-        u(counters, "rows_written"),
-        u(counters, "dropped"),
+        settings.mode.as_str(),
+        f.rows_per_sec.unwrap_or(0.0),
+        counters.rows_written,
+        counters.dropped,
     )
 }
 
 /// `GET|PUT /admin/v1/faillog`.
-pub fn faillog(f: &Value) -> String {
-    let Some(settings) = f.get("settings").filter(|s| !s.is_null()) else {
+pub fn faillog(f: &FailLogView) -> String {
+    let Some(settings) = &f.settings else {
         return "failure log: not running\n".into();
     };
-    let c = f.get("counters").unwrap_or(&Value::Null);
+    let c = f.counters.unwrap_or_default();
     let mut out = String::new();
-    let _ = writeln!(out, "mode          {}", s(settings, "mode"));
+    let _ = writeln!(out, "mode          {}", settings.mode.as_str());
     let _ = writeln!(
         out,
         "sample rate   1 in {} (mode sampled)",
-        u(settings, "sample_rate").max(1)
+        settings.sample_rate.max(1)
     );
     let _ = writeln!(
         out,
         "row cap       {} rows/s per campaign, burst {} (modes full and sampled)",
-        u(settings, "rows_per_sec"),
-        u(settings, "burst")
+        settings.rows_per_sec, settings.burst
     );
     let _ = writeln!(
         out,
         "write rate    {:.1} rows/s",
-        f.get("rows_per_sec").and_then(Value::as_f64).unwrap_or(0.0)
+        f.rows_per_sec.unwrap_or(0.0)
     );
     let _ = writeln!(
         out,
         "since start   {} failures counted, {} rows written, {} suppressed by the cap, {} sampled out, {} dropped",
-        u(c, "recorded"),
-        u(c, "rows_written"),
-        u(c, "suppressed"),
-        u(c, "sampled_out"),
-        u(c, "dropped"),
+        c.recorded, c.rows_written, c.suppressed, c.sampled_out, c.dropped,
     );
     out
 }
 
-/// `GET /admin/v1/queue`: `by_state` is an object, the others are `[name, count]` pairs.
-pub fn queue(v: &Value) -> String {
+/// `GET /admin/v1/queue`: recipients by state, then the busiest domains and campaigns.
+pub fn queue(v: &QueueResponse) -> String {
     let mut out = String::new();
     let mut t = Table::new(&[("STATE", false), ("RECIPIENTS", true)]);
-    if let Some(m) = v.get("by_state").and_then(Value::as_object) {
-        for (k, n) in m {
-            t.row(vec![k.clone(), n.as_u64().unwrap_or(0).to_string()]);
-        }
+    for (k, n) in &v.by_state {
+        t.row(vec![k.clone(), n.to_string()]);
     }
     out.push_str(&t.render());
-    for (key, header) in [("by_domain", "DOMAIN"), ("by_campaign", "CAMPAIGN")] {
+    for (pairs, header) in [(&v.by_domain, "DOMAIN"), (&v.by_campaign, "CAMPAIGN")] {
         out.push('\n');
-        let pairs = v
-            .get(key)
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
         let mut t = Table::new(&[(header, false), ("QUEUED", true)]);
-        for p in &pairs {
-            let name = p.get(0).and_then(Value::as_str).unwrap_or("-");
-            let n = p.get(1).and_then(Value::as_u64).unwrap_or(0);
-            t.row(vec![name.to_owned(), n.to_string()]);
+        for (name, n) in pairs {
+            t.row(vec![name.clone(), n.to_string()]);
         }
         if pairs.is_empty() {
             t.row(vec!["(nothing queued)".into(), String::new()]);
@@ -312,13 +257,8 @@ pub fn queue(v: &Value) -> String {
 }
 
 /// `GET /admin/v1/failures`: newest first.
-pub fn failures(v: &Value) -> String {
-    let rows = v
-        .get("failures")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    if rows.is_empty() {
+pub fn failures(v: &FailuresResponse) -> String {
+    if v.failures.is_empty() {
         return "no failure rows (in mode aggregate or off only counts are kept: floodgate ctl campaigns)\n".into();
     }
     let mut t = Table::new(&[
@@ -328,28 +268,23 @@ pub fn failures(v: &Value) -> String {
         ("RECIPIENT", false),
         ("DETAIL", false),
     ]);
-    for r in &rows {
+    for r in &v.failures {
         t.row(vec![
-            utc(r.get("at_ms").and_then(Value::as_i64).unwrap_or(0)),
-            s(r, "stage").to_owned(),
-            s(r, "reason").to_owned(),
-            match s(r, "recipient") {
+            utc(r.at_ms),
+            r.stage.clone(),
+            r.reason.clone(),
+            match r.recipient.as_str() {
                 "" => "<>".to_owned(),
                 other => other.to_owned(),
             },
-            s(r, "detail").to_owned(),
+            r.detail.clone(),
         ]);
     }
     t.render()
 }
 
 /// `GET /admin/v1/webhooks`: one row per endpoint the courier has used.
-pub fn webhooks(v: &Value) -> String {
-    let rows = v
-        .get("endpoints")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+pub fn webhooks(v: &WebhooksResponse) -> String {
     let mut out = String::new();
     let mut t = Table::new(&[
         ("ENDPOINT", false),
@@ -357,24 +292,20 @@ pub fn webhooks(v: &Value) -> String {
         ("CIRCUIT", false),
         ("FAILURES", true),
     ]);
-    for r in &rows {
-        let disabled = r.get("disabled").and_then(Value::as_bool).unwrap_or(false);
+    for r in &v.endpoints {
         t.row(vec![
-            s(r, "url").to_owned(),
-            if disabled {
+            r.url.clone(),
+            if r.disabled {
                 "disabled (410)"
             } else {
                 "enabled"
             }
             .to_owned(),
-            s(r, "circuit").to_owned(),
-            r.get("consecutive_failures")
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
-                .to_string(),
+            r.circuit.as_str().to_owned(),
+            r.consecutive_failures.to_string(),
         ]);
     }
-    if rows.is_empty() {
+    if v.endpoints.is_empty() {
         t.row(vec![
             "(no webhook used yet)".into(),
             String::new(),
@@ -383,22 +314,19 @@ pub fn webhooks(v: &Value) -> String {
         ]);
     }
     out.push_str(&t.render());
-    if rows
-        .iter()
-        .any(|r| r.get("disabled").and_then(Value::as_bool) == Some(true))
-    {
+    if v.endpoints.iter().any(|r| r.disabled) {
         out.push_str("\ndisabled endpoints' domains are answered 451 4.3.2 until the config is reloaded (SIGHUP)\n");
     }
     out
 }
 
 /// `GET /admin/v1/alerts`: newest first.
-pub fn alerts(v: &Value) -> String {
-    let mut list = v.as_array().cloned().unwrap_or_default();
+pub fn alerts(list: &[Alert]) -> String {
     if list.is_empty() {
         return "no alerts\n".into();
     }
-    list.sort_by_key(|a| std::cmp::Reverse(a.get("at_ms").and_then(Value::as_i64)));
+    let mut list = list.to_vec();
+    list.sort_by_key(|a| std::cmp::Reverse(a.at_ms));
     let mut t = Table::new(&[
         ("TIME (UTC)", false),
         ("KIND", false),
@@ -408,17 +336,11 @@ pub fn alerts(v: &Value) -> String {
     ]);
     for a in &list {
         t.row(vec![
-            utc(a.get("at_ms").and_then(Value::as_i64).unwrap_or(0)),
-            s(a, "kind").to_owned(),
-            a.get("campaign")
-                .and_then(Value::as_str)
-                .unwrap_or("-")
-                .to_owned(),
-            a.get("action")
-                .and_then(Value::as_str)
-                .unwrap_or("-")
-                .to_owned(),
-            s(a, "message").to_owned(),
+            utc(a.at_ms),
+            a.kind.clone(),
+            a.campaign.clone().unwrap_or_else(|| "-".into()),
+            a.action.clone().unwrap_or_else(|| "-".into()),
+            a.message.clone(),
         ]);
     }
     t.render()
@@ -427,16 +349,31 @@ pub fn alerts(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+
+    fn campaign(name: &str, state: CampaignState, accepted: u64, failed: u64) -> CampaignView {
+        CampaignView {
+            name: name.into(),
+            state,
+            accepted,
+            delivered: 0,
+            failed,
+            failure_ratio: if failed > 0 { 1.0 } else { 0.0 },
+            deferred: 0,
+            reasons: if failed > 0 {
+                [("no_such_domain".to_owned(), failed)].into()
+            } else {
+                BTreeMap::new()
+            },
+            blocked_until_ms: 0,
+        }
+    }
 
     #[test]
     fn campaigns_table_is_aligned_and_keeps_the_api_order() {
-        let out = campaigns(&json!([
-            {"name": "flood0@client.test", "state": "paused", "accepted": 0, "failed": 5000,
-             "failure_ratio": 1.0, "reasons": {"no_such_domain": 5000}},
-            {"name": "good", "state": "active", "accepted": 120, "failed": 0,
-             "failure_ratio": 0.0, "reasons": {}},
-        ]));
+        let out = campaigns(&[
+            campaign("flood0@client.test", CampaignState::Paused, 0, 5000),
+            campaign("good", CampaignState::Active, 120, 0),
+        ]);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
             lines,
@@ -450,7 +387,7 @@ mod tests {
 
     #[test]
     fn blocked_state_names_its_end() {
-        let c = json!({"state": "blocked", "blocked_until_ms": 0});
+        let c = campaign("x", CampaignState::Blocked, 0, 0);
         assert_eq!(state(&c), "blocked until 1970-01-01 00:00:00 UTC");
     }
 }

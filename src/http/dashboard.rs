@@ -74,4 +74,92 @@ mod tests {
             );
         }
     }
+
+    /// Decodes `sample` into the admin API type the dashboard is served and encodes it
+    /// again: a field the type lacks is gone from the result.
+    fn served<T: serde::Serialize + serde::de::DeserializeOwned>(
+        sample: serde_json::Value,
+    ) -> serde_json::Value {
+        let typed: T = serde_json::from_value(sample).expect("sample decodes");
+        serde_json::to_value(typed).unwrap()
+    }
+
+    /// Every field `app.js` reads is a field of the typed answer it reads it from.
+    #[test]
+    fn the_fields_the_script_reads_are_in_the_typed_api() {
+        use crate::admin_api as api;
+        use serde_json::json;
+        let campaign = json!({"name": "c", "state": "blocked", "accepted": 1, "delivered": 0,
+            "failed": 1, "failure_ratio": 0.5, "deferred": 0, "reasons": {"rejected": 1},
+            "blocked_until_ms": 1});
+        let faillog = json!({"settings": {"mode": "full", "sample_rate": 1, "rows_per_sec": 1,
+            "burst": 1}, "counters": {"recorded": 0, "off_skipped": 0, "closed_skipped": 0,
+            "queued": 0, "rows_written": 0, "suppressed": 0, "sampled_out": 0, "dropped": 0,
+            "lost_rows": 0, "lost_aggregates": 0, "transactions": 0, "failed_transactions": 0,
+            "pruned_rows": 0, "pruned_stats": 0, "prune_runs": 0, "pending_aggregate_keys": 0},
+            "rows_per_sec": 0.0});
+        let status = json!({"uptime_secs": 1, "accepted_total": 1, "delivered_total": 1,
+            "failures_total": 1, "failed_total": 1, "intake_paused": false,
+            "queue": {"scheduled": 1}, "campaigns": 1, "paused_campaigns": [],
+            "faillog": faillog, "alerts": 0});
+        let mut purged = campaign.clone();
+        purged["purged"] = 3.into();
+        let alert = json!({"at_ms": 1, "kind": "k", "campaign": "c", "message": "m",
+            "action": "paused"});
+        let webhooks = json!({"endpoints": [{"url": "u", "disabled": true, "circuit": "open",
+            "consecutive_failures": 1}], "events_dropped": 0});
+        let queue = json!({"by_state": {}, "by_domain": [["mx.test", 1]], "by_campaign": []});
+        let reads: [(serde_json::Value, &[&str]); 6] = [
+            (
+                served::<api::StatusResponse>(status),
+                &[
+                    "/accepted_total",
+                    "/delivered_total",
+                    "/failed_total",
+                    "/failures_total",
+                    "/intake_paused",
+                    "/queue",
+                    "/faillog/settings/mode",
+                    "/faillog/counters/dropped",
+                    "/faillog/counters/suppressed",
+                    "/faillog/counters/rows_written",
+                ],
+            ),
+            (
+                served::<api::CampaignView>(campaign),
+                &[
+                    "/name",
+                    "/state",
+                    "/failed",
+                    "/failure_ratio",
+                    "/accepted",
+                    "/reasons",
+                    "/blocked_until_ms",
+                ],
+            ),
+            (served::<api::CampaignActionResponse>(purged), &["/purged"]),
+            (
+                served::<api::Alert>(alert),
+                &["/at_ms", "/kind", "/campaign", "/action", "/message"],
+            ),
+            (
+                served::<api::WebhooksResponse>(webhooks),
+                &["/endpoints/0/disabled", "/endpoints/0/url"],
+            ),
+            (served::<api::QueueResponse>(queue), &["/by_domain/0/0"]),
+        ];
+        for (value, pointers) in reads {
+            for pointer in pointers {
+                assert!(value.pointer(pointer).is_some(), "{pointer} not in {value}");
+                let field = pointer
+                    .rsplit('/')
+                    .find(|s| s.parse::<usize>().is_err())
+                    .unwrap();
+                assert!(
+                    APP_JS.contains(&format!(".{field}")),
+                    "app.js reads no .{field}"
+                );
+            }
+        }
+    }
 }

@@ -1,354 +1,471 @@
 //! `/metrics` in the Prometheus text format: intake, refusals by reason, queue depth by
-//! state, deliveries, failure-log writes, queue write transactions and guard trips.
+//! state, deliveries, failure-log writes, queue write transactions, guard trips and the
+//! SMTP door (connections, AUTH gate).
+//!
+//! One table, [`METRICS`], names every series with its type, help and a function reading
+//! its samples from a [`Snapshot`]; [`render`] takes the snapshot (the only awaits) and
+//! writes the table in one loop.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use hyper::{Response, StatusCode};
 
 use super::Body;
-use super::admin::Admin;
+use super::daemon::Admin;
+use crate::campaign::Campaign;
+use crate::config::FailLogMode;
+use crate::deliver::webhook::EndpointStatus;
+use crate::faillog::FailLogCounters;
+use crate::queue::RecipientState;
+use crate::queue::Totals;
 use crate::reason::Reason;
 
 /// Campaigns listed by name in per-campaign series; the rest only count in the totals,
 /// so a flood of campaign names cannot blow up the scrape.
 const TOP_CAMPAIGNS: usize = 50;
 
-pub async fn render(admin: &Admin) -> Response<Body> {
-    let mut out = String::with_capacity(8 * 1024);
-    let campaigns = admin.intake.campaigns().all();
-    metric(
-        &mut out,
-        "floodgate_recipients_accepted_total",
-        "counter",
-        "Recipients accepted and queued.",
-    );
-    let accepted: u64 = campaigns
-        .iter()
-        .map(|c| c.accepted.load(Ordering::Relaxed))
-        .sum();
-    let delivered: u64 = campaigns
-        .iter()
-        .map(|c| c.delivered.load(Ordering::Relaxed))
-        .sum();
-    let _ = writeln!(out, "floodgate_recipients_accepted_total {accepted}");
-    metric(
-        &mut out,
-        "floodgate_deliveries_total",
-        "counter",
-        "Recipients delivered.",
-    );
-    let _ = writeln!(out, "floodgate_deliveries_total {delivered}");
-    metric(
-        &mut out,
-        "floodgate_failures_total",
-        "counter",
-        "Failed recipients by reason (intake refusals and relay failures; deferrals apart).",
-    );
-    for reason in Reason::ALL.iter().filter(|r| **r != Reason::Deferred) {
-        let n: u64 = campaigns.iter().map(|c| c.failures(*reason)).sum();
-        let _ = writeln!(
-            out,
-            "floodgate_failures_total{{reason=\"{}\"}} {n}",
-            reason.as_str()
-        );
-    }
-    metric(
-        &mut out,
-        "floodgate_deferrals_total",
-        "counter",
-        "Delivery attempts deferred by the destination (temporary; retried).",
-    );
-    let deferred: u64 = campaigns.iter().map(|c| c.failures(Reason::Deferred)).sum();
-    let _ = writeln!(out, "floodgate_deferrals_total {deferred}");
-    metric(
-        &mut out,
-        "floodgate_campaign_failures_total",
-        "counter",
-        "Failures per campaign (the top campaigns by failures).",
-    );
-    let mut top: Vec<_> = campaigns
-        .iter()
-        .map(|c| (c.total_failures(), c))
-        .filter(|(n, _)| *n > 0)
-        .collect();
-    top.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
-    for (n, c) in top.iter().take(TOP_CAMPAIGNS) {
-        let _ = writeln!(
-            out,
-            "floodgate_campaign_failures_total{{campaign=\"{}\"}} {n}",
-            escape(&c.name)
-        );
-    }
-    metric(
-        &mut out,
-        "floodgate_campaign_paused",
-        "gauge",
-        "1 for each paused campaign.",
-    );
-    for c in campaigns.iter().filter(|c| c.is_paused()) {
-        let _ = writeln!(
-            out,
-            "floodgate_campaign_paused{{campaign=\"{}\"}} 1",
-            escape(&c.name)
-        );
-    }
-    metric(
-        &mut out,
-        "floodgate_intake_paused",
-        "gauge",
-        "1 while intake is paused.",
-    );
-    let _ = writeln!(
-        out,
-        "floodgate_intake_paused {}",
-        u8::from(admin.intake.campaigns().intake_paused())
-    );
-    metric(
-        &mut out,
-        "floodgate_queue_recipients",
-        "gauge",
-        "Recipients waiting in queue.db, by state (scheduled, held).",
-    );
-    // Both reads cost O(live rows): a partial index over waiting recipients, and the
-    // counters table for everything that finished (retention deletes those rows).
-    if let Ok(states) = admin.intake.queue.live_by_state().await {
-        for (state, n) in states {
-            let _ = writeln!(
-                out,
-                "floodgate_queue_recipients{{state=\"{}\"}} {n}",
-                state.as_str()
-            );
-        }
-    }
-    if let Ok(t) = admin.intake.queue.totals().await {
-        metric(
-            &mut out,
-            "floodgate_queue_finished_total",
-            "counter",
-            "Recipients ever finished, by state; kept across restarts and retention.",
-        );
-        let _ = writeln!(
-            out,
-            "floodgate_queue_finished_total{{state=\"delivered\"}} {}",
-            t.delivered
-        );
-        let _ = writeln!(
-            out,
-            "floodgate_queue_finished_total{{state=\"failed\"}} {}",
-            t.failed
-        );
-        metric(
-            &mut out,
-            "floodgate_queue_pruned_total",
-            "counter",
-            "Finished rows deleted by [queue] retention.",
-        );
-        let _ = writeln!(
-            out,
-            "floodgate_queue_pruned_total{{table=\"recipients\"}} {}",
-            t.pruned_recipients
-        );
-        let _ = writeln!(
-            out,
-            "floodgate_queue_pruned_total{{table=\"messages\"}} {}",
-            t.pruned_messages
-        );
-    }
-    let w = admin.intake.queue.writer_stats();
-    metric(
-        &mut out,
-        "floodgate_queue_transactions_total",
-        "counter",
-        "Group-commit transactions on queue.db.",
-    );
-    let _ = writeln!(
-        out,
-        "floodgate_queue_transactions_total {}",
-        w.transactions.load(Ordering::Relaxed)
-    );
-    metric(
-        &mut out,
-        "floodgate_queue_operations_total",
-        "counter",
-        "Operations carried by those transactions.",
-    );
-    let _ = writeln!(
-        out,
-        "floodgate_queue_operations_total {}",
-        w.operations.load(Ordering::Relaxed)
-    );
-    metric(
-        &mut out,
-        "floodgate_queue_failed_transactions_total",
-        "counter",
-        "Failed queue.db transactions (disk full, locked).",
-    );
-    let _ = writeln!(
-        out,
-        "floodgate_queue_failed_transactions_total {}",
-        w.failed_transactions.load(Ordering::Relaxed)
-    );
-    let dns = &admin.intake.policy.dns.stats;
-    metric(
-        &mut out,
-        "floodgate_dns_lookups_total",
-        "counter",
-        "Domain verdicts looked up in DNS (cache misses).",
-    );
-    let _ = writeln!(
-        out,
-        "floodgate_dns_lookups_total {}",
-        dns.lookups.load(Ordering::Relaxed)
-    );
-    metric(
-        &mut out,
-        "floodgate_dns_cache_hits_total",
-        "counter",
-        "Domain verdicts answered from the cache.",
-    );
-    let _ = writeln!(
-        out,
-        "floodgate_dns_cache_hits_total {}",
-        dns.cache_hits.load(Ordering::Relaxed)
-    );
-    if let Some(f) = &admin.faillog {
-        let c = f.counters();
-        for (name, value, help) in [
-            (
-                "floodgate_faillog_recorded_total",
-                c.recorded,
-                "Failures counted in the failure log's aggregates.",
-            ),
-            (
-                "floodgate_faillog_rows_written_total",
-                c.rows_written,
-                "Event rows written to failures.db.",
-            ),
-            (
-                "floodgate_faillog_suppressed_total",
-                c.suppressed,
-                "Event rows refused by the per-campaign rate.",
-            ),
-            (
-                "floodgate_faillog_sampled_out_total",
-                c.sampled_out,
-                "Event rows passed over by sampling.",
-            ),
-            (
-                "floodgate_faillog_dropped_total",
-                c.dropped,
-                "Event rows dropped because the writer's channel was full.",
-            ),
-            (
-                "floodgate_faillog_lost_rows_total",
-                c.lost_rows,
-                "Event rows lost in failed transactions.",
-            ),
-            (
-                "floodgate_faillog_transactions_total",
-                c.transactions,
-                "Transactions on failures.db.",
-            ),
-            (
-                "floodgate_faillog_failed_transactions_total",
-                c.failed_transactions,
-                "Failed transactions on failures.db.",
-            ),
-        ] {
-            metric(&mut out, name, "counter", help);
-            let _ = writeln!(out, "{name} {value}");
-        }
-        metric(
-            &mut out,
-            "floodgate_faillog_mode",
-            "gauge",
-            "The failure log's mode (1 for the current one).",
-        );
-        let _ = writeln!(
-            out,
-            "floodgate_faillog_mode{{mode=\"{}\"}} 1",
-            f.settings().mode.as_str()
-        );
-    }
-    if let Some(webhook) = &admin.webhook {
-        metric(
-            &mut out,
-            "floodgate_webhook_endpoint_disabled",
-            "gauge",
-            "1 for each webhook endpoint disabled by a 410 (until reload).",
-        );
-        metric(
-            &mut out,
-            "floodgate_webhook_circuit_open",
-            "gauge",
-            "1 for each webhook endpoint whose circuit breaker is open.",
-        );
-        for ep in webhook.status() {
-            let url = escape(&ep.url);
-            let _ = writeln!(
-                out,
-                "floodgate_webhook_endpoint_disabled{{url=\"{url}\"}} {}",
-                u8::from(ep.disabled)
-            );
-            let _ = writeln!(
-                out,
-                "floodgate_webhook_circuit_open{{url=\"{url}\"}} {}",
-                u8::from(ep.circuit != "closed")
-            );
-        }
-    }
-    if let Some(events) = &admin.events {
-        metric(
-            &mut out,
-            "floodgate_events_dropped_total",
-            "counter",
-            "Delivery events dropped because too many were pending.",
-        );
-        let _ = writeln!(out, "floodgate_events_dropped_total {}", events.dropped());
-    }
-    let g = &admin.guard.stats;
-    metric(
-        &mut out,
-        "floodgate_guard_trips_total",
-        "counter",
-        "Campaigns whose failure ratio tripped the guard.",
-    );
-    let _ = writeln!(
-        out,
-        "floodgate_guard_trips_total {}",
-        g.trips.load(Ordering::Relaxed)
-    );
-    metric(
-        &mut out,
-        "floodgate_guard_pauses_total",
-        "counter",
-        "Campaigns the guard paused.",
-    );
-    let _ = writeln!(
-        out,
-        "floodgate_guard_pauses_total {}",
-        g.pauses.load(Ordering::Relaxed)
-    );
-    metric(
-        &mut out,
-        "floodgate_alerts_total",
-        "counter",
-        "Alerts raised.",
-    );
-    let _ = writeln!(
-        out,
-        "floodgate_alerts_total {}",
-        g.alerts.load(Ordering::Relaxed)
-    );
-    if let Some(smtp) = &admin.smtp {
-        smtp.write_metrics(&mut out);
-    }
-    super::text(StatusCode::OK, "text/plain; version=0.0.4", out)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
 }
 
-fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        }
+    }
+}
+
+/// One line of a series: its label, if any (`name="value"`, escaped on output), and value.
+struct Sample {
+    label: Option<(&'static str, String)>,
+    value: u64,
+}
+
+/// The samples of a series; `None` leaves the series out entirely (its part of the daemon
+/// is not running), `Some(vec![])` writes its HELP and TYPE without samples.
+type Samples = Option<Vec<Sample>>;
+
+struct Metric {
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+    samples: fn(&Snapshot) -> Samples,
+}
+
+/// What the table reads, gathered once per scrape.
+struct Snapshot<'a> {
+    admin: &'a Admin,
+    campaigns: Vec<Arc<Campaign>>,
+    live: Vec<(RecipientState, u64)>,
+    totals: Option<Totals>,
+    faillog: Option<(FailLogCounters, FailLogMode)>,
+    webhooks: Option<Vec<EndpointStatus>>,
+}
+
+impl Snapshot<'_> {
+    fn sum(&self, f: impl Fn(&Campaign) -> u64) -> u64 {
+        self.campaigns.iter().map(|c| f(c)).sum()
+    }
+
+    fn faillog(&self, f: impl Fn(&FailLogCounters) -> u64) -> Samples {
+        self.faillog.as_ref().map(|(c, _)| vec![unlabeled(f(c))])
+    }
+
+    fn webhook(&self, f: impl Fn(&EndpointStatus) -> bool) -> Samples {
+        self.webhooks.as_ref().map(|eps| {
+            eps.iter()
+                .map(|ep| labeled("url", ep.url.clone(), u64::from(f(ep))))
+                .collect()
+        })
+    }
+
+    fn totals(&self, pairs: impl Fn(&Totals) -> [(&'static str, String, u64); 2]) -> Samples {
+        self.totals.as_ref().map(|t| {
+            pairs(t)
+                .into_iter()
+                .map(|(key, label, value)| labeled(key, label, value))
+                .collect()
+        })
+    }
+}
+
+fn unlabeled(value: u64) -> Sample {
+    Sample { label: None, value }
+}
+
+fn labeled(key: &'static str, label: String, value: u64) -> Sample {
+    Sample {
+        label: Some((key, label)),
+        value,
+    }
+}
+
+fn one(value: u64) -> Samples {
+    Some(vec![unlabeled(value)])
+}
+
+fn load(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// An SMTP door series: absent when the daemon has no SMTP listener.
+fn smtp(snap: &Snapshot, f: impl Fn(&crate::smtp::server::Server) -> u64) -> Samples {
+    snap.admin.smtp.as_deref().map(|s| vec![unlabeled(f(s))])
+}
+
+/// Every series, in the order of the scrape.
+const METRICS: &[Metric] = &[
+    Metric {
+        name: "floodgate_recipients_accepted_total",
+        kind: Kind::Counter,
+        help: "Recipients accepted and queued.",
+        samples: |s| one(s.sum(|c| load(&c.accepted))),
+    },
+    Metric {
+        name: "floodgate_deliveries_total",
+        kind: Kind::Counter,
+        help: "Recipients delivered.",
+        samples: |s| one(s.sum(|c| load(&c.delivered))),
+    },
+    Metric {
+        name: "floodgate_failures_total",
+        kind: Kind::Counter,
+        help: "Failed recipients by reason (intake refusals and relay failures; deferrals apart).",
+        samples: |s| {
+            let reasons = Reason::ALL.iter().filter(|r| **r != Reason::Deferred);
+            Some(
+                reasons
+                    .map(|r| labeled("reason", r.as_str().into(), s.sum(|c| c.failures(*r))))
+                    .collect(),
+            )
+        },
+    },
+    Metric {
+        name: "floodgate_deferrals_total",
+        kind: Kind::Counter,
+        help: "Delivery attempts deferred by the destination (temporary; retried).",
+        samples: |s| one(s.sum(|c| c.failures(Reason::Deferred))),
+    },
+    Metric {
+        name: "floodgate_campaign_failures_total",
+        kind: Kind::Counter,
+        help: "Failures per campaign (the top campaigns by failures).",
+        samples: |s| {
+            let mut top: Vec<_> = s
+                .campaigns
+                .iter()
+                .map(|c| (c.total_failures(), c))
+                .filter(|(n, _)| *n > 0)
+                .collect();
+            top.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+            let top = top.into_iter().take(TOP_CAMPAIGNS);
+            Some(
+                top.map(|(n, c)| labeled("campaign", c.name.to_string(), n))
+                    .collect(),
+            )
+        },
+    },
+    Metric {
+        name: "floodgate_campaign_paused",
+        kind: Kind::Gauge,
+        help: "1 for each paused campaign.",
+        samples: |s| {
+            let paused = s.campaigns.iter().filter(|c| c.is_paused());
+            Some(
+                paused
+                    .map(|c| labeled("campaign", c.name.to_string(), 1))
+                    .collect(),
+            )
+        },
+    },
+    Metric {
+        name: "floodgate_intake_paused",
+        kind: Kind::Gauge,
+        help: "1 while intake is paused.",
+        samples: |s| one(u64::from(s.admin.intake.campaigns().intake_paused())),
+    },
+    Metric {
+        name: "floodgate_queue_recipients",
+        kind: Kind::Gauge,
+        help: "Recipients waiting in queue.db, by state (scheduled, held).",
+        samples: |s| {
+            let live = s.live.iter();
+            Some(
+                live.map(|(st, n)| labeled("state", st.as_str().into(), *n))
+                    .collect(),
+            )
+        },
+    },
+    Metric {
+        name: "floodgate_queue_finished_total",
+        kind: Kind::Counter,
+        help: "Recipients ever finished, by state; kept across restarts and retention.",
+        samples: |s| {
+            s.totals(|t| {
+                [
+                    ("state", "delivered".into(), t.delivered),
+                    ("state", "failed".into(), t.failed),
+                ]
+            })
+        },
+    },
+    Metric {
+        name: "floodgate_queue_pruned_total",
+        kind: Kind::Counter,
+        help: "Finished rows deleted by [queue] retention.",
+        samples: |s| {
+            s.totals(|t| {
+                [
+                    ("table", "recipients".into(), t.pruned_recipients),
+                    ("table", "messages".into(), t.pruned_messages),
+                ]
+            })
+        },
+    },
+    Metric {
+        name: "floodgate_queue_transactions_total",
+        kind: Kind::Counter,
+        help: "Group-commit transactions on queue.db.",
+        samples: |s| one(load(&s.admin.intake.queue.writer_stats().transactions)),
+    },
+    Metric {
+        name: "floodgate_queue_operations_total",
+        kind: Kind::Counter,
+        help: "Operations carried by those transactions.",
+        samples: |s| one(load(&s.admin.intake.queue.writer_stats().operations)),
+    },
+    Metric {
+        name: "floodgate_queue_failed_transactions_total",
+        kind: Kind::Counter,
+        help: "Failed queue.db transactions (disk full, locked).",
+        samples: |s| {
+            one(load(
+                &s.admin.intake.queue.writer_stats().failed_transactions,
+            ))
+        },
+    },
+    Metric {
+        name: "floodgate_dns_lookups_total",
+        kind: Kind::Counter,
+        help: "Domain verdicts looked up in DNS (cache misses).",
+        samples: |s| one(load(&s.admin.intake.policy.dns.stats.lookups)),
+    },
+    Metric {
+        name: "floodgate_dns_cache_hits_total",
+        kind: Kind::Counter,
+        help: "Domain verdicts answered from the cache.",
+        samples: |s| one(load(&s.admin.intake.policy.dns.stats.cache_hits)),
+    },
+    Metric {
+        name: "floodgate_faillog_recorded_total",
+        kind: Kind::Counter,
+        help: "Failures counted in the failure log's aggregates.",
+        samples: |s| s.faillog(|c| c.recorded),
+    },
+    Metric {
+        name: "floodgate_faillog_rows_written_total",
+        kind: Kind::Counter,
+        help: "Event rows written to failures.db.",
+        samples: |s| s.faillog(|c| c.rows_written),
+    },
+    Metric {
+        name: "floodgate_faillog_suppressed_total",
+        kind: Kind::Counter,
+        help: "Event rows refused by the per-campaign rate.",
+        samples: |s| s.faillog(|c| c.suppressed),
+    },
+    Metric {
+        name: "floodgate_faillog_sampled_out_total",
+        kind: Kind::Counter,
+        help: "Event rows passed over by sampling.",
+        samples: |s| s.faillog(|c| c.sampled_out),
+    },
+    Metric {
+        name: "floodgate_faillog_dropped_total",
+        kind: Kind::Counter,
+        help: "Event rows dropped because the writer's channel was full.",
+        samples: |s| s.faillog(|c| c.dropped),
+    },
+    Metric {
+        name: "floodgate_faillog_lost_rows_total",
+        kind: Kind::Counter,
+        help: "Event rows lost in failed transactions.",
+        samples: |s| s.faillog(|c| c.lost_rows),
+    },
+    Metric {
+        name: "floodgate_faillog_transactions_total",
+        kind: Kind::Counter,
+        help: "Transactions on failures.db.",
+        samples: |s| s.faillog(|c| c.transactions),
+    },
+    Metric {
+        name: "floodgate_faillog_failed_transactions_total",
+        kind: Kind::Counter,
+        help: "Failed transactions on failures.db.",
+        samples: |s| s.faillog(|c| c.failed_transactions),
+    },
+    Metric {
+        name: "floodgate_faillog_mode",
+        kind: Kind::Gauge,
+        help: "The failure log's mode (1 for the current one).",
+        samples: |s| {
+            let (_, mode) = s.faillog.as_ref()?;
+            Some(vec![labeled("mode", mode.as_str().into(), 1)])
+        },
+    },
+    Metric {
+        name: "floodgate_webhook_endpoint_disabled",
+        kind: Kind::Gauge,
+        help: "1 for each webhook endpoint disabled by a 410 (until reload).",
+        samples: |s| s.webhook(|ep| ep.disabled),
+    },
+    Metric {
+        name: "floodgate_webhook_circuit_open",
+        kind: Kind::Gauge,
+        help: "1 for each webhook endpoint whose circuit breaker is open.",
+        samples: |s| s.webhook(|ep| ep.circuit != "closed"),
+    },
+    Metric {
+        name: "floodgate_events_dropped_total",
+        kind: Kind::Counter,
+        help: "Delivery events dropped because too many were pending.",
+        samples: |s| {
+            s.admin
+                .events
+                .as_ref()
+                .map(|e| vec![unlabeled(e.dropped())])
+        },
+    },
+    Metric {
+        name: "floodgate_guard_trips_total",
+        kind: Kind::Counter,
+        help: "Campaigns whose failure ratio tripped the guard.",
+        samples: |s| one(load(&s.admin.guard.stats.trips)),
+    },
+    Metric {
+        name: "floodgate_guard_pauses_total",
+        kind: Kind::Counter,
+        help: "Campaigns the guard paused.",
+        samples: |s| one(load(&s.admin.guard.stats.pauses)),
+    },
+    Metric {
+        name: "floodgate_alerts_total",
+        kind: Kind::Counter,
+        help: "Alerts raised.",
+        samples: |s| one(load(&s.admin.guard.stats.alerts)),
+    },
+    Metric {
+        name: "floodgate_smtp_connections",
+        kind: Kind::Gauge,
+        help: "SMTP sessions open now.",
+        samples: |s| smtp(s, |d| d.connections.total() as u64),
+    },
+    Metric {
+        name: "floodgate_smtp_connections_refused_total",
+        kind: Kind::Counter,
+        help: "SMTP connections refused: table or address share full, nobody idle to evict.",
+        samples: |s| smtp(s, |d| load(&d.connections.stats.refused)),
+    },
+    Metric {
+        name: "floodgate_smtp_sessions_evicted_total",
+        kind: Kind::Counter,
+        help: "Idle SMTP sessions closed to admit a new client.",
+        samples: |s| smtp(s, |d| load(&d.connections.stats.evicted)),
+    },
+    Metric {
+        name: "floodgate_smtp_auth_verifications_total",
+        kind: Kind::Counter,
+        help: "AUTH password verifications run.",
+        samples: |s| smtp(s, |d| load(&d.auth.stats.verifications)),
+    },
+    Metric {
+        name: "floodgate_smtp_auth_failures_total",
+        kind: Kind::Counter,
+        help: "AUTH verifications that failed.",
+        samples: |s| smtp(s, |d| load(&d.auth.stats.failures)),
+    },
+    Metric {
+        name: "floodgate_smtp_auth_limited_total",
+        kind: Kind::Counter,
+        help: "AUTH attempts refused unverified: the address is over its failure limit.",
+        samples: |s| smtp(s, |d| load(&d.auth.stats.limited)),
+    },
+    Metric {
+        name: "floodgate_smtp_auth_busy_total",
+        kind: Kind::Counter,
+        help: "AUTH attempts refused unverified: workers busy and queue full.",
+        samples: |s| smtp(s, |d| load(&d.auth.stats.busy)),
+    },
+    Metric {
+        name: "floodgate_smtp_auth_running",
+        kind: Kind::Gauge,
+        help: "AUTH verifications running now.",
+        samples: |s| smtp(s, |d| d.auth.stats.running.load(Ordering::Relaxed) as u64),
+    },
+    Metric {
+        name: "floodgate_smtp_auth_running_peak",
+        kind: Kind::Gauge,
+        help: "The most AUTH verifications seen running at once.",
+        samples: |s| smtp(s, |d| d.auth.stats.peak.load(Ordering::Relaxed) as u64),
+    },
+    Metric {
+        name: "floodgate_smtp_auth_workers",
+        kind: Kind::Gauge,
+        help: "AUTH verification workers (the pool size).",
+        samples: |s| smtp(s, |d| d.auth.workers as u64),
+    },
+];
+
+pub async fn render(admin: &Admin) -> Response<Body> {
+    // Both queue reads cost O(live rows): a partial index over waiting recipients, and the
+    // counters table for everything that finished (retention deletes those rows).
+    let snapshot = Snapshot {
+        admin,
+        campaigns: admin.intake.campaigns().all(),
+        live: admin.intake.queue.live_by_state().await.unwrap_or_default(),
+        totals: admin.intake.queue.totals().await.ok(),
+        faillog: admin
+            .faillog
+            .as_ref()
+            .map(|f| (f.counters(), f.settings().mode)),
+        webhooks: admin.webhook.as_ref().map(|w| w.status()),
+    };
+    super::text(
+        StatusCode::OK,
+        "text/plain; version=0.0.4",
+        write(METRICS, &snapshot),
+    )
+}
+
+fn write(metrics: &[Metric], snapshot: &Snapshot) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    for m in metrics {
+        let Some(samples) = (m.samples)(snapshot) else {
+            continue;
+        };
+        let name = m.name;
+        let _ = writeln!(
+            out,
+            "# HELP {name} {}\n# TYPE {name} {}",
+            m.help,
+            m.kind.as_str()
+        );
+        for s in samples {
+            let _ = match &s.label {
+                Some((key, value)) => {
+                    writeln!(out, "{name}{{{key}=\"{}\"}} {}", escape(value), s.value)
+                }
+                None => writeln!(out, "{name} {}", s.value),
+            };
+        }
+    }
+    out
 }
 
 fn escape(label: &str) -> String {
@@ -356,4 +473,32 @@ fn escape(label: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_is_named_once_and_typed_by_its_suffix() {
+        let mut names: Vec<&str> = METRICS.iter().map(|m| m.name).collect();
+        names.sort_unstable();
+        let len = names.len();
+        names.dedup();
+        assert_eq!(names.len(), len, "a metric is defined twice");
+        for m in METRICS {
+            assert!(m.name.starts_with("floodgate_"), "{}", m.name);
+            assert_eq!(
+                m.name.ends_with("_total"),
+                m.kind == Kind::Counter,
+                "{}: counters and only counters end in _total",
+                m.name
+            );
+        }
+    }
+
+    #[test]
+    fn labels_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 }

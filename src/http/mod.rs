@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 pub mod admin;
 pub mod api;
 pub mod client;
+pub mod daemon;
 pub mod dashboard;
 pub mod metrics;
 
@@ -113,7 +114,12 @@ pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body
 }
 
 pub fn error(status: StatusCode, message: &str) -> Response<Body> {
-    json(status, &serde_json::json!({ "error": message }))
+    json(
+        status,
+        &crate::admin_api::ErrorBody {
+            error: message.to_owned(),
+        },
+    )
 }
 
 pub fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {

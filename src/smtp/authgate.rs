@@ -7,7 +7,6 @@
 //! interval, never one line each.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -266,60 +265,6 @@ impl AuthGate {
                 addresses = lines.len() - LOG_LINES,
                 failures = rest,
                 "authentication failures from further addresses"
-            );
-        }
-    }
-
-    /// Appends the AUTH series to a `/metrics` page.
-    pub fn write_metrics(&self, out: &mut String) {
-        let s = &self.stats;
-        for (name, kind, help, value) in [
-            (
-                "floodgate_smtp_auth_verifications_total",
-                "counter",
-                "AUTH password verifications run.",
-                s.verifications.load(Ordering::Relaxed) as usize,
-            ),
-            (
-                "floodgate_smtp_auth_failures_total",
-                "counter",
-                "AUTH verifications that failed.",
-                s.failures.load(Ordering::Relaxed) as usize,
-            ),
-            (
-                "floodgate_smtp_auth_limited_total",
-                "counter",
-                "AUTH attempts refused unverified: the address is over its failure limit.",
-                s.limited.load(Ordering::Relaxed) as usize,
-            ),
-            (
-                "floodgate_smtp_auth_busy_total",
-                "counter",
-                "AUTH attempts refused unverified: workers busy and queue full.",
-                s.busy.load(Ordering::Relaxed) as usize,
-            ),
-            (
-                "floodgate_smtp_auth_running",
-                "gauge",
-                "AUTH verifications running now.",
-                s.running.load(Ordering::Relaxed),
-            ),
-            (
-                "floodgate_smtp_auth_running_peak",
-                "gauge",
-                "The most AUTH verifications seen running at once.",
-                s.peak.load(Ordering::Relaxed),
-            ),
-            (
-                "floodgate_smtp_auth_workers",
-                "gauge",
-                "AUTH verification workers (the pool size).",
-                self.workers,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
     }

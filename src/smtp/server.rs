@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use arc_swap::ArcSwapOption;
 use tokio::net::{TcpListener, TcpStream};
@@ -77,37 +76,5 @@ impl Server {
                 () = abort.cancelled() => tracing::info!(%peer, "session dropped at shutdown"),
             }
         });
-    }
-
-    /// Appends the SMTP door's series (connections, evictions, AUTH) to `/metrics`.
-    pub fn write_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let t = &self.connections;
-        for (name, kind, help, value) in [
-            (
-                "floodgate_smtp_connections",
-                "gauge",
-                "SMTP sessions open now.",
-                t.total() as u64,
-            ),
-            (
-                "floodgate_smtp_connections_refused_total",
-                "counter",
-                "SMTP connections refused: table or address share full, nobody idle to evict.",
-                t.stats.refused.load(Ordering::Relaxed),
-            ),
-            (
-                "floodgate_smtp_sessions_evicted_total",
-                "counter",
-                "Idle SMTP sessions closed to admit a new client.",
-                t.stats.evicted.load(Ordering::Relaxed),
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
-        self.auth.write_metrics(out);
     }
 }

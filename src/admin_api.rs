@@ -1,0 +1,257 @@
+//! The admin API's wire types: one request or response struct per endpoint and the enums
+//! they share, spoken by the daemon (`http/admin`), `floodgate ctl` and the dashboard.
+//!
+//! A leaf of the import graph on purpose: it depends on serde alone, so a client can use
+//! it without the daemon, and the conversions from the daemon's own types live on the
+//! daemon's side (`http/admin/views.rs`). `docs/openapi.yaml` describes the same shapes;
+//! `tests/openapi.rs` keeps the two in step.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Every error the admin API answers with: `{"error": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// A campaign's state in one word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CampaignState {
+    Active,
+    Paused,
+    /// Purged, and refusing new mail until `blocked_until_ms`.
+    Blocked,
+}
+
+impl CampaignState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CampaignState::Active => "active",
+            CampaignState::Paused => "paused",
+            CampaignState::Blocked => "blocked",
+        }
+    }
+}
+
+/// One campaign's counters: an item of `GET /admin/v1/campaigns`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CampaignView {
+    pub name: String,
+    pub state: CampaignState,
+    pub accepted: u64,
+    pub delivered: u64,
+    /// Failures that count against the campaign (see the guard).
+    pub failed: u64,
+    pub failure_ratio: f64,
+    pub deferred: u64,
+    /// Failures by reason name; reasons without failures are left out.
+    pub reasons: BTreeMap<String, u64>,
+    /// The end of a purge block (ms since the epoch); in the past when not blocked.
+    pub blocked_until_ms: i64,
+}
+
+/// `POST /admin/v1/campaigns/{name}/{pause|resume|purge}`: the campaign after the action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CampaignActionResponse {
+    #[serde(flatten)]
+    pub campaign: CampaignView,
+    /// Queued recipients deleted (purge only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purged: Option<u64>,
+}
+
+/// The body of `POST /admin/v1/campaigns/{name}/purge` (an empty body is the default).
+/// Requests leave out what is not given; the daemon takes an absent field and a null alike.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    /// Refuse the campaign's new submissions for this long after the purge (`"10m"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_for: Option<String>,
+}
+
+/// `POST /admin/v1/intake/{pause|resume}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntakeResponse {
+    pub intake_paused: bool,
+}
+
+/// How much of each failure reaches failures.db.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailLogMode {
+    Full,
+    Sampled,
+    Aggregate,
+    Off,
+}
+
+impl FailLogMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailLogMode::Full => "full",
+            FailLogMode::Sampled => "sampled",
+            FailLogMode::Aggregate => "aggregate",
+            FailLogMode::Off => "off",
+        }
+    }
+}
+
+/// The failure log's runtime switches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailLogSettings {
+    pub mode: FailLogMode,
+    pub sample_rate: u32,
+    pub rows_per_sec: u32,
+    pub burst: u32,
+}
+
+/// The failure log's counters since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailLogCounters {
+    pub recorded: u64,
+    pub off_skipped: u64,
+    pub closed_skipped: u64,
+    pub queued: u64,
+    pub rows_written: u64,
+    pub suppressed: u64,
+    pub sampled_out: u64,
+    pub dropped: u64,
+    pub lost_rows: u64,
+    pub lost_aggregates: u64,
+    pub transactions: u64,
+    pub failed_transactions: u64,
+    pub pruned_rows: u64,
+    pub pruned_stats: u64,
+    pub prune_runs: u64,
+    pub pending_aggregate_keys: u64,
+}
+
+/// `GET|PUT /admin/v1/faillog`, and `faillog` in the status. `settings` is null (and the
+/// rest absent) when the failure log is not running.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailLogView {
+    pub settings: Option<FailLogSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<FailLogCounters>,
+    /// Event rows written per second, recently.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_per_sec: Option<f64>,
+}
+
+/// The body of `PUT /admin/v1/faillog`: what is absent (or null) stays as it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailLogUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<FailLogMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_rate: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_per_sec: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+/// One row of failures.db.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub campaign: String,
+    pub stage: String,
+    pub reason: String,
+    pub recipient: String,
+    pub detail: String,
+}
+
+/// `GET /admin/v1/failures`: newest first; pass `next_before` as `before` for the next page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailuresResponse {
+    pub failures: Vec<FailureRow>,
+    pub next_before: Option<i64>,
+}
+
+/// `GET /admin/v1/queue`: waiting recipients by state, and `[name, count]` pairs of the
+/// busiest domains and campaigns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueResponse {
+    pub by_state: BTreeMap<String, u64>,
+    pub by_domain: Vec<(String, u64)>,
+    pub by_campaign: Vec<(String, u64)>,
+}
+
+/// An item of `GET /admin/v1/alerts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    pub at_ms: i64,
+    pub kind: String,
+    pub campaign: Option<String>,
+    pub message: String,
+    /// What the guard did about it (`paused`), if anything.
+    pub action: Option<String>,
+}
+
+/// A webhook endpoint's circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CircuitState {
+    Closed,
+    Open,
+    /// One probe request is let through.
+    HalfOpen,
+}
+
+impl CircuitState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half-open",
+        }
+    }
+}
+
+/// One webhook endpoint the courier has used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookEndpoint {
+    /// The URL without query or credentials.
+    pub url: String,
+    /// Disabled by a `410 Gone` until the config is reloaded.
+    pub disabled: bool,
+    pub circuit: CircuitState,
+    pub consecutive_failures: u32,
+}
+
+/// `GET /admin/v1/webhooks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhooksResponse {
+    pub endpoints: Vec<WebhookEndpoint>,
+    /// Delivery events dropped because too many were pending.
+    pub events_dropped: u64,
+}
+
+/// `GET /admin/v1/status`: totals since start, so that clients compute rates from samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub uptime_secs: u64,
+    pub accepted_total: u64,
+    pub delivered_total: u64,
+    /// Refusals and failures of every kind.
+    pub failures_total: u64,
+    /// Failures that count against campaigns.
+    pub failed_total: u64,
+    pub intake_paused: bool,
+    /// Recipients in queue.db by state.
+    pub queue: BTreeMap<String, u64>,
+    /// How many campaigns there are.
+    pub campaigns: u64,
+    /// Campaigns not active (paused or blocked).
+    pub paused_campaigns: Vec<String>,
+    pub faillog: FailLogView,
+    /// How many alerts are kept.
+    pub alerts: u64,
+}

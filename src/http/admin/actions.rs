@@ -1,0 +1,171 @@
+//! What the admin API changes: a campaign's pause, resume and purge, the intake switch and
+//! the failure log's mode. Each action persists what must survive a restart and logs who
+//! did what, then answers with the typed view of the result.
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+
+use super::Admin;
+use super::views::{campaign_view, mode_from};
+use crate::admin_api as api;
+use crate::campaign::Campaign;
+use crate::config::duration;
+use crate::http::{Body, error, json, read_body};
+use crate::queue::CampaignState;
+
+/// A campaign action named in the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CampaignAction {
+    Pause,
+    Resume,
+    Purge,
+}
+
+impl CampaignAction {
+    pub fn parse(word: &str) -> Option<CampaignAction> {
+        match word {
+            "pause" => Some(CampaignAction::Pause),
+            "resume" => Some(CampaignAction::Resume),
+            "purge" => Some(CampaignAction::Purge),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            CampaignAction::Pause => "pause",
+            CampaignAction::Resume => "resume",
+            CampaignAction::Purge => "purge",
+        }
+    }
+}
+
+impl Admin {
+    pub(super) async fn campaign_action(
+        &self,
+        name: &str,
+        action: &str,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        // The campaign is looked up (and so listed) before the action is checked, as it
+        // always was.
+        let campaigns = self.intake.campaigns();
+        let campaign = campaigns.get(Some(name));
+        let Some(action) = CampaignAction::parse(action) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "action must be pause, resume or purge",
+            );
+        };
+        let mut purged = None;
+        match action {
+            CampaignAction::Pause => {
+                campaign.set_paused(true);
+                self.intake.queue.hold_in_background(name.to_owned());
+            }
+            CampaignAction::Resume => {
+                campaign.set_paused(false);
+                campaign.block_until(0);
+                self.intake
+                    .queue
+                    .release_in_background(name.to_owned(), self.intake.wake.clone());
+            }
+            CampaignAction::Purge => match self.purge(name, &campaign, req).await {
+                Ok(n) => purged = Some(n),
+                Err(r) => return r,
+            },
+        }
+        let state = CampaignState {
+            name: name.to_owned(),
+            paused: campaign.is_paused(),
+            blocked_until: campaign.blocked_until(),
+        };
+        if let Err(e) = self.intake.queue.save_campaign(state).await {
+            tracing::error!(error = %e, campaign = name, "cannot persist campaign state");
+        }
+        self.intake.wake.notify_one();
+        tracing::warn!(
+            campaign = name,
+            action = action.as_str(),
+            purged,
+            "operator action"
+        );
+        json(
+            StatusCode::OK,
+            &api::CampaignActionResponse {
+                campaign: campaign_view(&campaign, self.now()),
+                purged,
+            },
+        )
+    }
+
+    /// Blocks the campaign for the body's `block_for`, if any, then deletes its queue.
+    async fn purge(
+        &self,
+        name: &str,
+        campaign: &Campaign,
+        req: Request<Incoming>,
+    ) -> Result<u64, Response<Body>> {
+        let body = read_body(req, 4096).await?;
+        let request: api::PurgeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+            api::PurgeRequest::default()
+        } else {
+            serde_json::from_slice(&body)
+                .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("body: {e}")))?
+        };
+        if let Some(text) = &request.block_for {
+            let d = duration::parse(text)
+                .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("block_for: {e}")))?;
+            campaign.block_until(self.now() + d.as_millis() as i64);
+        }
+        self.intake.queue.purge(name).await.map_err(|e| {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("purge failed: {e}"),
+            )
+        })
+    }
+
+    pub(super) fn intake_switch(&self, action: &str) -> Response<Body> {
+        let paused = match action {
+            "pause" => true,
+            "resume" => false,
+            _ => return error(StatusCode::NOT_FOUND, "action must be pause or resume"),
+        };
+        self.intake.campaigns().set_intake_paused(paused);
+        tracing::warn!(paused, "operator switched intake");
+        json(
+            StatusCode::OK,
+            &api::IntakeResponse {
+                intake_paused: paused,
+            },
+        )
+    }
+
+    pub(super) async fn faillog_put(&self, req: Request<Incoming>) -> Response<Body> {
+        let Some(faillog) = &self.faillog else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "failure log not running");
+        };
+        let body = match read_body(req, 4096).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let update: api::FailLogUpdate = match serde_json::from_slice(&body) {
+            Ok(u) => u,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+        };
+        let mut settings = faillog.settings();
+        settings.mode = update.mode.map(mode_from).unwrap_or(settings.mode);
+        settings.sample_rate = update.sample_rate.unwrap_or(settings.sample_rate);
+        settings.rows_per_sec = update.rows_per_sec.unwrap_or(settings.rows_per_sec);
+        settings.burst = update.burst.unwrap_or(settings.burst);
+        faillog.set_settings(settings);
+        tracing::warn!(
+            mode = settings.mode.as_str(),
+            sample_rate = settings.sample_rate,
+            rows_per_sec = settings.rows_per_sec,
+            "operator switched the failure log"
+        );
+        json(StatusCode::OK, &self.faillog_view())
+    }
+}

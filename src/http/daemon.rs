@@ -1,0 +1,22 @@
+//! The running daemon's parts that the admin listener reads: one struct shared by the admin
+//! API (`http/admin`) and `/metrics` (`http/metrics`), so neither imports the other.
+
+use std::sync::Arc;
+
+use crate::faillog::FailLog;
+use crate::guard::Guard;
+use crate::intake::Intake;
+
+pub struct Admin {
+    pub intake: Arc<Intake>,
+    pub faillog: Option<FailLog>,
+    pub guard: Arc<Guard>,
+    /// Webhook endpoints' circuit and disabled state, for operators.
+    pub webhook: Option<Arc<crate::deliver::webhook::WebhookCourier>>,
+    pub events: Option<crate::events::Events>,
+    /// The SMTP door's counters (connections, evictions, AUTH), for `/metrics`.
+    pub smtp: Option<Arc<crate::smtp::server::Server>>,
+    /// Supervised tasks: `/readyz` fails once one has died.
+    pub supervisor: crate::supervise::Supervisor,
+    pub started: std::time::Instant,
+}
