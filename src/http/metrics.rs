@@ -344,6 +344,7 @@ pub async fn render(admin: &Admin) -> Response<Body> {
     if let Some(smtp) = &admin.smtp {
         smtp.write_metrics(&mut out);
     }
+    admin.intake.signing.write_metrics(&mut out);
     super::text(StatusCode::OK, "text/plain; version=0.0.4", out)
 }
 
