@@ -17,6 +17,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, TlsConfig, token};
 use crate::deliver::smtp::SmtpCourier;
 use crate::deliver::webhook::{DisabledEndpoints, WebhookCourier};
+use crate::dkim::{DkimError, Signers, Signing};
 use crate::dns::{Hickory, MailDns, Resolver};
 use crate::events::{Events, EventsTask, Reporting};
 use crate::faillog::{FailLog, FailLogError};
@@ -54,6 +55,8 @@ pub enum AppError {
     Dns(String),
     #[error("admin token: {0}")]
     Token(#[from] token::TokenError),
+    #[error("DKIM key: {0}")]
+    Dkim(#[from] DkimError),
 }
 
 /// What the daemon takes from outside; tests pass their own.
@@ -103,6 +106,7 @@ const ADMIN_LISTENER: &str = "admin listener";
 /// Checks what `check-config` can check beyond parsing: TLS material loads.
 pub fn preflight(config: &Config) -> Result<(), AppError> {
     load_tls(config.smtp.tls.as_ref())?;
+    Signers::load(&config.dkim)?;
     Ok(())
 }
 
@@ -184,6 +188,7 @@ impl App {
     /// daemon is ready (the moment to tell systemd).
     pub async fn start(mut config: Config, deps: Deps) -> Result<App, AppError> {
         let tls = load_tls(config.smtp.tls.as_ref())?;
+        let signers = Signers::load(&config.dkim)?;
         let injected_resolver = deps.resolver.is_some();
         let resolver = match deps.resolver {
             Some(r) => r,
@@ -219,6 +224,7 @@ impl App {
             clock: deps.clock,
             wake: Arc::default(),
             faillog: Some(faillog.clone()),
+            signing: Arc::new(Signing::new(signers)),
         });
         let background = CancellationToken::new();
         let guard = Arc::new(Guard::new(
@@ -343,6 +349,7 @@ impl App {
             couriers,
             sink,
             intake.wake.clone(),
+            intake.signing.clone(),
         ));
         self.supervisor.spawn(SCHEDULER, scheduler.clone().run());
         *running = Some(scheduler);

@@ -517,15 +517,6 @@ impl Config {
                 .check()
                 .map_err(|why| invalid(&format!("dkim[{i}]"), None, why))?;
         }
-        if !self.dkim.is_empty() {
-            // Accepting the tables while sending unsigned mail would tell an operator
-            // their mail is signed when it is not.
-            return Err(invalid(
-                "dkim[0]",
-                None,
-                "signing outgoing mail is not applied yet; keys can be made with `floodgate dkim-keygen`, but remove [[dkim]] until a release signs with them".into(),
-            ));
-        }
         Ok(())
     }
 
@@ -574,15 +565,13 @@ mod tests {
     const TOKEN: &str = "[admin]\ntoken = \"0123456789abcdef01234567\"\n";
 
     #[test]
-    fn dkim_tables_are_refused_until_signing_is_applied() {
+    fn dkim_tables_parse_and_a_bad_domain_is_refused() {
         let text = format!(
             "{TOKEN}[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey = \"/k.pem\"\n"
         );
-        let err = parse(&text).unwrap_err().to_string();
-        assert!(
-            err.contains("dkim[0]") && err.contains("not applied yet"),
-            "{err}"
-        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.dkim.len(), 1);
+        assert_eq!(config.dkim[0].selector, "s1");
         let bad = format!(
             "{TOKEN}[[dkim]]\ndomain = \"bad domain\"\nselector = \"s1\"\nkey = \"/k.pem\"\n"
         );

@@ -16,6 +16,9 @@ use rustls::pki_types::pem::PemObject;
 
 use crate::config::{DkimAlgorithm, DkimConfig};
 
+mod signing;
+pub use signing::{Signing, SigningStats};
+
 /// Headers signed by default. Those that must not be added to a signed message are
 /// listed twice: the second, absent instance is signed as empty (RFC 6376 §8.15,
 /// "oversigning"), so nobody can add a second `From:` or `Subject:` on the way.
@@ -254,7 +257,7 @@ fn rsa_bits(der: &PrivateKeyDer<'_>) -> Option<usize> {
 
 /// The lower-cased, A-label domain of the first address in the `From:` header.
 pub fn from_domain(message: &[u8]) -> Option<String> {
-    let from = crate::smtp::message::header_value(message, "From")?;
+    let from = crate::wire::header_value(message, "From")?;
     let domain = first_address(&from).rsplit_once('@')?.1;
     crate::address::parse(&format!("x@{domain}"))
         .ok()

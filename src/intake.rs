@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 use crate::campaign::Campaigns;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::dkim::Signing;
 use crate::faillog::{FailLog, FailureEvent};
 use crate::policy::Policy;
 use crate::queue::{NewMessage, Queue, Remembered};
@@ -22,6 +23,8 @@ pub struct Intake {
     /// Tells the scheduler that new work was queued.
     pub wake: Arc<Notify>,
     pub faillog: Option<FailLog>,
+    /// DKIM keys: every message is signed here, before its commit.
+    pub signing: Arc<Signing>,
 }
 
 impl Intake {
@@ -121,6 +124,8 @@ impl Intake {
         msg: NewMessage,
         idempotency: Option<(String, Remembered, std::time::Duration)>,
     ) -> Result<Option<Remembered>, Reason> {
+        let mut msg = msg;
+        msg.body = self.signing.sign(std::mem::take(&mut msg.body)).await;
         let campaign = msg.campaign.clone();
         let recipients: Vec<String> = msg.recipients.iter().map(|r| r.address.clone()).collect();
         let stored = match idempotency {

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::campaign::Campaigns;
 use crate::config::{Config, DeliveryConfig, Rate, Transport};
 use crate::deliver::{Courier, Destination, Enhanced, FailureSink, Job, Outcome, Reply, dsn};
+use crate::dkim::Signing;
 use crate::queue::{Claimed, NewMessage, NewRecipient, Queue, QueueId, Source, Update};
 use crate::reason::Reason;
 
@@ -139,6 +140,8 @@ pub struct Scheduler {
     pub sink: Arc<dyn FailureSink>,
     /// Rung by intake after each enqueue and by operators' resume: work may be due.
     pub wake: Arc<Notify>,
+    /// DKIM keys: the DSNs the scheduler writes are signed like every other message.
+    signing: Arc<Signing>,
     lanes: Mutex<HashMap<Destination, Arc<Lane>>>,
     global: Arc<Semaphore>,
     global_cap: AtomicUsize,
@@ -155,6 +158,7 @@ impl Scheduler {
         couriers: Couriers,
         sink: Arc<dyn FailureSink>,
         wake: Arc<Notify>,
+        signing: Arc<Signing>,
     ) -> Scheduler {
         let max = config.load().delivery.max_concurrency;
         Scheduler {
@@ -164,6 +168,7 @@ impl Scheduler {
             couriers,
             sink,
             wake,
+            signing,
             lanes: Mutex::default(),
             global: Arc::new(Semaphore::new(max)),
             global_cap: AtomicUsize::new(max),
@@ -503,6 +508,7 @@ impl Scheduler {
             &list,
             now,
         );
+        let body = self.signing.sign(body).await;
         let msg = NewMessage {
             queue_id: QueueId::generate(self.queue.clock().now_us()),
             sender: String::new(),

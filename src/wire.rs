@@ -40,6 +40,38 @@ pub enum HeaderError {
     BadName,
 }
 
+/// The unfolded value of the first header called `name` (case-insensitive), looking only
+/// at the header section. Cost is bounded by the header section's size.
+pub fn header_value(message: &[u8], name: &str) -> Option<String> {
+    let mut lines = message.split(|&b| b == b'\n').peekable();
+    while let Some(line) = lines.next() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            return None;
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        if !line[..colon].eq_ignore_ascii_case(name.as_bytes()) {
+            continue;
+        }
+        let mut value = String::from_utf8_lossy(&line[colon + 1..])
+            .trim()
+            .to_owned();
+        while let Some(next) = lines.peek() {
+            if !next.starts_with(b" ") && !next.starts_with(b"\t") {
+                break;
+            }
+            let next = lines.next().expect("peeked");
+            let next = next.strip_suffix(b"\r").unwrap_or(next);
+            value.push(' ');
+            value.push_str(String::from_utf8_lossy(next).trim());
+        }
+        return Some(value);
+    }
+    None
+}
+
 /// Checks a value that becomes (part of) a header: no control character but HTAB, and
 /// foldable. Cost: one pass over the value, no allocation.
 pub fn check_value(value: &str) -> Result<(), HeaderError> {

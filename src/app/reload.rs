@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::{App, AppError, admin_token, hickory, load_tls};
 use crate::config::Config;
 use crate::config::diff::RESTART_ONLY;
+use crate::dkim::Signers;
 
 /// What a reload did, key by key (`section.key`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -53,8 +54,17 @@ impl App {
             };
             self.intake.policy.dns.reconfigure(resolver, &new.dns);
         }
+        // Keys are read before anything is applied: an unreadable key fails the reload.
+        let signers = if changed("dkim") {
+            Some(Signers::load(&new.dkim)?)
+        } else {
+            None
+        };
         // Nothing can fail from here on: apply.
         self.server.tls.store(tls.map(Arc::new));
+        if let Some(signers) = signers {
+            self.intake.signing.replace(signers);
+        }
         if changed("faillog") {
             self.faillog.set_config(&new.faillog);
         }

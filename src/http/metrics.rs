@@ -420,6 +420,24 @@ const METRICS: &[Metric] = &[
         help: "AUTH verification workers (the pool size).",
         samples: |s| smtp(s, |d| d.auth.workers as u64),
     },
+    Metric {
+        name: "floodgate_dkim_signed_total",
+        kind: Kind::Counter,
+        help: "Messages queued with at least one DKIM signature.",
+        samples: |s| one(load(&s.admin.intake.signing.stats().signed)),
+    },
+    Metric {
+        name: "floodgate_dkim_unsigned_total",
+        kind: Kind::Counter,
+        help: "Messages queued unsigned: no [[dkim]] key covers their From: domain.",
+        samples: |s| one(load(&s.admin.intake.signing.stats().unsigned)),
+    },
+    Metric {
+        name: "floodgate_dkim_failures_total",
+        kind: Kind::Counter,
+        help: "Messages a key covered but signing failed (queued unsigned, logged).",
+        samples: |s| one(load(&s.admin.intake.signing.stats().failed)),
+    },
 ];
 
 pub async fn render(admin: &Admin) -> Response<Body> {

@@ -70,7 +70,7 @@ use std::time::Duration;
 use hickory_server::Server;
 use hickory_server::net::runtime::{Time, TokioRuntimeProvider};
 use hickory_server::proto::op::ResponseCode;
-use hickory_server::proto::rr::rdata::{A, AAAA, MX, SOA};
+use hickory_server::proto::rr::rdata::{A, AAAA, MX, SOA, TXT};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
@@ -151,6 +151,17 @@ impl Zone {
 
     pub fn aaaa(self, name: &str, ip: Ipv6Addr) -> Self {
         self.push(name, RData::AAAA(AAAA(ip)))
+    }
+
+    /// A TXT record. A value over 255 octets is split into several character-strings, as
+    /// DNS requires (a DKIM RSA-2048 key record is about 400 octets); readers join them.
+    pub fn txt(self, name: &str, value: &str) -> Self {
+        let parts = value
+            .as_bytes()
+            .chunks(255)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        self.push(name, RData::TXT(TXT::new(parts)))
     }
 
     /// Every query for exactly this name (any type) is answered SERVFAIL.
