@@ -47,7 +47,8 @@ fn graph(src: &Path) -> Graph {
     for entry in std::fs::read_dir(src).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        if path.is_dir() || (path.extension().is_some_and(|e| e == "rs") && name != "lib" && name != "main")
+        if path.is_dir()
+            || (path.extension().is_some_and(|e| e == "rs") && name != "lib" && name != "main")
         {
             modules.insert(name);
         }
@@ -55,7 +56,12 @@ fn graph(src: &Path) -> Graph {
     let mut graph = Graph::new();
     for file in rust_files(src) {
         let rel = file.strip_prefix(src).unwrap();
-        let top = rel.components().next().unwrap().as_os_str().to_string_lossy();
+        let top = rel
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy();
         let top = top.trim_end_matches(".rs").to_owned();
         if !modules.contains(&top) || file.file_name().is_some_and(|n| n == "tests.rs") {
             continue;
@@ -64,7 +70,9 @@ fn graph(src: &Path) -> Graph {
         let text = std::fs::read_to_string(&file).unwrap();
         for target in references(&text) {
             if target != top && modules.contains(&target) {
-                edges.entry(target).or_insert_with(|| rel.display().to_string());
+                edges
+                    .entry(target)
+                    .or_insert_with(|| rel.display().to_string());
             }
         }
     }
@@ -160,7 +168,8 @@ fn code_only(text: &str) -> String {
                 }
             }
             out.push(' ');
-        } else if c == 'r' && (next == Some('"') || next == Some('#')) && !prev_is_ident(&chars, i) {
+        } else if c == 'r' && (next == Some('"') || next == Some('#')) && !prev_is_ident(&chars, i)
+        {
             // Raw string: r"…" or r#"…"#.
             let mut j = i + 1;
             let mut hashes = 0;
@@ -231,7 +240,10 @@ fn strip_tests(code: &str) -> String {
         let item = after.trim_start();
         let is_inline_mod = item
             .strip_prefix("mod ")
-            .and_then(|m| m.trim_start().split_once(|c: char| !(c.is_alphanumeric() || c == '_')))
+            .and_then(|m| {
+                m.trim_start()
+                    .split_once(|c: char| !(c.is_alphanumeric() || c == '_'))
+            })
             .is_some_and(|(_, tail)| tail.trim_start().starts_with('{'));
         if !is_inline_mod {
             rest = after;

@@ -455,3 +455,10 @@ impl Queue {
         self.read(status::count_by_state).await
     }
 }
+
+/// The health check waits on the writer: every acknowledgement does.
+impl crate::supervise::Heartbeat for Queue {
+    fn answers(&self) -> impl std::future::Future<Output = bool> + Send {
+        async move { self.ping().await.is_ok() }
+    }
+}

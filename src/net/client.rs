@@ -8,7 +8,7 @@
 //! up to a bound; a longer body is cut and its connection not reused.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -17,6 +17,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -178,7 +179,7 @@ impl HttpClient {
     }
 
     fn checkout(&self, origin: &Origin) -> Option<Sender> {
-        let mut pool = self.pool.lock().expect("http pool lock");
+        let mut pool = self.pool.lock();
         let idle = pool.get_mut(origin)?;
         while let Some((sender, since)) = idle.pop() {
             if since.elapsed() < self.idle && !sender.is_closed() {
@@ -192,7 +193,7 @@ impl HttpClient {
         if sender.is_closed() {
             return;
         }
-        let mut pool = self.pool.lock().expect("http pool lock");
+        let mut pool = self.pool.lock();
         let idle = pool.entry(origin.clone()).or_default();
         idle.retain(|(s, since)| since.elapsed() < self.idle && !s.is_closed());
         if idle.len() < MAX_IDLE_PER_ORIGIN {
