@@ -309,10 +309,12 @@ fn find_cycle(graph: &Graph) -> Option<Vec<String>> {
     }
     let mut marks = BTreeMap::new();
     for node in graph.keys() {
-        if marks.get(node).copied().unwrap_or(Mark::New) == Mark::New {
-            if let Some(cycle) = visit(node, graph, &mut marks, &mut Vec::new()) {
-                return Some(cycle);
-            }
+        let new = marks.get(node).copied().unwrap_or(Mark::New) == Mark::New;
+        if let Some(cycle) = new
+            .then(|| visit(node, graph, &mut marks, &mut Vec::new()))
+            .flatten()
+        {
+            return Some(cycle);
         }
     }
     None

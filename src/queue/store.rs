@@ -3,11 +3,13 @@
 //! these three files speaks SQL to queue.db.
 
 use std::path::Path;
+use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{NewMessage, QueueError, RecipientState, Remembered};
 use crate::config::Synchronous;
+use crate::sqlite::{self, OpenError, Spec};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -75,68 +77,51 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE messages ADD COLUMN smtputf8 INTEGER NOT NULL DEFAULT 0;",
 ];
 
+/// How long a connection waits for a lock held by another connection.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// queue.db as [`sqlite`] opens it: an acknowledgement waits on its commit, so how hard
+/// it syncs is the operator's choice; recipients cascade with their message.
+fn spec(synchronous: Synchronous, max_size_mb: u64) -> Spec<'static> {
+    Spec {
+        name: "queue.db",
+        busy_timeout: BUSY_TIMEOUT,
+        synchronous: match synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        },
+        foreign_keys: true,
+        max_size_mb,
+        migrations: MIGRATIONS,
+    }
+}
+
+impl From<OpenError> for QueueError {
+    fn from(e: OpenError) -> QueueError {
+        match e {
+            OpenError::Sqlite(e) => e.into(),
+            e @ OpenError::TooNew { .. } => QueueError::Schema(e.to_string()),
+        }
+    }
+}
+
 /// Opens queue.db for writing, applies pragmas and migrations.
 pub fn open_writer(
     path: &Path,
     synchronous: Synchronous,
     max_size_mb: u64,
 ) -> Result<Connection, QueueError> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(
-        None,
-        "synchronous",
-        match synchronous {
-            Synchronous::Full => "FULL",
-            Synchronous::Normal => "NORMAL",
-        },
-    )?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    set_max_size(&conn, max_size_mb)?;
-    migrate(&conn)?;
-    Ok(conn)
+    Ok(sqlite::open_writer(path, &spec(synchronous, max_size_mb))?)
 }
 
 /// `PRAGMA max_page_count` for a cap in MiB; 0 lifts the cap.
 pub fn set_max_size(conn: &Connection, max_size_mb: u64) -> Result<(), QueueError> {
-    // SQLite's own ceiling on the page count: "no cap".
-    const NO_CAP: u64 = 4_294_967_294;
-    let pages = if max_size_mb == 0 {
-        NO_CAP
-    } else {
-        let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        (max_size_mb * 1024 * 1024 / page_size.max(512)).min(NO_CAP)
-    };
-    conn.pragma_update(None, "max_page_count", pages)?;
-    Ok(())
+    Ok(sqlite::set_max_size(conn, max_size_mb)?)
 }
 
 /// Opens a read-only connection (WAL readers never block the writer).
 pub fn open_reader(path: &Path) -> Result<Connection, QueueError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    Ok(conn)
-}
-
-fn migrate(conn: &Connection) -> Result<(), QueueError> {
-    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version > MIGRATIONS.len() {
-        return Err(QueueError::Schema(format!(
-            "queue.db has schema version {version}, this Floodgate knows {}: refusing to touch it",
-            MIGRATIONS.len()
-        )));
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.unchecked_transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", i + 1)?;
-        tx.commit()?;
-    }
-    Ok(())
+    Ok(sqlite::open_reader(path, BUSY_TIMEOUT)?)
 }
 
 /// Inserts one message and its recipients. Runs inside the writer's batch transaction.
@@ -533,35 +518,51 @@ pub fn purge_batch(
     Ok(purged)
 }
 
-/// Holds up to `limit` of a paused campaign's scheduled, unleased recipients.
-pub fn hold_batch(
-    conn: &Connection,
-    campaign: &str,
-    limit: usize,
-    now_ms: i64,
-) -> Result<usize, QueueError> {
-    Ok(conn
-        .prepare_cached(
-            "UPDATE recipients SET state = 3, updated_at = ?3
-             WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 0
-                            AND (lease_until IS NULL OR lease_until <= ?3) LIMIT ?2)",
-        )?
-        .execute(params![campaign, limit as i64, now_ms])?)
+/// Which way a campaign's queued recipients move: out of the due index while it is
+/// paused (so that what a flood queued costs the scheduler nothing), back when resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// Scheduled, unleased recipients become held (in-flight ones are left alone).
+    Hold,
+    /// Held recipients are scheduled again; their next attempt stays what it was, so due
+    /// ones are due at once.
+    Release,
 }
 
-/// Schedules up to `limit` of a resumed campaign's held recipients again (their next
-/// attempt stays what it was: due ones are due at once).
-pub fn release_batch(
+impl Holding {
+    fn sql(self) -> &'static str {
+        match self {
+            Holding::Hold => {
+                "UPDATE recipients SET state = 3, updated_at = ?3
+                 WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 0
+                                AND (lease_until IS NULL OR lease_until <= ?3) LIMIT ?2)"
+            }
+            Holding::Release => {
+                "UPDATE recipients SET state = 0, updated_at = ?3
+                 WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 3 LIMIT ?2)"
+            }
+        }
+    }
+
+    /// The log line of a finished move.
+    pub fn done(self) -> &'static str {
+        match self {
+            Holding::Hold => "queued recipients held",
+            Holding::Release => "held recipients released",
+        }
+    }
+}
+
+/// Moves up to `limit` of a campaign's recipients the `way` says; returns how many.
+pub fn hold_batch(
     conn: &Connection,
+    way: Holding,
     campaign: &str,
     limit: usize,
     now_ms: i64,
 ) -> Result<usize, QueueError> {
     Ok(conn
-        .prepare_cached(
-            "UPDATE recipients SET state = 0, updated_at = ?3
-             WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 3 LIMIT ?2)",
-        )?
+        .prepare_cached(way.sql())?
         .execute(params![campaign, limit as i64, now_ms])?)
 }
 

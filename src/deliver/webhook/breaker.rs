@@ -158,10 +158,9 @@ impl Breakers {
         match ep.circuit {
             Circuit::Closed => return Ok(()),
             Circuit::Open { since, cooldown } => {
-                if let Some(left) = elapsed(now, since).and_then(|e| cooldown.checked_sub(e)) {
-                    if !left.is_zero() {
-                        return Err(Refusal::Open(left));
-                    }
+                let left = elapsed(now, since).and_then(|e| cooldown.checked_sub(e));
+                if let Some(left) = left.filter(|l| !l.is_zero()) {
+                    return Err(Refusal::Open(left));
                 }
             }
             // A probe that outlived its own timeout was dropped (shutdown); let another go.
