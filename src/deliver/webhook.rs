@@ -247,6 +247,7 @@ mod tests {
             status,
             headers,
             body: Bytes::from_static(b"nope\r\n"),
+            truncated: false,
         })
         .into()
     }

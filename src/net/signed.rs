@@ -87,6 +87,7 @@ mod tests {
             status,
             headers: hyper::HeaderMap::new(),
             body: Bytes::new(),
+            truncated: false,
         })
         .into()
     }
