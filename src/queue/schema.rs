@@ -123,3 +123,32 @@ pub fn set_max_size(conn: &Connection, max_size_mb: u64) -> Result<(), QueueErro
 pub fn open_reader(path: &Path) -> Result<Connection, QueueError> {
     Ok(sqlite::open_reader(path, BUSY_TIMEOUT)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_existing_file_reopens_and_a_newer_one_is_refused_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        drop(open_writer(&path, Synchronous::Normal, 0).unwrap());
+        let conn = open_writer(&path, Synchronous::Full, 0).unwrap();
+        let version: usize = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len());
+        conn.pragma_update(None, "user_version", version + 1)
+            .unwrap();
+        drop(conn);
+        let err = open_writer(&path, Synchronous::Normal, 0).unwrap_err();
+        assert!(matches!(err, QueueError::Schema(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "queue schema: queue.db has schema version {}, this Floodgate knows {version}: refusing to touch it",
+                version + 1
+            )
+        );
+    }
+}
