@@ -2,9 +2,7 @@
 //! implicit MX) and the verdict cache that makes a flood at one domain cost one lookup.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,8 +17,7 @@ use hickory_resolver::{Resolver as HickoryResolver, TokioResolver};
 use tokio::sync::OnceCell;
 
 use crate::config::DnsConfig;
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::future::BoxFuture;
 
 /// One MX record.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,11 +24,12 @@ use tokio_util::sync::CancellationToken;
 use crate::campaign::Campaigns;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::deliver::webhook::Secret;
-use crate::deliver::{FailureSink, tls};
-use crate::http::client::{HttpClient, redact};
+use crate::deliver::FailureSink;
+use crate::net::client::{HttpClient, redact};
+use crate::net::signed::{self, Answer, SignedPost};
 use crate::queue::Claimed;
 use crate::reason::Reason;
+use crate::signing::Secret;
 use crate::supervise::Supervisor;
 
 /// Batches waiting per receiver while it is slow; beyond, batches are dropped.
@@ -112,11 +113,7 @@ impl Events {
             campaigns,
             clock,
             shared: shared.clone(),
-            client: Arc::new(HttpClient::new(
-                tls::verified(None).unwrap_or_else(|_| tls::opportunistic()),
-                Duration::from_secs(30),
-                4096,
-            )),
+            client: Arc::new(signed::web_client(4096)),
             workers: HashMap::new(),
             snapshot: HashMap::new(),
             since_ms: 0,
@@ -380,18 +377,21 @@ async fn send_loop(
                 tracing::warn!("[events] secret missing or invalid; batch dropped");
                 break;
             };
-            let headers = secret.headers(&batch.id, clock.now_ms() / 1000, &batch.body);
-            let result = client
-                .post(&url, &headers, batch.body.clone(), config.events.timeout.0)
-                .await;
+            let post = SignedPost {
+                url: &url,
+                secret: Some(&secret),
+                id: &batch.id,
+                timestamp: clock.now_ms() / 1000,
+                body: batch.body.clone(),
+                timeout: config.events.timeout.0,
+            };
+            let answer = signed::post(&client, post).await;
             attempts += 1;
-            let (error, retryable) = match result {
-                Ok(r) if (200..300).contains(&r.status) => break,
-                Ok(r) => (
-                    format!("HTTP {}", r.status),
-                    r.status >= 500 || r.status == 408 || r.status == 429,
-                ),
-                Err(e) => (e.to_string(), true),
+            let retryable = answer.retryable();
+            let error = match answer {
+                Answer::Accepted(_) => break,
+                Answer::Refused(r) => format!("HTTP {}", r.status),
+                Answer::Failed(e) => e.to_string(),
             };
             if !retryable || attempts > config.events.retry || stop_retrying.is_cancelled() {
                 tracing::warn!(

@@ -1,22 +1,22 @@
 //! The guard: per-campaign sliding windows of accepted and failed recipients. A campaign
 //! whose failure ratio crosses the rule is alerted on and, with `action = "pause"`,
 //! paused — the step the incident's operators took by hand after two hours. It also
-//! alerts when the failure log is written too fast or drops events.
+//! alerts when the failure log is written too fast or drops events. Sending the alerts
+//! to the alert webhook is [`alerts`]' job.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::campaign::{Campaigns, Tally};
-use crate::config::{Config, GuardAction};
-use crate::deliver::webhook::Secret;
+use crate::campaign::{Campaign, Campaigns, Tally};
+use crate::config::{Config, GuardAction, GuardConfig};
 use crate::faillog::FailLog;
-use crate::http::client::HttpClient;
 use crate::queue::{CampaignState, Queue};
 use crate::reason::Reason;
 use crate::supervise::Supervisor;
@@ -25,6 +25,8 @@ use crate::supervise::Supervisor;
 const RECENT_ALERTS: usize = 100;
 /// The same system-wide alert (write rate, drops) is raised at most this often.
 const SYSTEM_ALERT_EVERY_MS: i64 = 60_000;
+
+mod alerts;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Alert {
@@ -54,6 +56,74 @@ struct Window {
     samples: VecDeque<Sample>,
     tripped: bool,
     paused: bool,
+}
+
+impl Sample {
+    /// `c`'s cumulative counts now.
+    fn of(c: &Campaign, now_ms: i64) -> Sample {
+        let Tally { failed, presented } = c.tally();
+        let relay_failed = c.failures(Reason::Rejected) + c.failures(Reason::Expired);
+        let delivered = c.delivered.load(Ordering::Relaxed);
+        Sample {
+            at: now_ms,
+            presented,
+            failed,
+            attempted: delivered + relay_failed,
+            relay_failed,
+        }
+    }
+}
+
+impl Window {
+    /// What a campaign did before the guard first saw it happened within the window:
+    /// start from zero.
+    fn starting(now_ms: i64) -> Window {
+        let mut w = Window::default();
+        w.samples.push_back(Sample {
+            at: now_ms,
+            ..Sample::default()
+        });
+        w
+    }
+
+    /// Adds `sample`, drops what fell out of the window, and returns the window's
+    /// counts in the view that `rule` judges.
+    fn observe(&mut self, sample: Sample, window_ms: i64, rule: &GuardConfig) -> Option<Tally> {
+        let now_ms = sample.at;
+        self.samples.push_back(sample);
+        // Keep one sample at or before the window's start as the baseline.
+        while self.samples.len() > 2 && self.samples[1].at <= now_ms - window_ms {
+            self.samples.pop_front();
+        }
+        let (first, last) = (self.samples.front()?, self.samples.back()?);
+        // Two views of one campaign: everything it presented, and what its deliveries
+        // did. The second trips a campaign whose recipients pass the door but bounce at
+        // the destination within a delivery batch, instead of waiting for the failures
+        // to catch up with intake-speed acceptances.
+        let door = Tally {
+            failed: last.failed,
+            presented: last.presented,
+        }
+        .since(Tally {
+            failed: first.failed,
+            presented: first.presented,
+        });
+        let relay = Tally {
+            failed: last.relay_failed,
+            presented: last.attempted,
+        }
+        .since(Tally {
+            failed: first.relay_failed,
+            presented: first.attempted,
+        });
+        let qualifies =
+            |t: Tally| t.presented >= rule.min_events && t.ratio() >= rule.failure_ratio;
+        Some(if !qualifies(door) && qualifies(relay) {
+            relay
+        } else {
+            door
+        })
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -107,79 +177,11 @@ impl Guard {
         }
     }
 
-    /// Posts alerts to `[guard] alert_webhook` as signed JSON (Standard Webhooks), at
-    /// most `alert_webhook_per_minute`; a flood of alerts must not become a flood of
-    /// requests.
-    async fn run_hook(
-        self: Arc<Self>,
-        mut rx: tokio::sync::mpsc::Receiver<Alert>,
-        shutdown: CancellationToken,
-    ) {
-        let tls = crate::deliver::tls::verified(None)
-            .unwrap_or_else(|_| crate::deliver::tls::opportunistic());
-        let client = HttpClient::new(tls, Duration::from_secs(30), 64 * 1024);
-        let mut limiter: Option<(u32, governor::DefaultDirectRateLimiter)> = None;
-        loop {
-            let alert = tokio::select! {
-                a = rx.recv() => match a { Some(a) => a, None => return },
-                () = shutdown.cancelled() => return,
-            };
-            let config = self.config.load_full();
-            let rule = &config.guard;
-            let Some(url) = rule.alert_webhook.as_deref() else {
-                continue;
-            };
-            let per_minute = rule.alert_webhook_per_minute.max(1);
-            if limiter.as_ref().is_none_or(|(n, _)| *n != per_minute) {
-                let quota = governor::Quota::per_minute(
-                    std::num::NonZeroU32::new(per_minute).expect("at least 1"),
-                );
-                limiter = Some((per_minute, governor::RateLimiter::direct(quota)));
-            }
-            if limiter.as_ref().is_some_and(|(_, l)| l.check().is_err()) {
-                self.stats.webhook_skipped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let body = serde_json::to_vec(
-                &serde_json::json!({ "type": "floodgate.alert", "alert": alert }),
-            )
-            .unwrap_or_default();
-            let id = format!(
-                "alert_{}_{}",
-                alert.at_ms,
-                self.stats.alerts.load(Ordering::Relaxed)
-            );
-            let mut headers = vec![("content-type", "application/json".to_owned())];
-            if let Some(secret) = rule
-                .alert_webhook_secret
-                .as_deref()
-                .and_then(|s| Secret::parse(s).ok())
-            {
-                headers = secret.headers(&id, alert.at_ms / 1000, &body);
-            }
-            match client
-                .post(url, &headers, body.into(), Duration::from_secs(10))
-                .await
-            {
-                Ok(r) if (200..300).contains(&r.status) => {
-                    self.stats.webhook_sent.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(r) => {
-                    self.stats.webhook_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(status = r.status, "alert webhook refused the alert");
-                }
-                Err(e) => {
-                    self.stats.webhook_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "alert webhook unreachable");
-                }
-            }
-        }
-    }
-
     /// Ticks once a second until shutdown; the alert sender runs beside it, supervised.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken, supervisor: Supervisor) {
-        if let Some(rx) = self.hook_rx.lock().expect("guard lock").take() {
-            supervisor.spawn("alert sender", self.clone().run_hook(rx, shutdown.clone()));
+        if let Some(rx) = self.hook_rx.lock().take() {
+            let sender = alerts::send(self.clone(), rx, shutdown.clone());
+            supervisor.spawn("alert sender", sender);
         }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -213,18 +215,11 @@ impl Guard {
         let mut acted = Vec::new();
         if rule.enabled {
             let window_ms = rule.window.0.as_millis() as i64;
-            let mut windows = self.windows.lock().expect("guard lock");
+            let mut windows = self.windows.lock();
             for c in self.campaigns.all() {
-                let w = windows.entry(c.name.clone()).or_insert_with(|| {
-                    // What a campaign did before the guard first saw it happened within
-                    // the window: start from zero.
-                    let mut w = Window::default();
-                    w.samples.push_back(Sample {
-                        at: now_ms,
-                        ..Sample::default()
-                    });
-                    w
-                });
+                let w = windows
+                    .entry(c.name.clone())
+                    .or_insert_with(|| Window::starting(now_ms));
                 let paused = c.is_paused();
                 if w.paused && !paused {
                     // Resumed by an operator: judge it afresh, not on the failures that
@@ -233,78 +228,15 @@ impl Guard {
                     w.tripped = false;
                 }
                 w.paused = paused;
-                let Tally { failed, presented } = c.tally();
-                let relay_failed = c.failures(Reason::Rejected) + c.failures(Reason::Expired);
-                let delivered = c.delivered.load(Ordering::Relaxed);
-                w.samples.push_back(Sample {
-                    at: now_ms,
-                    presented,
-                    failed,
-                    attempted: delivered + relay_failed,
-                    relay_failed,
-                });
-                // Keep one sample at or before the window's start as the baseline.
-                while w.samples.len() > 2 && w.samples[1].at <= now_ms - window_ms {
-                    w.samples.pop_front();
-                }
-                let (Some(first), Some(last)) = (w.samples.front(), w.samples.back()) else {
+                let Some(window) = w.observe(Sample::of(&c, now_ms), window_ms, rule) else {
                     continue;
                 };
-                // Two views of one campaign: everything it presented, and what its
-                // deliveries did. The second trips a campaign whose recipients pass the door
-                // but bounce at the destination within a delivery batch, instead of waiting
-                // for the failures to catch up with intake-speed acceptances.
-                let door = Tally {
-                    failed: last.failed,
-                    presented: last.presented,
-                }
-                .since(Tally {
-                    failed: first.failed,
-                    presented: first.presented,
-                });
-                let relay = Tally {
-                    failed: last.relay_failed,
-                    presented: last.attempted,
-                }
-                .since(Tally {
-                    failed: first.relay_failed,
-                    presented: first.attempted,
-                });
-                let qualifies =
-                    |t: Tally| t.presented >= rule.min_events && t.ratio() >= rule.failure_ratio;
-                let window = if !qualifies(door) && qualifies(relay) {
-                    relay
-                } else {
-                    door
-                };
-                let (total, df) = (window.presented, window.failed);
-                let da = total.saturating_sub(df);
                 let ratio = window.ratio();
-                if total >= rule.min_events && ratio >= rule.failure_ratio {
+                if window.presented >= rule.min_events && ratio >= rule.failure_ratio {
                     if w.tripped || paused {
                         continue;
                     }
-                    w.tripped = true;
-                    self.stats.trips.fetch_add(1, Ordering::Relaxed);
-                    let pause = rule.action == GuardAction::Pause;
-                    if pause {
-                        c.set_paused(true);
-                        w.paused = true;
-                        self.stats.pauses.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tracing::warn!(campaign = %c.name, failed = df, accepted = da, ratio, action = if pause { "pause" } else { "alert" }, "guard tripped: campaign failure ratio over the limit");
-                    self.alert(Alert {
-                        at_ms: now_ms,
-                        kind: "campaign_failure_ratio",
-                        campaign: Some(c.name.to_string()),
-                        message: format!(
-                            "{df} of {total} recipients failed in the last {} ({:.0}%)",
-                            rule.window,
-                            ratio * 100.0
-                        ),
-                        action: Some(if pause { "pause" } else { "alert" }),
-                    });
-                    acted.push((c.name.to_string(), pause));
+                    acted.push(self.trip(&c, w, window, rule, now_ms));
                 } else if ratio < rule.failure_ratio {
                     w.tripped = false;
                 }
@@ -312,6 +244,43 @@ impl Guard {
         }
         self.check_faillog(now_ms, rule.faillog_rows_per_sec_alert);
         acted
+    }
+
+    /// Trips `c` (its `window` crossed the rule): counts, pauses if the rule says so,
+    /// alerts. Returns (name, paused).
+    fn trip(
+        &self,
+        c: &Campaign,
+        w: &mut Window,
+        window: Tally,
+        rule: &GuardConfig,
+        now_ms: i64,
+    ) -> (String, bool) {
+        let (total, df) = (window.presented, window.failed);
+        let da = total.saturating_sub(df);
+        let ratio = window.ratio();
+        w.tripped = true;
+        self.stats.trips.fetch_add(1, Ordering::Relaxed);
+        let pause = rule.action == GuardAction::Pause;
+        if pause {
+            c.set_paused(true);
+            w.paused = true;
+            self.stats.pauses.fetch_add(1, Ordering::Relaxed);
+        }
+        let action = if pause { "pause" } else { "alert" };
+        tracing::warn!(campaign = %c.name, failed = df, accepted = da, ratio, action, "guard tripped: campaign failure ratio over the limit");
+        self.alert(Alert {
+            at_ms: now_ms,
+            kind: "campaign_failure_ratio",
+            campaign: Some(c.name.to_string()),
+            message: format!(
+                "{df} of {total} recipients failed in the last {} ({:.0}%)",
+                rule.window,
+                ratio * 100.0
+            ),
+            action: Some(action),
+        });
+        (c.name.to_string(), pause)
     }
 
     fn check_faillog(&self, now_ms: i64, limit: u64) {
@@ -339,7 +308,7 @@ impl Guard {
     }
 
     fn system_alert(&self, now_ms: i64, kind: &'static str, message: String) {
-        let mut last = self.last_system_alert.lock().expect("guard lock");
+        let mut last = self.last_system_alert.lock();
         if last
             .get(kind)
             .is_some_and(|t| now_ms - t < SYSTEM_ALERT_EVERY_MS)
@@ -364,7 +333,7 @@ impl Guard {
         {
             self.stats.webhook_skipped.fetch_add(1, Ordering::Relaxed);
         }
-        let mut recent = self.recent.lock().expect("guard lock");
+        let mut recent = self.recent.lock();
         if recent.len() == RECENT_ALERTS {
             recent.pop_front();
         }
@@ -373,12 +342,7 @@ impl Guard {
 
     /// Recent alerts, newest last.
     pub fn alerts(&self) -> Vec<Alert> {
-        self.recent
-            .lock()
-            .expect("guard lock")
-            .iter()
-            .cloned()
-            .collect()
+        self.recent.lock().iter().cloned().collect()
     }
 }
 

@@ -44,7 +44,7 @@ impl Intake {
             reason,
             recipient,
             true,
-            || crate::smtp::reply::for_reason(reason).to_string(),
+            || reason.reply().to_string(),
         );
         tracing::trace!(campaign, %reason, stage = Stage::Intake.as_str(), "recipient refused");
     }
@@ -67,7 +67,7 @@ impl Intake {
                 reason,
                 "",
                 false,
-                || crate::smtp::reply::for_reason(reason).to_string(),
+                || reason.reply().to_string(),
             );
         }
     }

@@ -76,6 +76,89 @@ reasons! {
     Purged => "purged", false;
 }
 
+/// A reason's reply: SMTP code, enhanced status code (RFC 3463) and text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReasonReply {
+    pub code: u16,
+    pub esc: [u8; 3],
+    pub text: &'static str,
+}
+
+impl ReasonReply {
+    /// The enhanced status code as text, e.g. `5.1.10`.
+    pub fn status(&self) -> String {
+        let [a, b, c] = self.esc;
+        format!("{a}.{b}.{c}")
+    }
+}
+
+/// `550 5.1.2 Recipient domain does not exist`, as an SMTP client reads it.
+impl fmt::Display for ReasonReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.code, self.status(), self.text)
+    }
+}
+
+impl Reason {
+    /// The reply for a recipient or message refused for this reason (DESIGN.md,
+    /// "Replies"). SMTP sends it, HTTP responses quote the same code and text, so both
+    /// doors speak one language.
+    pub fn reply(self) -> ReasonReply {
+        use Reason::*;
+        let (code, esc, text) = match self {
+            EmptyAddress => (501, [5, 1, 3], "Recipient address is empty"),
+            MalformedAddress => (501, [5, 1, 3], "Recipient address is malformed"),
+            NoSuchDomain => (550, [5, 1, 2], "Recipient domain does not exist"),
+            NoMailHost => (
+                550,
+                [5, 1, 2],
+                "Recipient domain has no mail host (no MX, A or AAAA)",
+            ),
+            NullMx => (
+                556,
+                [5, 1, 10],
+                "Recipient domain accepts no mail (null MX)",
+            ),
+            DnsTempfail => (
+                451,
+                [4, 4, 3],
+                "DNS lookup of recipient domain failed, try again later",
+            ),
+            NoRoute => (550, [5, 7, 1], "No route for recipient domain"),
+            DestinationDisabled => (
+                451,
+                [4, 3, 2],
+                "Destination of recipient domain is disabled, try again later",
+            ),
+            RelayDenied => (
+                554,
+                [5, 7, 1],
+                "Relay access denied: authenticate or connect from an allowed network",
+            ),
+            CampaignPaused => (451, [4, 7, 1], "Campaign is paused, try again later"),
+            IntakePaused => (451, [4, 7, 1], "Intake is paused, try again later"),
+            TooManyRecipients => (452, [4, 5, 3], "Too many recipients"),
+            MessageTooBig => (552, [5, 3, 4], "Message exceeds maximum size"),
+            LineTooLong => (
+                550,
+                [5, 6, 0],
+                "Message has a line over 998 octets that cannot be folded; encode the body",
+            ),
+            QueueUnavailable => (
+                452,
+                [4, 3, 1],
+                "Queue unavailable (insufficient storage), try again later",
+            ),
+            RateLimited => (451, [4, 7, 1], "Rate limit exceeded, try again later"),
+            Rejected => (550, [5, 0, 0], "Rejected by the destination"),
+            Deferred => (451, [4, 0, 0], "Deferred by the destination"),
+            Expired => (550, [5, 4, 7], "Delivery time expired"),
+            Purged => (550, [5, 0, 0], "Purged by an operator"),
+        };
+        ReasonReply { code, esc, text }
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -91,6 +174,15 @@ mod tests {
         for (i, r) in Reason::ALL.iter().enumerate() {
             assert_eq!(Reason::parse(r.as_str()), Some(*r));
             assert_eq!(r.index(), i);
+        }
+    }
+
+    #[test]
+    fn every_reply_is_temporary_exactly_when_its_reason_is() {
+        for r in Reason::ALL {
+            let reply = r.reply();
+            assert_eq!((400..500).contains(&reply.code), r.is_temporary(), "{r}");
+            assert_eq!(reply.esc[0] as u16, reply.code / 100, "{r}");
         }
     }
 }

@@ -56,12 +56,13 @@ pub fn open_writer(path: &Path, spec: &Spec<'_>) -> Result<Connection, OpenError
 
 /// Caps the file at `max_size_mb` (0 lifts the cap). Safe to call on a live writer.
 pub fn set_max_size(conn: &Connection, max_size_mb: u64) -> Result<(), rusqlite::Error> {
+    // SQLite's own ceiling on the page count: "no cap".
+    const NO_CAP: u64 = 4_294_967_294;
     let pages = if max_size_mb == 0 {
-        // SQLite's own default ceiling.
-        4_294_967_294
+        NO_CAP
     } else {
         let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        max_size_mb * 1024 * 1024 / page_size.max(512)
+        (max_size_mb * 1024 * 1024 / page_size.max(512)).min(NO_CAP)
     };
     conn.pragma_update(None, "max_page_count", pages)
 }
@@ -76,7 +77,9 @@ pub fn open_reader(path: &Path, busy_timeout: Duration) -> Result<Connection, ru
     Ok(conn)
 }
 
-fn migrate(conn: &Connection, spec: &Spec<'_>) -> Result<(), OpenError> {
+/// Runs the migrations `conn` has not seen yet, each in its own transaction with the
+/// version it reaches; refuses a file from a newer Floodgate.
+pub fn migrate(conn: &Connection, spec: &Spec<'_>) -> Result<(), OpenError> {
     let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > spec.migrations.len() {
         return Err(OpenError::TooNew {

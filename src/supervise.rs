@@ -4,14 +4,21 @@
 //! so that systemd restarts it instead of it limping on without, say, its scheduler.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
-use crate::queue::Queue;
+/// A part whose liveness the health check includes besides the tasks (the queue writer,
+/// which every acknowledgement waits on). Kept a trait so that supervision is a leaf the
+/// rest of the daemon reports to.
+pub trait Heartbeat {
+    /// Whether it answers; the check bounds how long it may take.
+    fn answers(&self) -> impl Future<Output = bool> + Send;
+}
 
 /// Why the daemon is not healthy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,10 +73,7 @@ impl Inner {
             how = how.as_str(),
             "long-running task ended outside shutdown; the daemon reports itself unhealthy"
         );
-        self.dead
-            .lock()
-            .expect("supervisor lock")
-            .push(name.to_owned());
+        self.dead.lock().push(name.to_owned());
     }
 }
 
@@ -110,16 +114,12 @@ impl Supervisor {
     fn register(&self, name: &str, abort: Option<AbortHandle>) -> Watch {
         let (done, rx) = watch::channel(false);
         let retired = Arc::new(AtomicBool::new(false));
-        self.inner
-            .entries
-            .lock()
-            .expect("supervisor lock")
-            .push(Entry {
-                name: name.to_owned(),
-                done: rx,
-                abort,
-                retired: retired.clone(),
-            });
+        self.inner.entries.lock().push(Entry {
+            name: name.to_owned(),
+            done: rx,
+            abort,
+            retired: retired.clone(),
+        });
         Watch {
             name: name.to_owned(),
             inner: self.inner.clone(),
@@ -168,7 +168,7 @@ impl Supervisor {
 
     /// Marks `name` as meant to end (a reload switched its feature off).
     pub fn retire(&self, name: &str) {
-        let mut entries = self.inner.entries.lock().expect("supervisor lock");
+        let mut entries = self.inner.entries.lock();
         for e in entries.iter().filter(|e| e.name == name) {
             e.retired.store(true, Ordering::Release);
         }
@@ -182,7 +182,6 @@ impl Supervisor {
             .inner
             .entries
             .lock()
-            .expect("supervisor lock")
             .iter()
             .filter(|e| e.name == name)
             .map(|e| e.done.clone())
@@ -197,7 +196,7 @@ impl Supervisor {
 
     /// Aborts every task named `name`.
     pub fn abort(&self, name: &str) {
-        for e in self.inner.entries.lock().expect("supervisor lock").iter() {
+        for e in self.inner.entries.lock().iter() {
             if let (true, Some(a)) = (e.name == name, &e.abort) {
                 a.abort();
             }
@@ -206,18 +205,18 @@ impl Supervisor {
 
     /// Names of the tasks that ended outside shutdown, in the order they did.
     pub fn dead(&self) -> Vec<String> {
-        self.inner.dead.lock().expect("supervisor lock").clone()
+        self.inner.dead.lock().clone()
     }
 
     /// The daemon's health, as `/readyz` and the systemd watchdog see it: no supervised
-    /// task has died, and the queue writer commits within `limit`.
-    pub async fn check(&self, queue: &Queue, limit: Duration) -> Result<(), Unhealthy> {
+    /// task has died, and `writer` (the queue writer) answers within `limit`.
+    pub async fn check<H: Heartbeat>(&self, writer: &H, limit: Duration) -> Result<(), Unhealthy> {
         let dead = self.dead();
         if !dead.is_empty() {
             return Err(Unhealthy::TaskDied(dead));
         }
-        match tokio::time::timeout(limit, queue.ping()).await {
-            Ok(Ok(())) => Ok(()),
+        match tokio::time::timeout(limit, writer.answers()).await {
+            Ok(true) => Ok(()),
             _ => Err(Unhealthy::WriterSilent),
         }
     }

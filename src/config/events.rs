@@ -54,7 +54,7 @@ impl EventsConfig {
         }
         if !self.urls.is_empty() {
             let secret = self.secret.as_deref().unwrap_or_default();
-            crate::deliver::webhook::Secret::parse(secret)
+            crate::signing::Secret::parse(secret)
                 .map_err(|e| format!("`secret` (whsec_<base64>, required with urls): {e}"))?;
         }
         Ok(())

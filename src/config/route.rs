@@ -147,7 +147,7 @@ impl Route {
                     return Err("transport `webhook` needs an http:// or https:// `url`".into());
                 }
                 let secret = self.secret.as_deref().unwrap_or_default();
-                crate::deliver::webhook::Secret::parse(secret)
+                crate::signing::Secret::parse(secret)
                     .map_err(|e| format!("webhook `secret` (whsec_<base64>): {e}"))?;
                 if self.timeout.is_some_and(|t| t.0.is_zero()) || self.breaker_threshold == Some(0)
                 {

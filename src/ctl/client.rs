@@ -1,15 +1,15 @@
 //! The admin API as `floodgate ctl` sees it: one plain HTTP/1.1 request per call over a
-//! fresh loopback connection (hyper's `client::conn::http1`), with the bearer token, under
-//! a bounded time, and errors sorted into the kinds a script can act on.
+//! fresh loopback connection (the daemon's own outbound client, [`HttpClient`]), with the
+//! bearer token, under a bounded time, and errors sorted into the kinds a script can act
+//! on.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::client::conn::http1;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper::{Method, StatusCode};
+
+use crate::net::client::{HttpClient, HttpError};
+use crate::net::tls;
 
 /// A daemon that does not accept within this is as good as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -53,11 +53,15 @@ pub struct Client {
     /// `host:port` as the operator gave it (or the config file has it).
     pub addr: String,
     token: String,
+    /// Plain HTTP only; no idle connections kept (one call, one connection).
+    http: HttpClient,
 }
 
 impl Client {
     pub fn new(addr: String, token: String) -> Client {
-        Client { addr, token }
+        let http = HttpClient::new(tls::opportunistic(), Duration::ZERO, MAX_RESPONSE)
+            .with_connect_timeout(CONNECT_TIMEOUT);
+        Client { addr, token, http }
     }
 
     pub async fn get(&self, path: &str) -> Result<serde_json::Value, CtlError> {
@@ -87,10 +91,7 @@ impl Client {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<serde_json::Value, CtlError> {
-        let exchange = self.exchange(method.clone(), path, body);
-        let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .map_err(|_| self.unreachable(format!("no answer within {REQUEST_TIMEOUT:?}")))??;
+        let (status, bytes) = self.exchange(method.clone(), path, body).await?;
         if status == StatusCode::UNAUTHORIZED {
             return Err(CtlError::Unauthorized {
                 addr: self.addr.clone(),
@@ -127,41 +128,43 @@ impl Client {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<(StatusCode, Bytes), CtlError> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
+        // `host:port` only, as a socket address is: a URL would quietly default a missing
+        // port to 80. The connection's time limit covers finding the host.
+        let _resolved = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(&self.addr))
             .await
             .map_err(|_| self.unreachable(format!("no connection within {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| self.unreachable(io_reason(&e)))?;
-        let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| self.unreachable(e.to_string()))?;
-        // The connection task ends when the exchange is over and `sender` is dropped.
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let url = format!("http://{}{path}", self.addr);
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, self.addr.as_str())
-            .header(
-                hyper::header::AUTHORIZATION,
-                format!("Bearer {}", self.token),
-            )
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::USER_AGENT, "floodgate-ctl")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| CtlError::Usage(format!("cannot build the request for {path}: {e}")))?;
-        let response = sender
-            .send_request(request)
-            .await
+        let headers = [
+            ("authorization", format!("Bearer {}", self.token)),
+            ("content-type", "application/json".to_owned()),
+            ("user-agent", "floodgate-ctl".to_owned()),
+        ];
+        let result = self
+            .http
+            .request(method, &url, &headers, Bytes::from(body), REQUEST_TIMEOUT)
+            .await;
+        let response = result.map_err(|e| match e {
+            HttpError::InvalidUrl(_) | HttpError::InvalidHeader(_) => {
+                CtlError::Usage(format!("cannot build the request for {path}: {e}"))
+            }
+            HttpError::Connect { source, .. } => self.unreachable(io_reason(&source)),
+            HttpError::ConnectTimeout(limit) => {
+                self.unreachable(format!("no connection within {limit:?}"))
+            }
+            HttpError::Handshake(e) => self.unreachable(e.to_string()),
+            HttpError::Tls { .. } => self.unreachable(e.to_string()),
+            HttpError::Send(e) => self.unreachable(format!("the connection broke: {e}")),
+            HttpError::Body(e) => self.unreachable(format!("the answer broke off: {e}")),
+            HttpError::Timeout(limit) => self.unreachable(format!("no answer within {limit:?}")),
+        })?;
+        if response.truncated {
+            return Err(self.unreachable("the answer broke off: length limit exceeded".into()));
+        }
+        let status = StatusCode::from_u16(response.status)
             .map_err(|e| self.unreachable(format!("the connection broke: {e}")))?;
-        let status = response.status();
-        let bytes = Limited::new(response.into_body(), MAX_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| self.unreachable(format!("the answer broke off: {e}")))?
-            .to_bytes();
-        Ok((status, bytes))
+        Ok((status, response.body))
     }
 
     fn unreachable(&self, why: String) -> CtlError {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Route, Transport};
-use crate::dns::BoxFuture;
+use crate::future::BoxFuture;
 use crate::queue::Claimed;
 use crate::reason::Reason;
 pub use reply::{Enhanced, Reply};
@@ -14,7 +14,6 @@ pub mod client;
 pub mod dsn;
 pub mod reply;
 pub mod smtp;
-pub mod tls;
 pub mod transaction;
 pub mod webhook;
 

@@ -11,9 +11,11 @@ use arc_swap::ArcSwap;
 use rustls::ClientConfig;
 
 use super::client::{ClientError, Connection, SendError, Timeouts, Transaction};
-use super::{Courier, Job, Outcome, tls};
+use super::{Courier, Job, Outcome};
 use crate::config::{Config, Route, TlsMode, Transport};
-use crate::dns::{BoxFuture, MailDns, Verdict};
+use crate::dns::{MailDns, Verdict};
+use crate::future::BoxFuture;
+use crate::net::tls;
 use crate::reason::Reason;
 
 /// One host to try, with its addresses.

@@ -5,11 +5,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OpenFlags, TransactionBehavior, params_from_iter};
+use rusqlite::{Connection, TransactionBehavior, params_from_iter};
 
 use super::{AggKey, FailLogError, FailureEvent, FailureQuery, FailureRow, StatRow};
 use crate::campaign::UNATTRIBUTED;
 use crate::reason::{Reason, Stage};
+use crate::sqlite::{self, OpenError, Spec};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -47,48 +48,43 @@ const DELETE_BATCH: i64 = 5_000;
 /// Most rows one admin read returns, whatever the caller asks.
 pub const MAX_QUERY_ROWS: usize = 10_000;
 
+/// failures.db as [`sqlite`] opens it. A log, not a ledger: losing the last flush in a
+/// power cut is acceptable, an fsync per flush is not worth it.
+fn spec(max_size_mb: u64) -> Spec<'static> {
+    Spec {
+        name: "failures.db",
+        busy_timeout: WRITER_BUSY_TIMEOUT,
+        synchronous: "NORMAL",
+        foreign_keys: false,
+        max_size_mb,
+        migrations: MIGRATIONS,
+    }
+}
+
+impl From<OpenError> for FailLogError {
+    fn from(e: OpenError) -> FailLogError {
+        match e {
+            OpenError::Sqlite(e) => e.into(),
+            OpenError::TooNew { found, known, .. } => FailLogError::Schema { found, known },
+        }
+    }
+}
+
 /// Opens failures.db for writing, applies pragmas and migrations.
 pub fn open_writer(path: &Path, max_size_mb: u64) -> Result<Connection, FailLogError> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(WRITER_BUSY_TIMEOUT)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // A log, not a ledger: losing the last flush in a power cut is acceptable, an fsync
-    // per flush is not worth it.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    if max_size_mb > 0 {
-        let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        let pages = max_size_mb * 1024 * 1024 / page_size.max(512);
-        conn.pragma_update(None, "max_page_count", pages)?;
-    }
-    migrate(&conn)?;
-    Ok(conn)
+    Ok(sqlite::open_writer(path, &spec(max_size_mb))?)
 }
 
 /// Opens a read-only connection; WAL readers never block the writer.
 pub fn open_reader(path: &Path) -> Result<Connection, FailLogError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(READER_BUSY_TIMEOUT)?;
-    Ok(conn)
+    Ok(sqlite::open_reader(path, READER_BUSY_TIMEOUT)?)
 }
 
+/// The schema on a connection opened elsewhere (the writer's tests use an in-memory
+/// database).
+#[cfg(test)]
 pub fn migrate(conn: &Connection) -> Result<(), FailLogError> {
-    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version > MIGRATIONS.len() {
-        return Err(FailLogError::Schema {
-            found: version,
-            known: MIGRATIONS.len(),
-        });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.unchecked_transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", i + 1)?;
-        tx.commit()?;
-    }
-    Ok(())
+    Ok(sqlite::migrate(conn, &spec(0))?)
 }
 
 fn campaign_name(campaign: &Option<String>) -> &str {

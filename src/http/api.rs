@@ -26,7 +26,6 @@ use crate::policy::Submitter;
 use crate::queue::{NewMessage, NewRecipient, QueueId, Remembered, Source};
 use crate::reason::Reason;
 use crate::smtp::message::{self, Trace};
-use crate::smtp::reply;
 
 /// Seconds a client is told to wait when intake, a campaign or the queue says "not now".
 const RETRY_AFTER_PAUSED: u64 = 60;
@@ -63,14 +62,14 @@ impl RecipientResult {
     }
 
     fn rejected(address: &str, why: Reason) -> RecipientResult {
-        let r = reply::for_reason(why);
+        let r = why.reply();
         RecipientResult {
             address: address.to_owned(),
             status: "rejected",
             code: Some(r.code),
             enhanced_code: Some(r.status()),
             reason: Some(why.as_str()),
-            message: Some(r.text.into_owned()),
+            message: Some(r.text.to_owned()),
         }
     }
 }

@@ -20,7 +20,6 @@ use tokio_util::task::TaskTracker;
 
 pub mod admin;
 pub mod api;
-pub mod client;
 pub mod daemon;
 pub mod dashboard;
 pub mod metrics;

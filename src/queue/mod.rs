@@ -3,20 +3,22 @@
 //! `retention` (deleting finished rows); the group commit in `writer`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use parking_lot::Mutex;
 use rusqlite::Connection;
 use rusqlite::ffi::ErrorCode;
 
 pub mod retention;
+pub mod schema;
 pub mod status;
 pub mod store;
 pub mod writer;
 
 pub use retention::Pruned;
 pub use status::{QueueSummary, Totals};
-pub use store::{CampaignState, Claimed, StoredMessage, StoredRecipient, Update};
+pub use store::{CampaignState, Claimed, Holding, StoredMessage, StoredRecipient, Update};
 pub use writer::{Writer, WriterStats};
 
 use crate::clock::Clock;
@@ -270,13 +272,13 @@ impl Queue {
         let readers = self.readers.clone();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
-            let pooled = readers.lock().expect("reader pool").pop();
+            let pooled = readers.lock().pop();
             let conn = match pooled {
                 Some(c) => c,
                 None => store::open_reader(&path)?,
             };
             let result = f(&conn);
-            readers.lock().expect("reader pool").push(conn);
+            readers.lock().push(conn);
             result
         })
         .await
@@ -339,43 +341,49 @@ impl Queue {
         self.campaign_batches(campaign, store::purge_batch).await
     }
 
-    /// Moves a paused campaign's scheduled recipients out of the due index, in batches
-    /// (recipients in flight are left alone; the claim still skips paused campaigns).
-    /// Returns how many it held.
-    pub async fn hold_campaign(&self, campaign: &str) -> Result<u64, QueueError> {
-        self.campaign_batches(campaign, store::hold_batch).await
-    }
-
-    /// Makes a resumed campaign's held recipients scheduled again. Returns how many.
-    pub async fn release_campaign(&self, campaign: &str) -> Result<u64, QueueError> {
-        self.campaign_batches(campaign, store::release_batch).await
+    /// Moves a campaign's queued recipients the `way` says, in batches: held out of the
+    /// due index while paused (recipients in flight are left alone; the claim still
+    /// skips paused campaigns), scheduled again when resumed. Returns how many moved.
+    pub async fn hold_campaign(&self, campaign: &str, way: Holding) -> Result<u64, QueueError> {
+        self.campaign_batches(campaign, move |conn, name, limit, now| {
+            store::hold_batch(conn, way, name, limit, now)
+        })
+        .await
     }
 
     /// [`Queue::hold_campaign`] off the caller's path: an operator's pause (or the
     /// guard's) answers at once; the rows follow.
     pub fn hold_in_background(&self, campaign: String) {
-        let queue = self.clone();
-        tokio::spawn(async move {
-            match queue.hold_campaign(&campaign).await {
-                Ok(n) => tracing::info!(%campaign, recipients = n, "queued recipients held"),
-                Err(e) => {
-                    tracing::error!(%campaign, error = %e, "holding queued recipients failed; the scheduler still skips them")
-                }
-            }
-        });
+        self.hold_off_path(campaign, Holding::Hold, None);
     }
 
-    /// [`Queue::release_campaign`] off the caller's path; rings `wake` when done.
+    /// [`Queue::hold_campaign`] releasing, off the caller's path; rings `wake` when done.
     pub fn release_in_background(&self, campaign: String, wake: Arc<tokio::sync::Notify>) {
+        self.hold_off_path(campaign, Holding::Release, Some(wake));
+    }
+
+    fn hold_off_path(
+        &self,
+        campaign: String,
+        way: Holding,
+        wake: Option<Arc<tokio::sync::Notify>>,
+    ) {
         let queue = self.clone();
         tokio::spawn(async move {
-            match queue.release_campaign(&campaign).await {
-                Ok(n) => tracing::info!(%campaign, recipients = n, "held recipients released"),
-                Err(e) => {
-                    tracing::error!(%campaign, error = %e, "releasing held recipients failed")
-                }
+            match queue.hold_campaign(&campaign, way).await {
+                Ok(n) => tracing::info!(%campaign, recipients = n, "{}", way.done()),
+                Err(e) => match way {
+                    Holding::Hold => {
+                        tracing::error!(%campaign, error = %e, "holding queued recipients failed; the scheduler still skips them")
+                    }
+                    Holding::Release => {
+                        tracing::error!(%campaign, error = %e, "releasing held recipients failed")
+                    }
+                },
             }
-            wake.notify_one();
+            if let Some(wake) = wake {
+                wake.notify_one();
+            }
         });
     }
 
@@ -384,7 +392,10 @@ impl Queue {
     async fn campaign_batches(
         &self,
         campaign: &str,
-        step: fn(&Connection, &str, usize, i64) -> Result<usize, QueueError>,
+        step: impl Fn(&Connection, &str, usize, i64) -> Result<usize, QueueError>
+        + Copy
+        + Send
+        + 'static,
     ) -> Result<u64, QueueError> {
         const BATCH: usize = 5000;
         let mut total = 0u64;
@@ -453,5 +464,12 @@ impl Queue {
     /// Live recipients by state, then lifetime totals of delivered and failed ones.
     pub async fn count_by_state(&self) -> Result<Vec<(RecipientState, u64)>, QueueError> {
         self.read(status::count_by_state).await
+    }
+}
+
+/// The health check waits on the writer: every acknowledgement does.
+impl crate::supervise::Heartbeat for Queue {
+    async fn answers(&self) -> bool {
+        self.ping().await.is_ok()
     }
 }

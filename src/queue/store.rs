@@ -1,143 +1,11 @@
-//! The queue's SQL for schema and migrations, enqueue, claims, outcomes and purges. The
-//! status reads live in `status`, the retention deletes in `retention`; nothing outside
-//! these three files speaks SQL to queue.db.
+//! The queue's SQL for enqueue, claims, outcomes, holds and purges. The schema and how
+//! queue.db is opened live in `schema`, the status reads in `status`, the retention
+//! deletes in `retention`; nothing outside these four files speaks SQL to queue.db.
 
-use std::path::Path;
+use rusqlite::{Connection, OptionalExtension, params};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-
+pub use super::schema::{open_reader, open_writer, set_max_size};
 use super::{NewMessage, QueueError, RecipientState, Remembered};
-use crate::config::Synchronous;
-
-/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
-    // 1: messages with their body stored once; one row per recipient; campaign states.
-    "CREATE TABLE messages (
-        id INTEGER PRIMARY KEY,
-        queue_id TEXT NOT NULL UNIQUE,
-        sender TEXT NOT NULL,
-        campaign TEXT,
-        source TEXT NOT NULL,
-        client TEXT NOT NULL,
-        received_at INTEGER NOT NULL,
-        size INTEGER NOT NULL,
-        body BLOB
-    );
-    CREATE TABLE recipients (
-        id INTEGER PRIMARY KEY,
-        message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
-        address TEXT NOT NULL,
-        domain TEXT NOT NULL,
-        campaign TEXT,
-        state INTEGER NOT NULL DEFAULT 0,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt INTEGER NOT NULL,
-        lease_until INTEGER,
-        last_reply TEXT,
-        reason TEXT,
-        updated_at INTEGER NOT NULL
-    );
-    CREATE INDEX recipients_due ON recipients(state, next_attempt) WHERE state = 0;
-    CREATE INDEX recipients_message ON recipients(message_id);
-    CREATE INDEX recipients_campaign ON recipients(campaign, state);
-    CREATE TABLE campaigns (
-        name TEXT PRIMARY KEY,
-        state TEXT NOT NULL,
-        blocked_until INTEGER,
-        updated_at INTEGER NOT NULL
-    );",
-    // 2: responses kept for HTTP Idempotency-Key replays, written in the same
-    // transaction as the message they describe.
-    "CREATE TABLE idempotency (
-        key TEXT PRIMARY KEY,
-        status INTEGER NOT NULL,
-        body TEXT NOT NULL,
-        created_at INTEGER NOT NULL
-    );
-    CREATE INDEX idempotency_created ON idempotency(created_at);",
-    // 3: the fingerprint of the request an idempotent response answered, so that the same
-    // key with a different request is refused instead of answered with the first response.
-    "ALTER TABLE idempotency ADD COLUMN request_sha256 TEXT NOT NULL DEFAULT '';",
-    // 4: retention. Lifetime totals of finished recipients live in `counters`, updated in
-    // the same transaction as the outcome, so that pruning finished rows loses no count.
-    // Status reads touch live rows only (`recipients_live`); retention finds finished
-    // ones by age (`recipients_finished`): neither costs anything per row of history.
-    "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-    INSERT INTO counters (name, value)
-        SELECT 'delivered', COUNT(*) FROM recipients WHERE state = 1;
-    INSERT INTO counters (name, value)
-        SELECT 'failed', COUNT(*) FROM recipients WHERE state = 2;
-    INSERT INTO counters (name, value) VALUES ('pruned_recipients', 0), ('pruned_messages', 0);
-    CREATE INDEX recipients_live ON recipients(state, campaign, domain) WHERE state IN (0, 3);
-    CREATE INDEX recipients_finished ON recipients(updated_at) WHERE state IN (1, 2);",
-    // 5: whether the message was submitted with SMTPUTF8 (RFC 6531), so the
-    // relay passes the parameter on or refuses a next hop that lacks it.
-    "ALTER TABLE messages ADD COLUMN smtputf8 INTEGER NOT NULL DEFAULT 0;",
-];
-
-/// Opens queue.db for writing, applies pragmas and migrations.
-pub fn open_writer(
-    path: &Path,
-    synchronous: Synchronous,
-    max_size_mb: u64,
-) -> Result<Connection, QueueError> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(
-        None,
-        "synchronous",
-        match synchronous {
-            Synchronous::Full => "FULL",
-            Synchronous::Normal => "NORMAL",
-        },
-    )?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    set_max_size(&conn, max_size_mb)?;
-    migrate(&conn)?;
-    Ok(conn)
-}
-
-/// `PRAGMA max_page_count` for a cap in MiB; 0 lifts the cap.
-pub fn set_max_size(conn: &Connection, max_size_mb: u64) -> Result<(), QueueError> {
-    // SQLite's own ceiling on the page count: "no cap".
-    const NO_CAP: u64 = 4_294_967_294;
-    let pages = if max_size_mb == 0 {
-        NO_CAP
-    } else {
-        let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        (max_size_mb * 1024 * 1024 / page_size.max(512)).min(NO_CAP)
-    };
-    conn.pragma_update(None, "max_page_count", pages)?;
-    Ok(())
-}
-
-/// Opens a read-only connection (WAL readers never block the writer).
-pub fn open_reader(path: &Path) -> Result<Connection, QueueError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    Ok(conn)
-}
-
-fn migrate(conn: &Connection) -> Result<(), QueueError> {
-    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version > MIGRATIONS.len() {
-        return Err(QueueError::Schema(format!(
-            "queue.db has schema version {version}, this Floodgate knows {}: refusing to touch it",
-            MIGRATIONS.len()
-        )));
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.unchecked_transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", i + 1)?;
-        tx.commit()?;
-    }
-    Ok(())
-}
 
 /// Inserts one message and its recipients. Runs inside the writer's batch transaction.
 pub fn insert_message(conn: &Connection, msg: &NewMessage, now_ms: i64) -> Result<(), QueueError> {
@@ -533,35 +401,51 @@ pub fn purge_batch(
     Ok(purged)
 }
 
-/// Holds up to `limit` of a paused campaign's scheduled, unleased recipients.
-pub fn hold_batch(
-    conn: &Connection,
-    campaign: &str,
-    limit: usize,
-    now_ms: i64,
-) -> Result<usize, QueueError> {
-    Ok(conn
-        .prepare_cached(
-            "UPDATE recipients SET state = 3, updated_at = ?3
-             WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 0
-                            AND (lease_until IS NULL OR lease_until <= ?3) LIMIT ?2)",
-        )?
-        .execute(params![campaign, limit as i64, now_ms])?)
+/// Which way a campaign's queued recipients move: out of the due index while it is
+/// paused (so that what a flood queued costs the scheduler nothing), back when resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// Scheduled, unleased recipients become held (in-flight ones are left alone).
+    Hold,
+    /// Held recipients are scheduled again; their next attempt stays what it was, so due
+    /// ones are due at once.
+    Release,
 }
 
-/// Schedules up to `limit` of a resumed campaign's held recipients again (their next
-/// attempt stays what it was: due ones are due at once).
-pub fn release_batch(
+impl Holding {
+    fn sql(self) -> &'static str {
+        match self {
+            Holding::Hold => {
+                "UPDATE recipients SET state = 3, updated_at = ?3
+                 WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 0
+                                AND (lease_until IS NULL OR lease_until <= ?3) LIMIT ?2)"
+            }
+            Holding::Release => {
+                "UPDATE recipients SET state = 0, updated_at = ?3
+                 WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 3 LIMIT ?2)"
+            }
+        }
+    }
+
+    /// The log line of a finished move.
+    pub fn done(self) -> &'static str {
+        match self {
+            Holding::Hold => "queued recipients held",
+            Holding::Release => "held recipients released",
+        }
+    }
+}
+
+/// Moves up to `limit` of a campaign's recipients the `way` says; returns how many.
+pub fn hold_batch(
     conn: &Connection,
+    way: Holding,
     campaign: &str,
     limit: usize,
     now_ms: i64,
 ) -> Result<usize, QueueError> {
     Ok(conn
-        .prepare_cached(
-            "UPDATE recipients SET state = 0, updated_at = ?3
-             WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 3 LIMIT ?2)",
-        )?
+        .prepare_cached(way.sql())?
         .execute(params![campaign, limit as i64, now_ms])?)
 }
 
@@ -605,6 +489,7 @@ pub fn remember_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Synchronous;
     use crate::queue::{NewRecipient, QueueId, Source, status};
 
     #[test]

@@ -1,10 +1,10 @@
-//! SMTP replies with enhanced status codes (RFC 3463), and the one table that maps a
-//! failure reason to the reply the client sees (DESIGN.md, "Replies").
+//! SMTP replies with enhanced status codes (RFC 3463) and their wire form; the table that
+//! maps a failure reason to its reply is beside [`Reason`] (DESIGN.md, "Replies").
 
 use std::borrow::Cow;
 use std::fmt;
 
-use crate::reason::Reason;
+use crate::reason::{Reason, ReasonReply};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -63,59 +63,15 @@ impl fmt::Display for Reply {
     }
 }
 
-/// The reply for a recipient or message refused for `reason`. HTTP responses quote the
-/// same code and text, so both doors speak one language.
+/// The SMTP reply for a recipient or message refused for `reason`, from the table beside
+/// [`Reason`] (which HTTP responses quote too, so both doors speak one language).
 pub fn for_reason(reason: Reason) -> Reply {
-    use Reason::*;
-    match reason {
-        EmptyAddress => Reply::new(501, [5, 1, 3], "Recipient address is empty"),
-        MalformedAddress => Reply::new(501, [5, 1, 3], "Recipient address is malformed"),
-        NoSuchDomain => Reply::new(550, [5, 1, 2], "Recipient domain does not exist"),
-        NoMailHost => Reply::new(
-            550,
-            [5, 1, 2],
-            "Recipient domain has no mail host (no MX, A or AAAA)",
-        ),
-        NullMx => Reply::new(
-            556,
-            [5, 1, 10],
-            "Recipient domain accepts no mail (null MX)",
-        ),
-        DnsTempfail => Reply::new(
-            451,
-            [4, 4, 3],
-            "DNS lookup of recipient domain failed, try again later",
-        ),
-        NoRoute => Reply::new(550, [5, 7, 1], "No route for recipient domain"),
-        DestinationDisabled => Reply::new(
-            451,
-            [4, 3, 2],
-            "Destination of recipient domain is disabled, try again later",
-        ),
-        RelayDenied => Reply::new(
-            554,
-            [5, 7, 1],
-            "Relay access denied: authenticate or connect from an allowed network",
-        ),
-        CampaignPaused => Reply::new(451, [4, 7, 1], "Campaign is paused, try again later"),
-        IntakePaused => Reply::new(451, [4, 7, 1], "Intake is paused, try again later"),
-        TooManyRecipients => Reply::new(452, [4, 5, 3], "Too many recipients"),
-        MessageTooBig => Reply::new(552, [5, 3, 4], "Message exceeds maximum size"),
-        LineTooLong => Reply::new(
-            550,
-            [5, 6, 0],
-            "Message has a line over 998 octets that cannot be folded; encode the body",
-        ),
-        QueueUnavailable => Reply::new(
-            452,
-            [4, 3, 1],
-            "Queue unavailable (insufficient storage), try again later",
-        ),
-        RateLimited => Reply::new(451, [4, 7, 1], "Rate limit exceeded, try again later"),
-        Rejected => Reply::new(550, [5, 0, 0], "Rejected by the destination"),
-        Deferred => Reply::new(451, [4, 0, 0], "Deferred by the destination"),
-        Expired => Reply::new(550, [5, 4, 7], "Delivery time expired"),
-        Purged => Reply::new(550, [5, 0, 0], "Purged by an operator"),
+    reason.reply().into()
+}
+
+impl From<ReasonReply> for Reply {
+    fn from(r: ReasonReply) -> Reply {
+        Reply::new(r.code, r.esc, r.text)
     }
 }
 
@@ -245,6 +201,13 @@ mod tests {
                 wire(&r)
             );
             assert_eq!(r.is_transient(), reason.is_temporary(), "{reason}");
+        }
+    }
+
+    #[test]
+    fn the_smtp_reply_reads_as_the_table_says() {
+        for reason in Reason::ALL {
+            assert_eq!(for_reason(*reason).to_string(), reason.reply().to_string());
         }
     }
 

@@ -1,8 +1,8 @@
 //! Which webhook endpoints are disabled (they answered `410 Gone`), shared between the
 //! courier that learns it and the door, which refuses their domains while it lasts.
 
+use parking_lot::RwLock;
 use std::collections::HashSet;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The set of disabled endpoint URLs. Cloned cheaply behind an `Arc`; no globals.
@@ -20,17 +20,17 @@ impl DisabledEndpoints {
         if self.count.load(Ordering::Acquire) == 0 {
             return false;
         }
-        self.urls.read().expect("disabled lock").contains(url)
+        self.urls.read().contains(url)
     }
 
     pub(super) fn insert(&self, url: &str) {
-        let mut urls = self.urls.write().expect("disabled lock");
+        let mut urls = self.urls.write();
         urls.insert(url.to_owned());
         self.count.store(urls.len(), Ordering::Release);
     }
 
     pub(super) fn clear(&self) {
-        let mut urls = self.urls.write().expect("disabled lock");
+        let mut urls = self.urls.write();
         urls.clear();
         self.count.store(0, Ordering::Release);
     }

@@ -1,5 +1,7 @@
-//! A small outbound HTTP/1.1 client on hyper's `client::conn::http1`: POST a body to an
-//! `http://` or `https://` URL under one total timeout, with a keep-alive pool per origin.
+//! A small outbound HTTP/1.1 client on hyper's `client::conn::http1`: send a request to
+//! an `http://` or `https://` URL under one total timeout (and optionally a shorter one
+//! for the connection), with a keep-alive pool per origin. The webhook courier, events,
+//! guard alerts and `floodgate ctl` all use it.
 //!
 //! Cost: a pooled request is one write and one read on an open connection. A fresh one
 //! adds a TCP connect, for https a TLS handshake (rustls, web roots, SNI from the host),
@@ -8,7 +10,7 @@
 //! up to a bound; a longer body is cut and its connection not reused.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -17,6 +19,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -41,8 +44,17 @@ pub enum HttpError {
         origin: String,
         source: std::io::Error,
     },
+    /// The HTTP/1.1 handshake on a fresh connection failed.
     #[error("HTTP: {0}")]
-    Http(#[from] hyper::Error),
+    Handshake(hyper::Error),
+    /// The connection broke while the request was sent or its answer awaited.
+    #[error("HTTP: {0}")]
+    Send(hyper::Error),
+    /// The connection broke while the answer's body was read.
+    #[error("HTTP: {0}")]
+    Body(hyper::Error),
+    #[error("no connection within {0:?}")]
+    ConnectTimeout(Duration),
     #[error("no response within {0:?}")]
     Timeout(Duration),
 }
@@ -54,6 +66,8 @@ pub struct HttpResponse {
     pub status: u16,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The body was longer than the client reads and was cut.
+    pub truncated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -81,18 +95,28 @@ pub struct HttpClient {
     pool: Mutex<HashMap<Origin, Vec<(Sender, Instant)>>>,
     idle: Duration,
     max_body: usize,
+    connect_timeout: Option<Duration>,
 }
 
 impl HttpClient {
     /// A client verifying servers against `tls` roots, keeping idle connections for
-    /// `idle`, and reading at most `max_body` bytes of each response.
+    /// `idle` (zero: a fresh connection per request), and reading at most `max_body`
+    /// bytes of each response.
     pub fn new(tls: Arc<ClientConfig>, idle: Duration, max_body: usize) -> HttpClient {
         HttpClient {
             tls: TlsConnector::from(tls),
             pool: Mutex::default(),
             idle,
             max_body,
+            connect_timeout: None,
         }
+    }
+
+    /// Gives up on a connection (TCP and TLS) after `limit`, within the request's own
+    /// timeout, with [`HttpError::ConnectTimeout`].
+    pub fn with_connect_timeout(mut self, limit: Duration) -> HttpClient {
+        self.connect_timeout = Some(limit);
+        self
     }
 
     /// POSTs `body` to `url` with `headers`; everything (connect, TLS, request, response
@@ -104,12 +128,25 @@ impl HttpClient {
         body: Bytes,
         timeout: Duration,
     ) -> Result<HttpResponse, HttpError> {
+        self.request(Method::POST, url, headers, body, timeout)
+            .await
+    }
+
+    /// Sends one `method` request, under `timeout` as [`HttpClient::post`] does.
+    pub async fn request(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<HttpResponse, HttpError> {
         let uri: Uri = url
             .parse()
             .map_err(|_| HttpError::InvalidUrl(redact(url)))?;
         let origin = origin(&uri).ok_or_else(|| HttpError::InvalidUrl(redact(url)))?;
         let mut req = Request::builder()
-            .method(Method::POST)
+            .method(method)
             .uri(uri.path_and_query().map_or("/", |p| p.as_str()));
         let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
         req = req.header(HOST, authority);
@@ -139,7 +176,7 @@ impl HttpClient {
         let response = loop {
             let (mut sender, pooled) = match self.checkout(origin) {
                 Some(s) => (s, true),
-                None => (self.connect(origin).await?, false),
+                None => (self.connect_within(origin).await?, false),
             };
             if pooled && sender.ready().await.is_err() {
                 continue;
@@ -148,7 +185,7 @@ impl HttpClient {
                 Ok(resp) => break (resp, sender),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if pooled => req = unsent,
-                    _ => return Err(HttpError::Http(e.into_error())),
+                    _ => return Err(HttpError::Send(e.into_error())),
                 },
             }
         };
@@ -157,7 +194,7 @@ impl HttpClient {
         let mut buf = BytesMut::new();
         let mut complete = true;
         while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame?.into_data() {
+            if let Ok(data) = frame.map_err(HttpError::Body)?.into_data() {
                 let room = self.max_body.saturating_sub(buf.len());
                 buf.extend_from_slice(&data[..data.len().min(room)]);
                 if data.len() > room {
@@ -174,11 +211,12 @@ impl HttpClient {
             status: parts.status.as_u16(),
             headers: parts.headers,
             body: buf.freeze(),
+            truncated: !complete,
         })
     }
 
     fn checkout(&self, origin: &Origin) -> Option<Sender> {
-        let mut pool = self.pool.lock().expect("http pool lock");
+        let mut pool = self.pool.lock();
         let idle = pool.get_mut(origin)?;
         while let Some((sender, since)) = idle.pop() {
             if since.elapsed() < self.idle && !sender.is_closed() {
@@ -189,14 +227,23 @@ impl HttpClient {
     }
 
     fn checkin(&self, origin: &Origin, sender: Sender) {
-        if sender.is_closed() {
+        if sender.is_closed() || self.idle.is_zero() {
             return;
         }
-        let mut pool = self.pool.lock().expect("http pool lock");
+        let mut pool = self.pool.lock();
         let idle = pool.entry(origin.clone()).or_default();
         idle.retain(|(s, since)| since.elapsed() < self.idle && !s.is_closed());
         if idle.len() < MAX_IDLE_PER_ORIGIN {
             idle.push((sender, Instant::now()));
+        }
+    }
+
+    async fn connect_within(&self, origin: &Origin) -> Result<Sender, HttpError> {
+        match self.connect_timeout {
+            Some(limit) => tokio::time::timeout(limit, self.connect(origin))
+                .await
+                .map_err(|_| HttpError::ConnectTimeout(limit))?,
+            None => self.connect(origin).await,
         }
     }
 
@@ -232,7 +279,7 @@ async fn handshake<T>(io: T) -> Result<Sender, HttpError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (sender, conn) = http1::handshake(io).await?;
+    let (sender, conn) = http1::handshake(io).await.map_err(HttpError::Handshake)?;
     // The connection task ends when the server closes or every sender is dropped (pool
     // eviction), so it needs no shutdown token of its own.
     tokio::spawn(async move {

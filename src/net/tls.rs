@@ -1,6 +1,7 @@
-//! TLS for outbound SMTP: verified (web roots or a route's own CA file) for smarthosts,
-//! unverified opportunistic encryption for MX hosts, where self-signed certificates are
-//! the norm and the alternative is plain text (RFC 7435).
+//! TLS client configs for outbound connections: verified (web roots or a route's own CA
+//! file) for smarthosts and webhooks, unverified opportunistic encryption for MX hosts,
+//! where self-signed certificates are the norm and the alternative is plain text
+//! (RFC 7435).
 
 use std::path::Path;
 use std::sync::Arc;

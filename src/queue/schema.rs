@@ -1,0 +1,154 @@
+//! queue.db's schema (versioned migrations) and how it is opened: through [`sqlite`],
+//! with the queue's own busy timeout, sync mode and foreign keys. Existing files open
+//! unchanged: a migration, once released, is never edited.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use super::QueueError;
+use crate::config::Synchronous;
+use crate::sqlite::{self, OpenError, Spec};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: messages with their body stored once; one row per recipient; campaign states.
+    "CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        queue_id TEXT NOT NULL UNIQUE,
+        sender TEXT NOT NULL,
+        campaign TEXT,
+        source TEXT NOT NULL,
+        client TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        body BLOB
+    );
+    CREATE TABLE recipients (
+        id INTEGER PRIMARY KEY,
+        message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        campaign TEXT,
+        state INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt INTEGER NOT NULL,
+        lease_until INTEGER,
+        last_reply TEXT,
+        reason TEXT,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX recipients_due ON recipients(state, next_attempt) WHERE state = 0;
+    CREATE INDEX recipients_message ON recipients(message_id);
+    CREATE INDEX recipients_campaign ON recipients(campaign, state);
+    CREATE TABLE campaigns (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        blocked_until INTEGER,
+        updated_at INTEGER NOT NULL
+    );",
+    // 2: responses kept for HTTP Idempotency-Key replays, written in the same
+    // transaction as the message they describe.
+    "CREATE TABLE idempotency (
+        key TEXT PRIMARY KEY,
+        status INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX idempotency_created ON idempotency(created_at);",
+    // 3: the fingerprint of the request an idempotent response answered, so that the same
+    // key with a different request is refused instead of answered with the first response.
+    "ALTER TABLE idempotency ADD COLUMN request_sha256 TEXT NOT NULL DEFAULT '';",
+    // 4: retention. Lifetime totals of finished recipients live in `counters`, updated in
+    // the same transaction as the outcome, so that pruning finished rows loses no count.
+    // Status reads touch live rows only (`recipients_live`); retention finds finished
+    // ones by age (`recipients_finished`): neither costs anything per row of history.
+    "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO counters (name, value)
+        SELECT 'delivered', COUNT(*) FROM recipients WHERE state = 1;
+    INSERT INTO counters (name, value)
+        SELECT 'failed', COUNT(*) FROM recipients WHERE state = 2;
+    INSERT INTO counters (name, value) VALUES ('pruned_recipients', 0), ('pruned_messages', 0);
+    CREATE INDEX recipients_live ON recipients(state, campaign, domain) WHERE state IN (0, 3);
+    CREATE INDEX recipients_finished ON recipients(updated_at) WHERE state IN (1, 2);",
+    // 5: whether the message was submitted with SMTPUTF8 (RFC 6531), so the
+    // relay passes the parameter on or refuses a next hop that lacks it.
+    "ALTER TABLE messages ADD COLUMN smtputf8 INTEGER NOT NULL DEFAULT 0;",
+];
+
+/// How long a connection waits for a lock held by another connection.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// queue.db as [`sqlite`] opens it: an acknowledgement waits on its commit, so how hard
+/// it syncs is the operator's choice; recipients cascade with their message.
+fn spec(synchronous: Synchronous, max_size_mb: u64) -> Spec<'static> {
+    Spec {
+        name: "queue.db",
+        busy_timeout: BUSY_TIMEOUT,
+        synchronous: match synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        },
+        foreign_keys: true,
+        max_size_mb,
+        migrations: MIGRATIONS,
+    }
+}
+
+impl From<OpenError> for QueueError {
+    fn from(e: OpenError) -> QueueError {
+        match e {
+            OpenError::Sqlite(e) => e.into(),
+            e @ OpenError::TooNew { .. } => QueueError::Schema(e.to_string()),
+        }
+    }
+}
+
+/// Opens queue.db for writing, applies pragmas and migrations.
+pub fn open_writer(
+    path: &Path,
+    synchronous: Synchronous,
+    max_size_mb: u64,
+) -> Result<Connection, QueueError> {
+    Ok(sqlite::open_writer(path, &spec(synchronous, max_size_mb))?)
+}
+
+/// `PRAGMA max_page_count` for a cap in MiB; 0 lifts the cap.
+pub fn set_max_size(conn: &Connection, max_size_mb: u64) -> Result<(), QueueError> {
+    Ok(sqlite::set_max_size(conn, max_size_mb)?)
+}
+
+/// Opens a read-only connection (WAL readers never block the writer).
+pub fn open_reader(path: &Path) -> Result<Connection, QueueError> {
+    Ok(sqlite::open_reader(path, BUSY_TIMEOUT)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_existing_file_reopens_and_a_newer_one_is_refused_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        drop(open_writer(&path, Synchronous::Normal, 0).unwrap());
+        let conn = open_writer(&path, Synchronous::Full, 0).unwrap();
+        let version: usize = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len());
+        conn.pragma_update(None, "user_version", version + 1)
+            .unwrap();
+        drop(conn);
+        let err = open_writer(&path, Synchronous::Normal, 0).unwrap_err();
+        assert!(matches!(err, QueueError::Schema(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "queue schema: queue.db has schema version {}, this Floodgate knows {version}: refusing to touch it",
+                version + 1
+            )
+        );
+    }
+}
