@@ -3,9 +3,10 @@
 //! `retention` (deleting finished rows); the group commit in `writer`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use parking_lot::Mutex;
 use rusqlite::Connection;
 use rusqlite::ffi::ErrorCode;
 
@@ -270,13 +271,13 @@ impl Queue {
         let readers = self.readers.clone();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
-            let pooled = readers.lock().expect("reader pool").pop();
+            let pooled = readers.lock().pop();
             let conn = match pooled {
                 Some(c) => c,
                 None => store::open_reader(&path)?,
             };
             let result = f(&conn);
-            readers.lock().expect("reader pool").push(conn);
+            readers.lock().push(conn);
             result
         })
         .await
