@@ -138,11 +138,7 @@ attempts = 1
 enabled = $5
 backoff = ["1s"]
 
-[[route]]
-domains = ["*"]
-transport = "mx"
-port = $SINK_PORT
-tls = "none"
+$(sink_route "$SINK_PORT")
 EOF
 }
 

@@ -127,14 +127,9 @@ nameservers = ["127.0.0.1:$DNS_PORT"]
 [delivery]
 enabled = true
 
-[[route]]
-domains = ["*"]
-transport = "mx"
-port = $sink
-tls = "none"
+$(sink_route "$sink")
 EOF
-    start_floodgate "$dir"
-    wait_port "$smtp" "$FG_PID" floodgate "$dir/floodgate.log"
+    serve_floodgate "$dir" "$smtp"
     sync
     wait_idle "$name"
     local c0 c1 f0 f1

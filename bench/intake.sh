@@ -170,33 +170,12 @@ for mode in "${SYNC_MODES[@]}"; do
     mkdir -p "$FG_DIR/queue"
     free_port; FG_PORT=$PORT
     cat >"$FG_DIR/floodgate.toml" <<EOF
-[server]
-hostname = "bench.floodgate"
-
-[smtp]
-listen = ["127.0.0.1:$FG_PORT"]
-max_connections = 1000
-max_connections_per_ip = 1000
-
-[http]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-token = "bench-admin-token-0123456789abcdef"
-
-[queue]
-dir = "$FG_DIR/queue"
-synchronous = "$mode"
-
-[dns]
-nameservers = ["127.0.0.1:$DNS_PORT"]
+$(intake_toml "$FG_DIR" "$FG_PORT" "$mode")
 
 [delivery]
 enabled = false
 EOF
-    start_floodgate "$FG_DIR"
-    wait_port "$FG_PORT" "$FG_PID" floodgate "$FG_DIR/floodgate.log"
+    serve_floodgate "$FG_DIR" "$FG_PORT"
     RECV_CPU_CMD="proc_cpu $FG_PID"
     run_source "$name" "$FG_PORT"
     count=$(sqlite3 "$FG_DIR/queue/queue.db" 'select count(*) from messages')

@@ -1,6 +1,6 @@
 # shellcheck shell=bash disable=SC2034,SC2153
-# bench/lib.sh: helpers shared by bench/intake.sh, bench/relay.sh, bench/incident.sh and
-# bench/http.sh.
+# bench/lib.sh: helpers shared by bench/intake.sh, bench/relay.sh, bench/incident.sh,
+# bench/http.sh, bench/chaos.sh and bench/retention.sh.
 #
 # Conventions: free ports on 127.0.0.1, a scratch directory removed at exit, a quiet-machine
 # wait before each measurement, CPU accounting that flags rows disturbed by other programs.
@@ -213,6 +213,51 @@ start_floodgate() {   # start_floodgate DIR: runs DIR/floodgate.toml; sets FG_PI
         sleep 0.1
     done
     die "floodgate did not start"
+}
+
+serve_floodgate() {   # serve_floodgate DIR SMTP_PORT: start_floodgate, then wait for SMTP_PORT
+    start_floodgate "$1"
+    wait_port "$2" "$FG_PID" floodgate "$1/floodgate.log"
+}
+
+# ---------------------------------------------------------------- config pieces
+
+# intake_toml DIR SMTP_PORT SYNC: [server] to [dns] of a Floodgate that takes a flood from
+# one address (smtp-source), its queue in DIR/queue, DNS from start_dnsmasq.
+intake_toml() {
+    cat <<EOF
+[server]
+hostname = "bench.floodgate"
+
+[smtp]
+listen = ["127.0.0.1:$2"]
+max_connections = 1000
+max_connections_per_ip = 1000
+
+[http]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+token = "bench-admin-token-0123456789abcdef"
+
+[queue]
+dir = "$1/queue"
+synchronous = "$3"
+
+[dns]
+nameservers = ["127.0.0.1:$DNS_PORT"]
+EOF
+}
+
+sink_route() {   # sink_route PORT: the [[route]] sending every domain to a loopback sink on PORT
+    cat <<EOF
+[[route]]
+domains = ["*"]
+transport = "mx"
+port = $1
+tls = "none"
+EOF
 }
 
 # start_postfix DIR PORT EXTRA_MAIN_CF: a private Postfix instance, smtpd on 127.0.0.1:PORT;

@@ -155,41 +155,16 @@ FG_DIR=$TMP/floodgate
 mkdir -p "$FG_DIR/queue"
 free_port; FG_PORT=$PORT
 cat >"$FG_DIR/floodgate.toml" <<EOF
-[server]
-hostname = "bench.floodgate"
-
-[smtp]
-listen = ["127.0.0.1:$FG_PORT"]
-max_connections = 1000
-max_connections_per_ip = 1000
-
-[http]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-token = "bench-admin-token-0123456789abcdef"
-
-[queue]
-dir = "$FG_DIR/queue"
-synchronous = "$SYNC"
-
-[dns]
-nameservers = ["127.0.0.1:$DNS_PORT"]
+$(intake_toml "$FG_DIR" "$FG_PORT" "$SYNC")
 
 [delivery]
 enabled = true
 rate = "$RATE"
 concurrency = $CONCURRENCY
 
-[[route]]
-domains = ["*"]
-transport = "mx"
-port = $SINK_PORT
-tls = "none"
+$(sink_route "$SINK_PORT")
 EOF
-start_floodgate "$FG_DIR"
-wait_port "$FG_PORT" "$FG_PID" floodgate "$FG_DIR/floodgate.log"
+serve_floodgate "$FG_DIR" "$FG_PORT"
 relay_run floodgate "$FG_PORT" "proc_cpu $FG_PID"
 stop_pid "$FG_PID"
 stop_pid "$SINK_PID"

@@ -110,14 +110,9 @@ concurrency = 32
 [guard]
 enabled = false
 
-[[route]]
-domains = ["*"]
-transport = "mx"
-port = $sink
-tls = "none"
+$(sink_route "$sink")
 EOF
-start_floodgate "$dir"
-wait_port "$smtp" "$FG_PID" floodgate "$dir/floodgate.log"
+serve_floodgate "$dir" "$smtp"
 
 db=$dir/queue/queue.db
 size_now() { stat -c %s "$db" "$db-wal" 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'; }

@@ -3,10 +3,11 @@
 //! it, passing their own resolver and clock.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -61,16 +62,33 @@ pub enum AppError {
 
 /// What the daemon takes from outside; tests pass their own.
 pub struct Deps {
-    /// `None`: hickory with `[dns]` settings.
-    pub resolver: Option<Arc<dyn Resolver>>,
+    pub resolver: Resolvers,
     pub clock: Arc<dyn Clock>,
 }
 
 impl Default for Deps {
     fn default() -> Self {
         Deps {
-            resolver: None,
+            resolver: Resolvers::FromConfig,
             clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// Where the daemon's DNS resolver comes from, at start and at every reload that
+/// changes `[dns]` (the verdict cache and its TTL bounds follow `[dns]` either way).
+pub enum Resolvers {
+    /// Hickory, built from `[dns]`.
+    FromConfig,
+    /// This one, for the life of the daemon.
+    Given(Arc<dyn Resolver>),
+}
+
+impl Resolvers {
+    fn build(&self, config: &Config) -> Result<Arc<dyn Resolver>, AppError> {
+        match self {
+            Resolvers::FromConfig => hickory(config),
+            Resolvers::Given(resolver) => Ok(resolver.clone()),
         }
     }
 }
@@ -89,7 +107,7 @@ pub struct App {
     pub intake: Arc<Intake>,
     server: Arc<Server>,
     supervisor: Supervisor,
-    injected_resolver: bool,
+    resolvers: Resolvers,
     dns: Arc<MailDns>,
     /// The running scheduler; `None` while `[delivery] enabled = false`.
     scheduler: Mutex<Option<Arc<Scheduler>>>,
@@ -189,20 +207,12 @@ impl App {
     pub async fn start(mut config: Config, deps: Deps) -> Result<App, AppError> {
         let tls = load_tls(config.smtp.tls.as_ref())?;
         let signers = Signers::load(&config.dkim)?;
-        let injected_resolver = deps.resolver.is_some();
-        let resolver = match deps.resolver {
-            Some(r) => r,
-            None => hickory(&config)?,
-        };
+        let resolver = deps.resolver.build(&config)?;
         config.admin.token = admin_token(&config)?;
         let supervisor = Supervisor::new();
-        let (queue, writer) = Queue::open(&config.queue, deps.clock.clone())?;
-        supervisor.watch_thread(QUEUE_WRITER, writer);
-        let (faillog, faillog_thread) =
-            FailLog::open(&config.failures_db(), &config.faillog, deps.clock.clone())?;
-        supervisor.watch_thread(FAILLOG_WRITER, faillog_thread);
+        let (queue, faillog) = open_stores(&config, &deps.clock, &supervisor)?;
         let listeners = Listeners::bind(&config).await?;
-        let dns = Arc::new(MailDns::new(resolver, &config.dns));
+        let dns = Arc::new(MailDns::new(resolver, &config.dns, deps.clock.clone()));
         let campaigns = load_campaigns(&queue).await?;
         // This daemon is the queue's only user: what an earlier process had in flight is
         // due again. Once, here, never when a reload starts the scheduler again.
@@ -220,33 +230,18 @@ impl App {
                 clock: deps.clock.clone(),
                 webhooks: disabled_webhooks.clone(),
             },
-            queue: queue.clone(),
+            queue,
             clock: deps.clock,
             wake: Arc::default(),
             faillog: Some(faillog.clone()),
             signing: Arc::new(Signing::new(signers)),
         });
         let background = CancellationToken::new();
-        let guard = Arc::new(Guard::new(
-            campaigns.clone(),
-            intake.config.clone(),
-            queue.clone(),
-            Some(faillog.clone()),
-        ));
-        supervisor.spawn(
-            "guard",
-            guard.clone().run(background.clone(), supervisor.clone()),
-        );
-        supervisor.spawn(
-            "queue retention",
-            retention_task(queue, intake.config.clone(), background.clone()),
-        );
-        let (events, events_task) = Events::start(
-            intake.config.clone(),
-            campaigns,
-            intake.clock.clone(),
-            &supervisor,
-        );
+        let Background {
+            guard,
+            events,
+            events_task,
+        } = Background::start(&intake, campaigns, &faillog, &background, &supervisor);
         let mut app = App {
             smtp_addrs: Vec::new(),
             http_addr: None,
@@ -260,7 +255,7 @@ impl App {
             server: smtp_server(intake.clone(), tls),
             intake,
             supervisor,
-            injected_resolver,
+            resolvers: deps.resolver,
             dns,
             scheduler: Mutex::default(),
         };
@@ -329,14 +324,18 @@ impl App {
 
     /// Starts a scheduler (at start, or when a reload turns delivery on).
     fn start_scheduler(&self) {
-        let mut running = self.scheduler.lock().expect("scheduler lock");
+        let mut running = self.scheduler.lock();
         if running.is_some() {
             return;
         }
         let intake = &self.intake;
         let couriers = Couriers {
-            smtp: Arc::new(SmtpCourier::new(intake.config.clone(), self.dns.clone())),
-            webhook: Some(self.webhook.clone()),
+            smtp: Arc::new(SmtpCourier::new(
+                intake.config.clone(),
+                self.dns.clone(),
+                intake.clock.clone(),
+            )),
+            webhook: self.webhook.clone(),
         };
         let sink = Arc::new(Reporting {
             inner: intake.clone(),
@@ -358,7 +357,7 @@ impl App {
     /// Stops claiming (a reload turned delivery off); deliveries under way finish and
     /// record their outcomes.
     fn stop_scheduler(&self) {
-        if let Some(scheduler) = self.scheduler.lock().expect("scheduler lock").take() {
+        if let Some(scheduler) = self.scheduler.lock().take() {
             self.supervisor.retire(SCHEDULER);
             scheduler.stop();
         }
@@ -366,7 +365,7 @@ impl App {
 
     /// The running scheduler, if delivery is on.
     fn running_scheduler(&self) -> Option<Arc<Scheduler>> {
-        self.scheduler.lock().expect("scheduler lock").clone()
+        self.scheduler.lock().clone()
     }
 
     /// The supervisor of the daemon's long-running tasks; parts started later (and
@@ -394,6 +393,12 @@ impl App {
         self.intake.wake.notify_one();
     }
 
+    /// The running scheduler's passes and deliveries under way; `None` while delivery is
+    /// off.
+    pub fn scheduler_progress(&self) -> Option<crate::scheduler::Progress> {
+        self.running_scheduler().map(|s| s.progress())
+    }
+
     /// Stops accepting, lets sessions finish for up to `[server] shutdown_grace`, drops
     /// the rest, and waits for the queue writer to commit what it holds.
     pub async fn shutdown(mut self) {
@@ -417,7 +422,7 @@ impl App {
             self.server.abort.cancel();
             self.server.tracker.wait().await;
         }
-        if let Some(scheduler) = self.scheduler.get_mut().expect("scheduler lock").take() {
+        if let Some(scheduler) = self.scheduler.get_mut().take() {
             scheduler.stop();
         }
         // Deliveries under way get the grace period to record their outcomes; the rest
@@ -454,15 +459,78 @@ fn smtp_server(intake: Arc<Intake>, tls: Option<TlsAcceptor>) -> Arc<Server> {
         &intake.config.load().smtp,
         intake.clock.clone(),
     ));
+    let connections = Arc::new(crate::smtp::stress::Table::new(intake.clock.clone()));
     Arc::new(Server {
         intake,
         tls: Arc::new(ArcSwapOption::from(tls.map(Arc::new))),
-        connections: Arc::default(),
+        connections,
         auth,
         shutdown: CancellationToken::new(),
         abort: CancellationToken::new(),
         tracker: TaskTracker::new(),
     })
+}
+
+/// The queue and the failure log, their writer threads supervised.
+fn open_stores(
+    config: &Config,
+    clock: &Arc<dyn Clock>,
+    supervisor: &Supervisor,
+) -> Result<(Queue, FailLog), AppError> {
+    let (queue, writer) = Queue::open(&config.queue, clock.clone())?;
+    supervisor.watch_thread(QUEUE_WRITER, writer);
+    let (faillog, faillog_thread) =
+        FailLog::open(&config.failures_db(), &config.faillog, clock.clone())?;
+    supervisor.watch_thread(FAILLOG_WRITER, faillog_thread);
+    Ok((queue, faillog))
+}
+
+/// The tasks that watch and report rather than carry mail: the guard, queue retention
+/// and delivery events.
+struct Background {
+    guard: Arc<Guard>,
+    events: Events,
+    events_task: EventsTask,
+}
+
+impl Background {
+    fn start(
+        intake: &Arc<Intake>,
+        campaigns: Arc<Campaigns>,
+        faillog: &FailLog,
+        background: &CancellationToken,
+        supervisor: &Supervisor,
+    ) -> Background {
+        let guard = Arc::new(Guard::new(
+            campaigns.clone(),
+            intake.config.clone(),
+            intake.queue.clone(),
+            Some(faillog.clone()),
+        ));
+        supervisor.spawn(
+            "guard",
+            guard.clone().run(background.clone(), supervisor.clone()),
+        );
+        supervisor.spawn(
+            "queue retention",
+            retention_task(
+                intake.queue.clone(),
+                intake.config.clone(),
+                background.clone(),
+            ),
+        );
+        let (events, events_task) = Events::start(
+            intake.config.clone(),
+            campaigns,
+            intake.clock.clone(),
+            supervisor,
+        );
+        Background {
+            guard,
+            events,
+            events_task,
+        }
+    }
 }
 
 async fn load_campaigns(queue: &Queue) -> Result<Arc<Campaigns>, AppError> {

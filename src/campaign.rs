@@ -5,8 +5,10 @@
 //! a flood of bad recipients costs instead of a database row.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+
+use parking_lot::RwLock;
 
 use crate::reason::Reason;
 
@@ -160,10 +162,10 @@ impl Campaigns {
     /// The campaign called `name` (or the unattributed bucket), created on first sight.
     pub fn get(&self, name: Option<&str>) -> Arc<Campaign> {
         let name = name.filter(|n| !n.is_empty()).unwrap_or(UNATTRIBUTED);
-        if let Some(c) = self.map.read().expect("campaigns lock").get(name) {
+        if let Some(c) = self.map.read().get(name) {
             return c.clone();
         }
-        let mut map = self.map.write().expect("campaigns lock");
+        let mut map = self.map.write();
         if let Some(c) = map.get(name) {
             return c.clone();
         }
@@ -179,7 +181,7 @@ impl Campaigns {
 
     /// Looks a campaign up without creating it.
     pub fn find(&self, name: &str) -> Option<Arc<Campaign>> {
-        self.map.read().expect("campaigns lock").get(name).cloned()
+        self.map.read().get(name).cloned()
     }
 
     pub fn record_failure(&self, campaign: Option<&str>, reason: Reason) -> Arc<Campaign> {
@@ -210,20 +212,11 @@ impl Campaigns {
     /// Whether new mail for `campaign` is refused now. Cheap: one read lock, no allocation.
     pub fn is_held(&self, campaign: Option<&str>, now_ms: i64) -> bool {
         let Some(name) = campaign else { return false };
-        self.map
-            .read()
-            .expect("campaigns lock")
-            .get(name)
-            .is_some_and(|c| c.is_held(now_ms))
+        self.map.read().get(name).is_some_and(|c| c.is_held(now_ms))
     }
 
     pub fn all(&self) -> Vec<Arc<Campaign>> {
-        self.map
-            .read()
-            .expect("campaigns lock")
-            .values()
-            .cloned()
-            .collect()
+        self.map.read().values().cloned().collect()
     }
 
     pub fn intake_paused(&self) -> bool {

@@ -7,7 +7,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use ipnet::IpNet;
 use serde::Deserialize;
 
 pub mod delivery;
@@ -17,6 +16,7 @@ pub mod duration;
 pub mod events;
 pub mod faillog;
 pub mod route;
+pub mod smtp;
 pub mod token;
 
 pub use delivery::{DeliveryConfig, Rate};
@@ -25,6 +25,31 @@ pub use duration::Dur;
 pub use events::EventsConfig;
 pub use faillog::{FailLogConfig, FailLogMode, GuardAction, GuardConfig};
 pub use route::{Route, TlsMode, Transport};
+pub use smtp::{SmtpConfig, TlsConfig, UserConfig};
+
+/// A refused key, before the file's path and line are attached.
+#[derive(Debug)]
+struct Refusal {
+    key: String,
+    /// Where in the file, when the value kept its span.
+    span: Option<std::ops::Range<usize>>,
+    why: String,
+}
+
+impl Refusal {
+    fn new(key: impl Into<String>, why: impl Into<String>) -> Refusal {
+        Refusal {
+            key: key.into(),
+            span: None,
+            why: why.into(),
+        }
+    }
+
+    fn at(mut self, span: std::ops::Range<usize>) -> Refusal {
+        self.span = Some(span);
+        self
+    }
+}
 
 /// Why a configuration was refused. `Display` gives the key, the line when known, and why.
 #[derive(Debug, thiserror::Error)]
@@ -90,100 +115,6 @@ impl Default for ServerConfig {
             shutdown_grace: Dur::secs(30),
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SmtpConfig {
-    pub listen: Vec<SocketAddr>,
-    pub max_connections: usize,
-    pub max_connections_per_ip: usize,
-    pub max_message_size: usize,
-    pub max_recipients: usize,
-    pub max_bad_commands: u32,
-    /// Time allowed for a whole command line, from the previous reply to its CRLF (not
-    /// restarted by each byte received).
-    pub idle_timeout: Dur,
-    /// Time allowed for DATA before the minimum rate counts: the deadline is this plus
-    /// the bytes received divided by `data_min_rate`.
-    pub data_timeout: Dur,
-    /// Networks whose clients may relay without authenticating.
-    pub allowed_networks: Vec<IpNet>,
-    /// Allow AUTH without TLS for clients on the loopback interface (local submission only).
-    pub auth_without_tls_on_loopback: bool,
-    /// Where a message's campaign comes from, first that yields wins:
-    /// `header:NAME`, `auth` (the authenticated user) or `sender` (envelope sender).
-    pub campaign_from: Vec<String>,
-    pub tls: Option<TlsConfig>,
-    pub users: Vec<UserConfig>,
-    /// Slow clients: bytes per second a DATA transfer must average (see `data_timeout`).
-    pub data_min_rate: u64,
-    /// A session is closed after this long, whatever it is doing.
-    pub session_lifetime: Dur,
-    /// Fraction of `max_connections` (or of `max_connections_per_ip`, for one address's
-    /// sessions) above which the stress timeouts apply.
-    pub stress_threshold: f64,
-    pub stress_idle_timeout: Dur,
-    pub stress_data_timeout: Dur,
-    /// AUTH: password verifications running at once (0 = one per CPU core).
-    pub auth_workers: usize,
-    /// AUTH: verifications waiting for a worker; beyond this, `454 4.7.0` at once.
-    pub auth_queue: usize,
-    /// AUTH: failed verifications one client address gets before the limit applies,
-    /// and the interval that earns it one more guess.
-    pub auth_fail_burst: u32,
-    pub auth_fail_interval: Dur,
-}
-
-impl Default for SmtpConfig {
-    fn default() -> Self {
-        Self {
-            listen: vec!["127.0.0.1:2525".parse().expect("literal address")],
-            max_connections: 1000,
-            max_connections_per_ip: 100,
-            max_message_size: 25 * 1024 * 1024,
-            max_recipients: 100,
-            max_bad_commands: 20,
-            idle_timeout: Dur::secs(300),
-            data_timeout: Dur::secs(180),
-            allowed_networks: vec![
-                "127.0.0.0/8".parse().expect("literal net"),
-                "::1/128".parse().expect("literal net"),
-            ],
-            auth_without_tls_on_loopback: false,
-            campaign_from: vec![
-                "header:X-Campaign-ID".into(),
-                "auth".into(),
-                "sender".into(),
-            ],
-            tls: None,
-            users: Vec::new(),
-            data_min_rate: 500,
-            session_lifetime: Dur::secs(3600),
-            stress_threshold: 0.8,
-            stress_idle_timeout: Dur::secs(10),
-            stress_data_timeout: Dur::secs(10),
-            auth_workers: 0,
-            auth_queue: 32,
-            auth_fail_burst: 10,
-            auth_fail_interval: Dur::secs(1),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    pub cert: toml::Spanned<PathBuf>,
-    pub key: toml::Spanned<PathBuf>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UserConfig {
-    pub name: String,
-    /// An Argon2 PHC string, as printed by `floodgate hash-password`.
-    pub password_hash: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -342,100 +273,37 @@ impl Config {
     }
 
     fn validate(&mut self, text: &str, path: &Path) -> Result<(), ConfigError> {
-        let invalid =
-            |key: &str, span: Option<std::ops::Range<usize>>, why: String| ConfigError::Invalid {
-                path: path.to_owned(),
-                key: key.to_owned(),
-                line: span.map(|s| line_of(text, s.start)),
-                why,
-            };
-        if self.smtp.listen.is_empty() {
-            return Err(invalid("smtp.listen", None, "at least one address".into()));
+        let base = path.parent().unwrap_or(Path::new("."));
+        self.check(base).map_err(|r| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: r.key,
+            line: r.span.map(|s| line_of(text, s.start)),
+            why: r.why,
+        })
+    }
+
+    /// Every table's rules, in file order; the first refusal is reported. Relative paths
+    /// are anchored at `base`, the config file's folder.
+    fn check(&mut self, base: &Path) -> Result<(), Refusal> {
+        self.smtp.check(base)?;
+        self.check_http_and_admin()?;
+        self.check_storage()?;
+        if self.routes.is_empty() {
+            // No [[route]] at all: every domain goes to its MX, the behaviour of a plain
+            // relay. Once any route is written, only written routes apply.
+            self.routes.push(Route::default_mx());
         }
-        if self.smtp.max_recipients == 0 || self.smtp.max_connections == 0 {
-            return Err(invalid(
-                "smtp.max_recipients / smtp.max_connections",
-                None,
-                "must be at least 1".into(),
-            ));
-        }
-        let smtp = &self.smtp;
-        if !(smtp.stress_threshold > 0.0 && smtp.stress_threshold <= 1.0) {
-            return Err(invalid(
-                "smtp.stress_threshold",
-                None,
-                "must be above 0 and at most 1 (a fraction of the connection caps)".into(),
-            ));
-        }
-        for (key, d) in [
-            ("smtp.idle_timeout", smtp.idle_timeout),
-            ("smtp.data_timeout", smtp.data_timeout),
-            ("smtp.session_lifetime", smtp.session_lifetime),
-            ("smtp.stress_idle_timeout", smtp.stress_idle_timeout),
-            ("smtp.stress_data_timeout", smtp.stress_data_timeout),
-            ("smtp.auth_fail_interval", smtp.auth_fail_interval),
-        ] {
-            if d.0.is_zero() {
-                return Err(invalid(key, None, "must be above 0".into()));
-            }
-        }
-        if smtp.data_min_rate == 0 || smtp.auth_fail_burst == 0 {
-            return Err(invalid(
-                "smtp.data_min_rate / smtp.auth_fail_burst",
-                None,
-                "must be at least 1".into(),
-            ));
-        }
-        for source in &self.smtp.campaign_from {
-            let ok = source == "auth"
-                || source == "sender"
-                || source
-                    .strip_prefix("header:")
-                    .is_some_and(|h| !h.is_empty());
-            if !ok {
-                return Err(invalid(
-                    "smtp.campaign_from",
-                    None,
-                    format!("`{source}`: expected `header:NAME`, `auth` or `sender`"),
-                ));
-            }
-        }
-        for user in &self.smtp.users {
-            if argon2::PasswordHash::new(&user.password_hash).is_err() {
-                return Err(invalid(
-                    "smtp.users.password_hash",
-                    None,
-                    format!(
-                        "user `{}`: not a PHC hash string (make one with `floodgate hash-password`)",
-                        user.name
-                    ),
-                ));
-            }
-        }
-        if let Some(tls) = &mut self.smtp.tls {
-            let base = path.parent().unwrap_or(Path::new("."));
-            for (key, file) in [
-                ("smtp.tls.cert", &mut tls.cert),
-                ("smtp.tls.key", &mut tls.key),
-            ] {
-                let full = base.join(file.get_ref());
-                if !full.is_file() {
-                    return Err(invalid(
-                        key,
-                        Some(file.span()),
-                        format!("file {} does not exist", full.display()),
-                    ));
-                }
-                *file.get_mut() = full;
-            }
-        }
+        self.check_delivery()?;
+        self.check_routes_and_dkim()
+    }
+
+    fn check_http_and_admin(&self) -> Result<(), Refusal> {
         for key in &self.http.api_keys {
             let ok =
                 key.key_sha256.len() == 64 && key.key_sha256.chars().all(|c| c.is_ascii_hexdigit());
             if !ok {
-                return Err(invalid(
+                return Err(Refusal::new(
                     "http.api_keys.key_sha256",
-                    None,
                     format!(
                         "key `{}`: expected 64 hex digits (make one with `floodgate gen-key`)",
                         key.name
@@ -448,74 +316,73 @@ impl Config {
             .then(|| token::refusal(&self.admin.token))
             .flatten()
         {
-            return Err(invalid("admin.token", None, why));
+            return Err(Refusal::new("admin.token", why));
         }
+        Ok(())
+    }
+
+    /// `[queue]` and `[dns]`.
+    fn check_storage(&self) -> Result<(), Refusal> {
         if self.queue.max_batch == 0 {
-            return Err(invalid(
-                "queue.max_batch",
-                None,
-                "must be at least 1".into(),
-            ));
+            return Err(Refusal::new("queue.max_batch", "must be at least 1"));
         }
         if self.queue.retention.0.is_zero() {
-            return Err(invalid(
+            return Err(Refusal::new(
                 "queue.retention",
-                None,
-                "must be above 0 (e.g. \"7d\")".into(),
+                "must be above 0 (e.g. \"7d\")",
             ));
         }
         if self.dns.attempts == 0 || self.dns.timeout.0.is_zero() {
-            return Err(invalid(
+            return Err(Refusal::new(
                 "dns.timeout / dns.attempts",
-                None,
-                "must be above 0".into(),
+                "must be above 0",
             ));
         }
-        if self.routes.is_empty() {
-            // No [[route]] at all: every domain goes to its MX, the behaviour of a plain
-            // relay. Once any route is written, only written routes apply.
-            self.routes.push(Route::default_mx());
-        }
+        Ok(())
+    }
+
+    /// `[delivery]`, `[faillog]`, `[guard]` and `[events]`.
+    fn check_delivery(&self) -> Result<(), Refusal> {
         if self.delivery.backoff.is_empty()
             || self.delivery.batch == 0
             || self.delivery.concurrency == 0
             || self.delivery.max_concurrency == 0
         {
-            return Err(invalid(
+            return Err(Refusal::new(
                 "delivery.backoff / batch / concurrency / max_concurrency",
-                None,
-                "backoff needs at least one wait; counts must be at least 1".into(),
+                "backoff needs at least one wait; counts must be at least 1",
             ));
         }
         if self.faillog.sample_rate == 0
             || self.faillog.rows_per_sec == 0
             || self.faillog.batch_rows == 0
         {
-            return Err(invalid(
+            return Err(Refusal::new(
                 "faillog.sample_rate / rows_per_sec / batch_rows",
-                None,
-                "must be at least 1".into(),
+                "must be at least 1",
             ));
         }
         if !(0.0..=1.0).contains(&self.guard.failure_ratio) || self.guard.window.0.is_zero() {
-            return Err(invalid(
+            return Err(Refusal::new(
                 "guard.failure_ratio / guard.window",
-                None,
-                "failure_ratio must be within 0..=1 and window above 0".into(),
+                "failure_ratio must be within 0..=1 and window above 0",
             ));
         }
         self.events
             .validate()
-            .map_err(|why| invalid("events", None, why))?;
+            .map_err(|why| Refusal::new("events", why))
+    }
+
+    fn check_routes_and_dkim(&self) -> Result<(), Refusal> {
         for (i, route) in self.routes.iter().enumerate() {
             route
                 .validate()
-                .map_err(|why| invalid(&format!("route[{i}]"), None, why))?;
+                .map_err(|why| Refusal::new(format!("route[{i}]"), why))?;
         }
         for (i, table) in self.dkim.iter().enumerate() {
             table
                 .check()
-                .map_err(|why| invalid(&format!("dkim[{i}]"), None, why))?;
+                .map_err(|why| Refusal::new(format!("dkim[{i}]"), why))?;
         }
         Ok(())
     }

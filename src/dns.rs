@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -14,8 +14,10 @@ use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::{Resolver as HickoryResolver, TokioResolver};
+use parking_lot::Mutex;
 use tokio::sync::OnceCell;
 
+use crate::clock::Clock;
 use crate::config::DnsConfig;
 pub use crate::future::BoxFuture;
 
@@ -212,14 +214,17 @@ impl Cache {
 pub struct MailDns {
     resolver: ArcSwap<Arc<dyn Resolver>>,
     cache: Mutex<Cache>,
+    /// Ages cached verdicts (tests move it to expire them without waiting out a TTL).
+    clock: Arc<dyn Clock>,
     pub stats: DnsStats,
 }
 
 impl MailDns {
-    pub fn new(resolver: Arc<dyn Resolver>, config: &DnsConfig) -> MailDns {
+    pub fn new(resolver: Arc<dyn Resolver>, config: &DnsConfig, clock: Arc<dyn Clock>) -> MailDns {
         MailDns {
             resolver: ArcSwap::from_pointee(resolver),
             cache: Mutex::new(Cache::new(config)),
+            clock,
             stats: DnsStats::default(),
         }
     }
@@ -231,7 +236,7 @@ impl MailDns {
     /// Applies new DNS settings (SIGHUP): a new resolver, new TTL bounds, an empty cache.
     pub fn reconfigure(&self, resolver: Arc<dyn Resolver>, config: &DnsConfig) {
         self.resolver.store(Arc::new(resolver));
-        *self.cache.lock().expect("dns cache lock") = Cache::new(config);
+        *self.cache.lock() = Cache::new(config);
     }
 
     /// The verdict for `domain` (lower-cased ASCII, no trailing dot), from the cache when
@@ -254,8 +259,8 @@ impl MailDns {
     }
 
     fn slot(&self, domain: &str) -> Arc<Slot> {
-        let now = Instant::now();
-        let mut cache = self.cache.lock().expect("dns cache lock");
+        let now = self.clock.now_instant();
+        let mut cache = self.cache.lock();
         if let Some(slot) = cache.slots.get(domain) {
             match slot.cell.get() {
                 Some((_, expires)) if *expires <= now => {}
@@ -296,7 +301,7 @@ impl MailDns {
             }
         };
         let ttl = {
-            let cache = self.cache.lock().expect("dns cache lock");
+            let cache = self.cache.lock();
             match verdict {
                 Verdict::Temporary => cache.temp_fail_ttl,
                 _ => ttl
@@ -304,7 +309,7 @@ impl MailDns {
                     .clamp(cache.min_ttl, cache.max_ttl),
             }
         };
-        (verdict, Instant::now() + ttl)
+        (verdict, self.clock.now_instant() + ttl)
     }
 }
 
@@ -345,6 +350,7 @@ fn evict(slots: &mut HashMap<Box<str>, Arc<Slot>>, now: Instant, capacity: usize
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{ShiftedClock, SystemClock};
     use std::sync::atomic::AtomicUsize;
 
     /// A resolver whose answers come from a table, counting calls; it sleeps so that
@@ -408,7 +414,7 @@ mod tests {
         let table = Arc::new(Table {
             calls: AtomicUsize::new(0),
         });
-        let dns = MailDns::new(table.clone(), &DnsConfig::default());
+        let dns = MailDns::new(table.clone(), &DnsConfig::default(), Arc::new(SystemClock));
         (table, dns)
     }
 
@@ -455,10 +461,33 @@ mod tests {
             cache_size: 100,
             ..DnsConfig::default()
         };
-        let dns = MailDns::new(table, &config);
+        let dns = MailDns::new(table, &config, Arc::new(SystemClock));
         for i in 0..1000 {
             dns.verdict(&format!("d{i}.test")).await;
         }
-        assert!(dns.cache.lock().unwrap().slots.len() <= 100);
+        assert!(dns.cache.lock().slots.len() <= 100);
+    }
+
+    #[tokio::test]
+    async fn cached_verdict_expires_with_the_clock() {
+        let table = Arc::new(Table {
+            calls: AtomicUsize::new(0),
+        });
+        let clock = Arc::new(ShiftedClock::default());
+        let dns = MailDns::new(table.clone(), &DnsConfig::default(), clock.clone());
+        dns.verdict("mx.test").await;
+        dns.verdict("mx.test").await;
+        assert_eq!(
+            table.calls.load(Ordering::SeqCst),
+            1,
+            "second ask is a cache hit"
+        );
+        clock.advance(Duration::from_secs(24 * 3600));
+        dns.verdict("mx.test").await;
+        assert_eq!(
+            table.calls.load(Ordering::SeqCst),
+            2,
+            "an expired verdict is looked up again"
+        );
     }
 }

@@ -2,34 +2,58 @@
 //! groups them per message and destination, and hands them to lanes. A lane per
 //! destination decides *how fast*: its governor rate and concurrency cap, under a global
 //! cap. Outcomes go back to the queue in batches, with retries on the backoff schedule.
+//! Permanent failures are notified to the sender (`bounce`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use governor::{DefaultDirectRateLimiter, RateLimiter};
+use parking_lot::Mutex;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::campaign::Campaigns;
 use crate::config::{Config, DeliveryConfig, Rate, Transport};
-use crate::deliver::{Courier, Destination, Enhanced, FailureSink, Job, Outcome, Reply, dsn};
+use crate::deliver::{Courier, Destination, Enhanced, FailureSink, Job, Outcome, Reply};
 use crate::dkim::Signing;
-use crate::queue::{Claimed, NewMessage, NewRecipient, Queue, QueueId, Source, Update};
+use crate::queue::{Claimed, Queue, QueueId, Update};
 use crate::reason::Reason;
 
-/// Longest sleep between two passes when nothing is due: also how soon a clock moved by
-/// a test, or a resumed campaign, is noticed.
+mod bounce;
+
+/// Longest sleep between two passes. Everything that makes work due at once rings
+/// `wake` (intake, resume, release, a lane with room again, a reload; tests after moving
+/// their clock), and otherwise the sleep runs until `next_due`. The cap remains for what
+/// nothing rings: `next_due` counts only scheduled rows, so a lease that expires (a
+/// delivery abandoned by a stopped scheduler) or a campaign block that lapses is only
+/// seen by the next pass; and due times are wall-clock while the sleep is monotonic, so
+/// a stepped wall clock (NTP, a resumed VM) is caught up within it.
 const MAX_IDLE: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Passes {
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+/// A snapshot of the scheduler's counters (see [`Scheduler::progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub passes_started: u64,
+    pub passes_finished: u64,
+    /// Recipients' jobs queued in lanes or being delivered.
+    pub in_flight: usize,
+}
 
 /// The couriers by transport.
 pub struct Couriers {
     pub smtp: Arc<dyn Courier>,
-    pub webhook: Option<Arc<dyn Courier>>,
+    pub webhook: Arc<dyn Courier>,
 }
 
 /// The wait before retry number `attempt` (1-based): the schedule's entry, the last one
@@ -73,7 +97,7 @@ impl Lane {
     /// Applies the destination's rate and concurrency from a reloaded config.
     fn reconfigure(&self, delivery: &DeliveryConfig, key: &str) {
         let rate = delivery.rate_for(key);
-        let mut current = self.rate.lock().expect("lane lock");
+        let mut current = self.rate.lock();
         if *current != rate {
             *current = rate;
             self.limiter
@@ -146,6 +170,7 @@ pub struct Scheduler {
     global: Arc<Semaphore>,
     global_cap: AtomicUsize,
     in_flight: AtomicUsize,
+    passes: Passes,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -173,6 +198,7 @@ impl Scheduler {
             global: Arc::new(Semaphore::new(max)),
             global_cap: AtomicUsize::new(max),
             in_flight: AtomicUsize::new(0),
+            passes: Passes::default(),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         }
@@ -188,7 +214,7 @@ impl Scheduler {
     /// config to the lanes already running; new lanes read the config when made.
     pub fn reconfigure(&self, delivery: &DeliveryConfig) {
         resize(&self.global, &self.global_cap, delivery.max_concurrency);
-        for (dest, lane) in self.lanes.lock().expect("lanes lock").iter() {
+        for (dest, lane) in self.lanes.lock().iter() {
             lane.reconfigure(delivery, &dest.key);
         }
     }
@@ -200,7 +226,9 @@ impl Scheduler {
     pub async fn run(self: Arc<Self>) {
         let shutdown = self.shutdown.clone();
         while !shutdown.is_cancelled() {
+            self.passes.started.fetch_add(1, Ordering::Relaxed);
             let claimed = self.pass().await;
+            self.passes.finished.fetch_add(1, Ordering::Release);
             if claimed == 0 {
                 let sleep = self.idle_time().await;
                 tokio::select! {
@@ -212,6 +240,17 @@ impl Scheduler {
         }
         self.tracker.close();
         self.tracker.wait().await;
+    }
+
+    /// Claim passes and deliveries under way, for whoever needs to know that the
+    /// scheduler has looked at the queue since some moment (a test that moved its clock
+    /// waits for a pass begun after that instead of sleeping).
+    pub fn progress(&self) -> Progress {
+        Progress {
+            passes_started: self.passes.started.load(Ordering::Relaxed),
+            passes_finished: self.passes.finished.load(Ordering::Acquire),
+            in_flight: self.in_flight.load(Ordering::Acquire),
+        }
     }
 
     async fn idle_time(&self) -> Duration {
@@ -278,11 +317,11 @@ impl Scheduler {
     }
 
     fn saturated_domains(&self) -> Vec<String> {
-        let lanes = self.lanes.lock().expect("lanes lock");
+        let lanes = self.lanes.lock();
         let mut domains = HashSet::new();
         for lane in lanes.values() {
             if lane.backlog.load(Ordering::Relaxed) >= lane.cap.load(Ordering::Relaxed) {
-                for job in lane.jobs.lock().expect("lane lock").iter() {
+                for job in lane.jobs.lock().iter() {
                     domains.extend(job.recipients.iter().map(|r| r.domain.clone()));
                 }
             }
@@ -291,7 +330,7 @@ impl Scheduler {
     }
 
     fn lane(&self, delivery: &DeliveryConfig, dest: &Destination) -> Arc<Lane> {
-        let mut lanes = self.lanes.lock().expect("lanes lock");
+        let mut lanes = self.lanes.lock();
         lanes
             .entry(dest.clone())
             .or_insert_with(|| Arc::new(Lane::new(delivery, &dest.key)))
@@ -302,8 +341,8 @@ impl Scheduler {
         let lane = self.lane(&config.delivery, &dest);
         lane.backlog.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        lane.jobs.lock().expect("lane lock").push_back(job);
-        let mut running = lane.running.lock().expect("lane lock");
+        lane.jobs.lock().push_back(job);
+        let mut running = lane.running.lock();
         if !*running {
             *running = true;
             let this = self.clone();
@@ -318,8 +357,8 @@ impl Scheduler {
     async fn drive_lane(self: Arc<Self>, lane: Arc<Lane>) {
         loop {
             let job = {
-                let mut running = lane.running.lock().expect("lane lock");
-                let mut jobs = lane.jobs.lock().expect("lane lock");
+                let mut running = lane.running.lock();
+                let mut jobs = lane.jobs.lock();
                 if self.shutdown.is_cancelled() {
                     let dropped = jobs.len();
                     jobs.clear();
@@ -388,16 +427,10 @@ impl Scheduler {
         };
         job.body = Arc::new(body);
         let courier = match job.route.transport {
-            Transport::Webhook => self.couriers.webhook.clone(),
-            _ => Some(self.couriers.smtp.clone()),
+            Transport::Webhook => &self.couriers.webhook,
+            _ => &self.couriers.smtp,
         };
-        let outcomes = match courier {
-            Some(c) => c.deliver(&job).await,
-            None => vec![
-                Outcome::transient("451 4.3.0 no courier for this transport");
-                job.recipients.len()
-            ],
-        };
+        let outcomes = courier.deliver(&job).await;
         let now = self.queue.clock().now_ms();
         self.finish(&config, &job.recipients, outcomes, now, Some(&job))
             .await;
@@ -484,9 +517,9 @@ impl Scheduler {
         let Some(first) = recipients.first() else {
             return;
         };
-        let Ok(sender) = crate::address::parse(&first.sender) else {
+        if crate::address::parse(&first.sender).is_err() {
             return;
-        };
+        }
         let original: Vec<u8> = match job {
             Some(j) => j.body.to_vec(),
             None => self
@@ -497,31 +530,11 @@ impl Scheduler {
                 .flatten()
                 .unwrap_or_default(),
         };
-        let list: Vec<dsn::Failed<'_>> = failed
-            .iter()
-            .map(|(recipient, reply)| dsn::Failed { recipient, reply })
-            .collect();
-        let body = dsn::build(
-            &config.server.hostname,
-            &first.queue_id,
-            &original,
-            &list,
-            now,
-        );
-        let body = self.signing.sign(body).await;
-        let msg = NewMessage {
-            queue_id: QueueId::generate(self.queue.clock().now_us()),
-            sender: String::new(),
-            campaign: first.campaign.clone(),
-            source: Source::Bounce,
-            client: "bounce".into(),
-            body,
-            recipients: vec![NewRecipient {
-                address: sender.address,
-                domain: sender.domain,
-            }],
-            smtputf8: false,
+        let id = QueueId::generate(self.queue.clock().now_us());
+        let Some(mut msg) = bounce::notification(config, first, &original, failed, id, now) else {
+            return;
         };
+        msg.body = self.signing.sign(std::mem::take(&mut msg.body)).await;
         match self.queue.enqueue(msg).await {
             Ok(()) => self.wake.notify_one(),
             Err(e) => tracing::warn!(error = %e, queue_id = %first.queue_id, "bounce not queued"),

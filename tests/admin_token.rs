@@ -7,25 +7,10 @@ mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 use std::time::Duration;
 
 use common::dns::{TestDns, Zone};
-use common::floodgate::{Daemon, TOKEN, binary, config_text, http};
-
-fn check_config(text: &str) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("floodgate.toml");
-    std::fs::write(&path, text).unwrap();
-    let out = Command::new(binary())
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    (out.status.code().unwrap_or(-1), text)
-}
+use common::floodgate::{Daemon, TOKEN, binary, check_config, config_text, http};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fresh_state_dir_gets_a_private_token_that_the_api_and_ctl_use() {
@@ -51,14 +36,7 @@ async fn a_fresh_state_dir_gets_a_private_token_that_the_api_and_ctl_use() {
     // The log says where the token is, never what it is.
     let said = daemon.wait_log("generated an admin token", Duration::from_secs(1));
     assert!(said.contains(&token_file.display().to_string()), "{said}");
-    assert!(
-        !daemon
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(&token))
-    );
+    assert!(!daemon.log.lock().iter().any(|l| l.contains(&token)));
 
     assert_eq!(
         http(admin, "GET", "/admin/v1/status", Some(&token), None)

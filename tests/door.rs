@@ -6,11 +6,13 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::dns::{TestDns, Zone};
 use common::floodgate::{Smtp, TestApp, admin, message, metric, stored_message};
+use floodgate::clock::ShiftedClock;
 use floodgate::reason::Reason;
 
 const LOCAL: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -199,7 +201,8 @@ async fn guess(t: &TestApp, from: IpAddr, attempts: usize, password: &str) -> (u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_auth_is_limited_per_address_across_sessions() {
     let dns = zone().await;
-    let t = TestApp::start(&user(), "", dns.addr).await;
+    let clock = Arc::new(ShiftedClock::default());
+    let t = TestApp::start_with_clock(&user(), "", dns.addr, clock.clone()).await;
     let admin_addr = t.app.admin_addr.unwrap();
     let attacker: IpAddr = [127, 0, 0, 3].into();
     let started = Instant::now();
@@ -229,7 +232,7 @@ async fn failed_auth_is_limited_per_address_across_sessions() {
     )
     .await;
     // The lockout grows: one second later the attacker is still locked out.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    clock.advance(Duration::from_millis(1100));
     let before = metric(admin_addr, "floodgate_smtp_auth_verifications_total").await;
     let (_, limited_later) = guess(&t, attacker, 5, "wrong").await;
     let after = metric(admin_addr, "floodgate_smtp_auth_verifications_total").await;

@@ -14,7 +14,6 @@ use common::dns::{TestDns, Zone};
 use common::floodgate::TestApp;
 use common::sink::{RcptScript, Sink, SinkConfig};
 use floodgate::clock::SystemClock;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 const KEY: &str = "fg_test_key_0123456789";
@@ -72,45 +71,17 @@ async fn start_with(sink: &Sink, routes: &str, delivery_extra: &str) -> (TestDns
     (dns, t)
 }
 
-/// One HTTP/1.1 exchange over `stream`; returns status, headers (lower-case) and body.
-async fn exchange(
-    mut stream: TcpStream,
+/// A POST with the `crm` key over `stream`.
+async fn exchange_as_crm(
+    stream: TcpStream,
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
-) -> (u16, Vec<(String, String)>, String) {
-    let mut head = format!(
-        "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(body).await.unwrap();
-    read_response(&mut stream).await
-}
-
-async fn read_response(stream: &mut TcpStream) -> (u16, Vec<(String, String)>, String) {
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut raw))
-        .await
-        .expect("response within 20 s")
-        .ok();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.get(9..12))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    (status, headers, body.to_owned())
+) -> common::http::Response {
+    let bearer = format!("Bearer {KEY}");
+    let mut all = vec![("Authorization", bearer.as_str())];
+    all.extend_from_slice(headers);
+    common::http::exchange(stream, "POST", path, &all, body).await
 }
 
 async fn post(
@@ -119,8 +90,8 @@ async fn post(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, Vec<(String, String)>, serde_json::Value) {
-    let (status, h, text) =
-        exchange(TcpStream::connect(http).await.unwrap(), path, headers, body).await;
+    let stream = TcpStream::connect(http).await.unwrap();
+    let (status, h, text) = exchange_as_crm(stream, path, headers, body).await;
     (
         status,
         h,
@@ -530,7 +501,7 @@ async fn the_received_header_names_the_http_client() {
     let stream = socket.connect(t.app.http_addr.unwrap()).await.unwrap();
     let body = serde_json::json!({"from": "app@client.test", "to": ["u@mx.test"], "subject": "s", "text": "t"});
     let (status, _, text) =
-        exchange(stream, "/v1/messages", &[], body.to_string().as_bytes()).await;
+        exchange_as_crm(stream, "/v1/messages", &[], body.to_string().as_bytes()).await;
     assert_eq!(status, 202, "{text}");
     let got = sink.wait_for(1, WAIT).await;
     let data = String::from_utf8_lossy(&got[0].data);

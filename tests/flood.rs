@@ -336,8 +336,21 @@ async fn operators_switch_the_failure_log_live_and_purge_exactly_one_campaign() 
         Some(r#"{"mode":"off"}"#),
     )
     .await;
+    let before = t.app.faillog.counters();
     flood(t.smtp(), "c@client.test", 10, |i| format!("u{i}@nx.test")).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Every refusal reached the failure log and was skipped; then a flush after them (a
+    // retention pass flushes first) writes nothing for them.
+    let prunes = t.app.faillog.counters().prune_runs;
+    t.app.faillog.prune_now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = t.app.faillog.counters();
+        if now.off_skipped >= before.off_skipped + 10 && now.prune_runs > prunes {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{now:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         sqlite_count(
             &db,
@@ -563,8 +576,23 @@ alert_webhook_per_minute = 2
         .await;
     }
     let got = hook.wait_for(2, Duration::from_secs(15)).await;
-    // The third alert is over the limit: give it time to (not) arrive.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The third alert is over the limit: wait for the guard to skip it.
+    let skipped = || {
+        t.app
+            .guard
+            .stats
+            .webhook_skipped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while skipped() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the third alert was never skipped ({} requests)",
+            hook.count()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(hook.count(), 2, "rate-limited to 2 a minute");
     assert_eq!(
         t.app

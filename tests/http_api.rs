@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use common::dns::{TestDns, Zone};
 use common::floodgate::{TestApp, admin, message};
+use common::http::{header, read_response, request};
 use common::sink::Sink;
 use floodgate::clock::SystemClock;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const KEY: &str = "fg_test_key_0123456789";
@@ -58,49 +59,6 @@ port = {sink_port}
     (dns, t)
 }
 
-/// One HTTP/1.1 exchange; returns status, headers (lower-case names) and body.
-async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> (u16, Vec<(String, String)>, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(body).await.unwrap();
-    read_response(&mut stream).await
-}
-
-async fn read_response(stream: &mut TcpStream) -> (u16, Vec<(String, String)>, String) {
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .ok();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.get(9..12))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    (status, headers, body.to_owned())
-}
-
 fn auth(key: &str) -> String {
     format!("Bearer {key}")
 }
@@ -126,13 +84,6 @@ async fn send(
     .await;
     let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
     (status, h, json)
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
 }
 
 #[tokio::test]
@@ -448,30 +399,27 @@ async fn the_openapi_document_matches_the_server() {
         None,
     )
     .await;
-    // 409: the same Idempotency-Key while the first request is still being sent.
-    for path in ["/v1/messages", raw_ok] {
-        let mut first = TcpStream::connect(http).await.unwrap();
-        first
-            .write_all(format!("POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: {bearer}\r\nIdempotency-Key: same\r\nContent-Length: 100\r\n\r\n{{").as_bytes())
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let body = if path == raw_ok {
-            message("x", "")
-        } else {
-            good.clone()
+    // 409: the same Idempotency-Key while another request with it is still being sent.
+    // Two such requests send their headers and stall in the body: whichever the server
+    // reads first holds the key, and the other is answered 409 at once. (A key per path:
+    // the next pair does not wait for this pair's hold to be released.)
+    for (i, path) in ["/v1/messages", raw_ok].into_iter().enumerate() {
+        let key = format!("same-{i}");
+        let mut pair = Vec::new();
+        for _ in 0..2 {
+            let mut stream = TcpStream::connect(http).await.unwrap();
+            stream
+                .write_all(format!("POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: {bearer}\r\nIdempotency-Key: {key}\r\nContent-Length: 100\r\n\r\n{{").as_bytes())
+                .await
+                .unwrap();
+            pair.push(stream);
+        }
+        let [mut a, mut b] = <[TcpStream; 2]>::try_from(pair).unwrap();
+        let (s, _, _) = tokio::select! {
+            r = read_response(&mut a) => r,
+            r = read_response(&mut b) => r,
         };
-        let (s, _, _) = request(
-            http,
-            "POST",
-            path,
-            &[("Authorization", &bearer), ("Idempotency-Key", "same")],
-            body.as_bytes(),
-        )
-        .await;
         check(path, s, 409, "concurrent duplicate");
-        drop(first);
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // 503: intake paused, then a queue that cannot be written (a 1 MiB cap, filled).
     admin(admin_addr, "POST", "/admin/v1/intake/pause", None).await;

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::dns::{TestDns, Zone};
 use common::floodgate::{Daemon, config_text};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::http::read_response;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const KEY: &str = "fg_test_key_0123456789";
@@ -17,22 +18,6 @@ fn zone() -> Zone {
     Zone::new()
         .mx("mx.test", 10, "mail.mx.test")
         .a("mail.mx.test", Ipv4Addr::LOCALHOST)
-}
-
-/// Reads a whole response (the server closes); returns status and body.
-async fn read_response(stream: &mut TcpStream) -> (u16, String) {
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut raw))
-        .await
-        .expect("response within 20 s")
-        .ok();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 async fn probe(http: SocketAddr) -> u16 {
@@ -89,7 +74,7 @@ async fn an_http_request_in_flight_at_sigterm_still_gets_its_202() {
     // Longer than the writer's 5 s join wait: without draining, the process is gone.
     tokio::time::sleep(Duration::from_secs(6)).await;
     stream.write_all(rest).await.unwrap();
-    let (status, text) = read_response(&mut stream).await;
+    let (status, _, text) = read_response(&mut stream).await;
     assert_eq!(status, 202, "{text}");
     assert_eq!(daemon.wait(Duration::from_secs(20)), Some(0));
 }

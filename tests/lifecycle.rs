@@ -4,11 +4,10 @@
 mod common;
 
 use std::net::Ipv4Addr;
-use std::process::Command;
 use std::time::Duration;
 
 use common::dns::{TestDns, Zone};
-use common::floodgate::{Daemon, Smtp, binary, config_text, message, stored_message};
+use common::floodgate::{Daemon, Smtp, check_config, config_text, message, stored_message};
 
 async fn zone() -> TestDns {
     TestDns::start(
@@ -17,20 +16,6 @@ async fn zone() -> TestDns {
             .a("mail.mx.test", Ipv4Addr::LOCALHOST),
     )
     .await
-}
-
-fn check_config(text: &str) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("floodgate.toml");
-    std::fs::write(&path, text).unwrap();
-    let out = Command::new(binary())
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    (out.status.code().unwrap_or(-1), text)
 }
 
 const TOKEN: &str = "[admin]\ntoken = \"0123456789abcdef01234567\"\n";

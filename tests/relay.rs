@@ -11,42 +11,16 @@ use std::time::Duration;
 
 use common::dns::{TestDns, Zone};
 use common::floodgate::{TestApp, message};
+use common::relay::{WAIT, relay_config, start, wait_recipient};
 use common::sink::{RcptScript, Sink, SinkConfig, self_signed};
 use floodgate::clock::ShiftedClock;
 use floodgate::queue::RecipientState;
-
-const WAIT: Duration = Duration::from_secs(15);
 
 fn zone() -> Zone {
     Zone::new()
         .mx("mx.test", 10, "mail.mx.test")
         .a("mail.mx.test", Ipv4Addr::LOCALHOST)
         .mx("rate.test", 10, "mail.mx.test")
-}
-
-/// Delivery on, MX port pointed at `port`, short timeouts, plus `extra` keys under
-/// `[delivery]` and any further tables.
-fn relay_config(port: u16, delivery_extra: &str, more: &str) -> String {
-    format!(
-        r#"
-[delivery]
-enabled = true
-connect_timeout = "2s"
-command_timeout = "2s"
-data_timeout = "2s"
-{delivery_extra}
-
-[[route]]
-domains = ["*"]
-transport = "mx"
-port = {port}
-{more}
-"#
-    )
-}
-
-async fn start(dns: &TestDns, config: &str, clock: Arc<ShiftedClock>) -> TestApp {
-    TestApp::start_full("", "lease = \"30s\"", config, dns.addr, clock).await
 }
 
 /// A sink that answers 451 to every RCPT until the returned switch is turned on.
@@ -67,58 +41,27 @@ async fn deferring_sink() -> (Arc<AtomicBool>, Sink) {
     (accept, sink)
 }
 
-/// Polls until the recipient reaches `state`, returning its last reply and reason.
+/// Polls until the recipient reaches `state`, returning its last reply, reason and
+/// attempts.
 async fn wait_state(
     t: &TestApp,
     queue_id: &str,
     address: &str,
     state: RecipientState,
 ) -> (Option<String>, Option<String>, u32) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let msg = t
-            .app
-            .queue()
-            .message(queue_id)
-            .await
-            .unwrap()
-            .expect("message");
-        let r = msg
-            .recipients
-            .iter()
-            .find(|r| r.address == address)
-            .expect("recipient");
-        if r.state == state {
-            return (r.last_reply.clone(), r.reason.clone(), r.attempts);
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{address} never reached {state:?}: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let r = wait_recipient(t, queue_id, address, &format!("reaching {state:?}"), |r| {
+        r.state == state
+    })
+    .await;
+    (r.last_reply, r.reason, r.attempts)
 }
 
 /// Polls until the recipient has been attempted `n` times.
 async fn wait_attempts(t: &TestApp, queue_id: &str, address: &str, n: u32) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let msg = t.app.queue().message(queue_id).await.unwrap().unwrap();
-        let r = msg
-            .recipients
-            .iter()
-            .find(|r| r.address == address)
-            .unwrap();
-        if r.attempts >= n {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{address} attempts stuck at {}",
-            r.attempts
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_recipient(t, queue_id, address, &format!("attempt {n}"), |r| {
+        r.attempts >= n
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -233,8 +176,7 @@ async fn retry_follows_the_schedule_on_a_moved_clock() {
     );
     // Nothing happens before it is due.
     clock.advance(Duration::from_secs(5 * 60));
-    t.app.wake_scheduler();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    t.scheduler_pass().await;
     assert_eq!(attempt_count(&t, &id).await, 1);
     // Once due, the second attempt is made and succeeds.
     accept.store(true, Ordering::SeqCst);
@@ -481,8 +423,7 @@ async fn paused_campaign_is_held_until_resumed() {
     campaign.set_paused(true);
     accept.store(true, Ordering::SeqCst);
     clock.advance(Duration::from_secs(3600));
-    t.app.wake_scheduler();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    t.scheduler_pass().await;
     assert_eq!(
         attempt_count(&t, &id).await,
         1,
@@ -541,7 +482,7 @@ async fn bounces_go_to_the_sender_but_never_for_the_null_sender() {
     let reply = c.data(&message("null", "")).await;
     let id = common::floodgate::queue_id(&reply);
     wait_state(&t, &id, "gone3@mx.test", RecipientState::Failed).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    t.scheduler_pass().await;
     assert_eq!(sink.received().len(), 1);
 }
 
@@ -595,8 +536,7 @@ async fn admin_pause_holds_queued_recipients_and_resume_releases_them() {
     assert_eq!(queue["by_state"]["held"], 3, "{queue}");
     accept.store(true, Ordering::SeqCst);
     clock.advance(Duration::from_secs(3600));
-    t.app.wake_scheduler();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    t.scheduler_pass().await;
     assert!(
         sink.received().is_empty(),
         "held recipients are not attempted"

@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use common::dns::{TestDns, Zone};
 use common::floodgate::{Smtp, TestApp, message, queue_id};
+use common::relay::{WAIT, start, wait_recipient};
 use common::sink::{Received, Sink, SinkConfig};
 use floodgate::clock::ShiftedClock;
 use floodgate::queue::RecipientState;
-
-const WAIT: Duration = Duration::from_secs(15);
 
 fn zone() -> Zone {
     Zone::new()
@@ -23,27 +22,9 @@ fn zone() -> Zone {
         .a("mail.mx.test", Ipv4Addr::LOCALHOST)
 }
 
+/// Retries ten minutes out: a second attempt only happens when a test moves the clock.
 fn relay_config(port: u16, delivery_extra: &str) -> String {
-    format!(
-        r#"
-[delivery]
-enabled = true
-connect_timeout = "2s"
-command_timeout = "2s"
-data_timeout = "2s"
-backoff = ["10m"]
-{delivery_extra}
-
-[[route]]
-domains = ["*"]
-transport = "mx"
-port = {port}
-"#
-    )
-}
-
-async fn start(dns: &TestDns, config: &str, clock: Arc<ShiftedClock>) -> TestApp {
-    TestApp::start_full("", "lease = \"30s\"", config, dns.addr, clock).await
+    common::relay::relay_config(port, &format!("backoff = [\"10m\"]\n{delivery_extra}"), "")
 }
 
 /// Polls until the recipient has been attempted at least `n` times; returns its state,
@@ -54,27 +35,8 @@ async fn after_attempts(
     address: &str,
     n: u32,
 ) -> (RecipientState, String, Option<String>) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let msg = t.app.queue().message(id).await.unwrap().expect("message");
-        let r = msg
-            .recipients
-            .iter()
-            .find(|r| r.address == address)
-            .expect("recipient");
-        if r.attempts >= n {
-            return (
-                r.state,
-                r.last_reply.clone().unwrap_or_default(),
-                r.reason.clone(),
-            );
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{address}: {n} attempt(s) never made: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let r = wait_recipient(t, id, address, &format!("attempt {n}"), |r| r.attempts >= n).await;
+    (r.state, r.last_reply.unwrap_or_default(), r.reason)
 }
 
 fn copies(got: &[Received], subject: &str) -> usize {

@@ -11,31 +11,17 @@ use std::time::Duration;
 
 use common::dns::{TestDns, Zone};
 use common::floodgate::{TOKEN, TestApp, http, message};
+use common::relay::{WAIT, wait_recipient};
 use common::sink::{RcptScript, Sink, SinkConfig};
 use floodgate::clock::ShiftedClock;
 use floodgate::config::QueueConfig;
 use floodgate::queue::{Queue, RecipientState, Totals, status};
 
-const WAIT: Duration = Duration::from_secs(15);
-
 async fn wait_state(t: &TestApp, id: &str, address: &str, state: RecipientState) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let msg = t.app.queue().message(id).await.unwrap().expect("message");
-        let r = msg
-            .recipients
-            .iter()
-            .find(|r| r.address == address)
-            .unwrap();
-        if r.state == state {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{address} never reached {state:?}: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_recipient(t, id, address, &format!("reaching {state:?}"), |r| {
+        r.state == state
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

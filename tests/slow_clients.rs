@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::dns::{TestDns, Zone};
 use common::floodgate::{Smtp, TestApp, message, metric};
+use floodgate::clock::ShiftedClock;
 use tokio_util::sync::CancellationToken;
 
 const DRIBBLERS: usize = 1000;
@@ -158,7 +159,8 @@ async fn dribbling_connections_do_not_lock_out_a_normal_client() {
 #[tokio::test]
 async fn a_full_table_evicts_the_idlest_session_for_a_new_client() {
     let dns = TestDns::start(Zone::new()).await;
-    let t = TestApp::start("max_connections = 5", "", dns.addr).await;
+    let clock = Arc::new(ShiftedClock::default());
+    let t = TestApp::start_with_clock("max_connections = 5", "", dns.addr, clock.clone()).await;
     let mut idle = Vec::new();
     for _ in 0..5 {
         let mut c = t.client().await;
@@ -166,7 +168,7 @@ async fn a_full_table_evicts_the_idlest_session_for_a_new_client() {
         idle.push(c);
     }
     // Sessions younger than a second are never evicted: let them age.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    clock.advance(Duration::from_millis(1100));
     // All but the first work again: the first is the only one idle long enough.
     for c in &mut idle[1..] {
         c.cmd("NOOP", "250").await;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{App, AppError, admin_token, hickory, load_tls};
+use super::{App, AppError, admin_token, load_tls};
 use crate::config::Config;
 use crate::config::diff::RESTART_ONLY;
 use crate::dkim::Signers;
@@ -46,12 +46,7 @@ impl App {
                 .any(|k| k == prefix || k.starts_with(&format!("{prefix}.")))
         };
         if changed("dns") {
-            // An injected resolver (tests) stays; its cache and TTL bounds still change.
-            let resolver = if self.injected_resolver {
-                self.intake.policy.dns.resolver()
-            } else {
-                hickory(&new)?
-            };
+            let resolver = self.resolvers.build(&new)?;
             self.intake.policy.dns.reconfigure(resolver, &new.dns);
         }
         // Keys are read before anything is applied: an unreadable key fails the reload.

@@ -42,6 +42,19 @@ impl Config {
     /// (`route` for any change to the `[[route]]` list).
     pub fn changed_keys(&self, new: &Config) -> Vec<String> {
         let mut out = Vec::new();
+        self.changed_intake_keys(new, &mut out);
+        self.changed_delivery_keys(new, &mut out);
+        if self.routes != new.routes {
+            out.push("route".to_owned());
+        }
+        if self.dkim != new.dkim {
+            out.push("dkim".to_owned());
+        }
+        out
+    }
+
+    /// `[server]`, `[smtp]`, `[http]`, `[admin]`, `[queue]` and `[dns]`.
+    fn changed_intake_keys(&self, new: &Config, out: &mut Vec<String>) {
         diff!(
             out,
             self.server,
@@ -109,6 +122,10 @@ impl Config {
                 temp_fail_ttl
             ]
         );
+    }
+
+    /// `[delivery]`, `[faillog]`, `[guard]` and `[events]`.
+    fn changed_delivery_keys(&self, new: &Config, out: &mut Vec<String>) {
         diff!(
             out,
             self.delivery,
@@ -180,13 +197,6 @@ impl Config {
                 timeout
             ]
         );
-        if self.routes != new.routes {
-            out.push("route".to_owned());
-        }
-        if self.dkim != new.dkim {
-            out.push("dkim".to_owned());
-        }
-        out
     }
 
     /// Puts the running values of [`RESTART_ONLY`] keys back into `self` (a config

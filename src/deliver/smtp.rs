@@ -4,14 +4,16 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use rustls::ClientConfig;
 
 use super::client::{ClientError, Connection, SendError, Timeouts, Transaction};
 use super::{Courier, Job, Outcome};
+use crate::clock::Clock;
 use crate::config::{Config, Route, TlsMode, Transport};
 use crate::dns::{MailDns, Verdict};
 use crate::future::BoxFuture;
@@ -30,13 +32,20 @@ pub struct SmtpCourier {
     opportunistic: Arc<ClientConfig>,
     verified: Mutex<HashMap<Option<std::path::PathBuf>, Arc<ClientConfig>>>,
     pool: Mutex<HashMap<String, Vec<(Connection, Instant)>>>,
+    /// Ages idle pooled connections against `[delivery]`'s idle limit.
+    clock: Arc<dyn Clock>,
 }
 
 impl SmtpCourier {
-    pub fn new(config: Arc<ArcSwap<Config>>, dns: Arc<MailDns>) -> SmtpCourier {
+    pub fn new(
+        config: Arc<ArcSwap<Config>>,
+        dns: Arc<MailDns>,
+        clock: Arc<dyn Clock>,
+    ) -> SmtpCourier {
         SmtpCourier {
             config,
             dns,
+            clock,
             opportunistic: tls::opportunistic(),
             verified: Mutex::default(),
             pool: Mutex::default(),
@@ -60,7 +69,7 @@ impl SmtpCourier {
         if !verify {
             return Ok(self.opportunistic.clone());
         }
-        let mut cache = self.verified.lock().expect("tls cache");
+        let mut cache = self.verified.lock();
         if let Some(c) = cache.get(&route.tls_ca) {
             return Ok(c.clone());
         }
@@ -213,10 +222,11 @@ impl SmtpCourier {
     }
 
     fn take_pooled(&self, key: &str, idle: Duration) -> Option<Connection> {
-        let mut pool = self.pool.lock().expect("pool lock");
+        let mut pool = self.pool.lock();
         let conns = pool.get_mut(key)?;
+        let now = self.clock.now_instant();
         while let Some((conn, since)) = conns.pop() {
-            if since.elapsed() < idle {
+            if now.saturating_duration_since(since) < idle {
                 return Some(conn);
             }
         }
@@ -224,10 +234,10 @@ impl SmtpCourier {
     }
 
     fn put_pooled(&self, key: String, conn: Connection, cap: usize) {
-        let mut pool = self.pool.lock().expect("pool lock");
+        let mut pool = self.pool.lock();
         let conns = pool.entry(key).or_default();
         if conns.len() < cap {
-            conns.push((conn, Instant::now()));
+            conns.push((conn, self.clock.now_instant()));
         }
     }
 

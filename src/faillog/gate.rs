@@ -5,9 +5,10 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use governor::{DefaultKeyedRateLimiter, Quota};
+use parking_lot::Mutex;
 
 use super::{AggKey, FailLogSettings, FailureEvent};
 use crate::config::FailLogMode;
@@ -116,12 +117,6 @@ impl Default for Tally {
     }
 }
 
-/// A poisoned shard still holds valid counts (every update is a single add), so keep using
-/// it rather than panic on the hot path.
-fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    shard.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Tally {
     fn shard(&self, campaign: &Option<String>) -> &Mutex<Shard> {
         let i = self.hasher.hash_one(campaign) as usize % self.shards.len();
@@ -133,7 +128,7 @@ impl Tally {
     /// lock, which is what makes the final flush exact. Cheap: one short lock; allocates
     /// only on a campaign's first event in a flush interval.
     pub fn count(&self, ev: &FailureEvent, closed: impl FnOnce() -> bool) -> Option<u64> {
-        let mut shard = lock(self.shard(&ev.campaign));
+        let mut shard = self.shard(&ev.campaign).lock();
         if closed() {
             return None;
         }
@@ -154,7 +149,7 @@ impl Tally {
     pub fn take(&self) -> Vec<(AggKey, u64)> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
-            let mut shard = lock(shard);
+            let mut shard = shard.lock();
             if shard.len() > CAMPAIGNS_PER_SHARD {
                 shard.retain(|_, t| !t.counts.is_empty());
             }
@@ -178,7 +173,7 @@ impl Tally {
     /// Puts back counts whose flush did not commit, so that the next flush retries them.
     pub fn merge(&self, aggs: Vec<(AggKey, u64)>) {
         for (key, n) in aggs {
-            let mut shard = lock(self.shard(&key.campaign));
+            let mut shard = self.shard(&key.campaign).lock();
             *shard
                 .entry(key.campaign)
                 .or_default()
@@ -192,7 +187,7 @@ impl Tally {
     pub fn pending_keys(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| lock(s).values().map(|t| t.counts.len()).sum::<usize>())
+            .map(|s| s.lock().values().map(|t| t.counts.len()).sum::<usize>())
             .sum()
     }
 }

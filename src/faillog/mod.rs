@@ -9,12 +9,13 @@
 //! `close` are not counted (`closed_skipped`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::clock::Clock;
@@ -344,10 +345,7 @@ impl FailLog {
     /// the governor (every campaign starts with a full burst); other changes keep it.
     pub fn set_settings(&self, next: FailLogSettings) {
         let shared = &self.inner.shared;
-        let _serial = shared
-            .settings_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _serial = shared.settings_lock.lock();
         let gate = shared.gate.load().next(next);
         shared.gate.store(Arc::new(gate));
         tracing::info!(

@@ -137,12 +137,12 @@ impl Writer {
     }
 
     pub(super) fn run(mut self) {
-        let mut next_flush = Instant::now() + self.flush_every;
-        let mut next_prune = Instant::now() + PRUNE_EVERY;
+        let mut next_flush = self.shared.clock.now_instant() + self.flush_every;
+        let mut next_prune = self.shared.clock.now_instant() + PRUNE_EVERY;
         loop {
             let wait = next_flush
                 .min(next_prune)
-                .saturating_duration_since(Instant::now());
+                .saturating_duration_since(self.shared.clock.now_instant());
             match self.rx.recv_timeout(wait) {
                 Ok(msg) => {
                     self.take(msg);
@@ -159,7 +159,7 @@ impl Writer {
             if self.shared.closed.load(Ordering::Acquire) {
                 break;
             }
-            let now = Instant::now();
+            let now = self.shared.clock.now_instant();
             if self.retune() {
                 next_flush = next_flush.min(now + self.flush_every);
             }
@@ -233,7 +233,7 @@ impl Writer {
     }
 
     fn warn_failed(&mut self, e: &rusqlite::Error, rows: u64) {
-        if let Some(failures) = self.write_warn.ready(Instant::now()) {
+        if let Some(failures) = self.write_warn.ready(self.shared.clock.now_instant()) {
             let lost_rows = self.shared.counters.lost_rows.load(Ordering::Relaxed);
             tracing::warn!(
                 error = %e,
@@ -248,7 +248,12 @@ impl Writer {
 
     fn warn_dropped(&mut self) {
         let dropped = self.shared.counters.dropped.load(Ordering::Relaxed);
-        if dropped > self.dropped_seen && self.drop_warn.ready(Instant::now()).is_some() {
+        if dropped > self.dropped_seen
+            && self
+                .drop_warn
+                .ready(self.shared.clock.now_instant())
+                .is_some()
+        {
             tracing::warn!(
                 dropped = dropped - self.dropped_seen,
                 total = dropped,
@@ -259,7 +264,7 @@ impl Writer {
     }
 
     fn update_rate(&mut self) {
-        let now = Instant::now();
+        let now = self.shared.clock.now_instant();
         let written = self.shared.counters.rows_written.load(Ordering::Relaxed);
         self.rate_window.push_back((now, written));
         while self.rate_window.len() > 2

@@ -4,11 +4,12 @@
 //! recipient passes the same door as SMTP; `202` means the message is on disk.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use governor::{DefaultDirectRateLimiter, RateLimiter};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
+use parking_lot::Mutex;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -103,7 +104,7 @@ struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.set.lock().expect("in-flight lock").remove(&self.key);
+        self.set.lock().remove(&self.key);
     }
 }
 
@@ -300,7 +301,6 @@ impl Api {
         let limiter = self
             .limiters
             .lock()
-            .expect("limiters lock")
             .entry(format!("{}\0{rate:?}", caller.name))
             .or_insert_with(|| {
                 let burst = std::num::NonZeroU32::new(rate.count).expect("rate count above 0");
@@ -313,11 +313,7 @@ impl Api {
     /// Holds an idempotency key while its request is read and processed; `None` when a
     /// concurrent duplicate holds it already.
     fn hold<'a>(&'a self, key: &str) -> Option<InFlight<'a>> {
-        let fresh = self
-            .in_flight
-            .lock()
-            .expect("in-flight lock")
-            .insert(key.to_owned());
+        let fresh = self.in_flight.lock().insert(key.to_owned());
         fresh.then(|| InFlight {
             set: &self.in_flight,
             key: key.to_owned(),
@@ -352,6 +348,7 @@ impl Api {
         p: Prepared,
         idempotency: Option<Idempotency>,
     ) -> Response<Body> {
+        // The request's campaign, else the key's, else the key's name.
         let campaign = p
             .campaign
             .clone()
@@ -360,21 +357,7 @@ impl Api {
         let campaign = message::campaign_name(&campaign);
         let campaign = (!campaign.is_empty()).then_some(campaign);
         if let Err(reason) = self.intake.policy.check_open(campaign.as_deref()) {
-            for r in &p.recipients {
-                self.intake.refused(campaign.as_deref(), reason, r);
-            }
-            let status = if reason == Reason::IntakePaused {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::TOO_MANY_REQUESTS
-            };
-            return with_retry_after(
-                error(
-                    status,
-                    &format!("{}: try again later", reason.as_str().replace('_', " ")),
-                ),
-                RETRY_AFTER_PAUSED,
-            );
+            return self.closed(campaign.as_deref(), reason, &p.recipients);
         }
         let (results, accepted, all_temporary) =
             self.door(config, campaign.as_deref(), &p.recipients).await;
@@ -385,24 +368,10 @@ impl Api {
                 .all_rejected(config, results, all_temporary, idempotency)
                 .await;
         }
-        let body = match p.body {
-            Body_::Raw(b) => b,
-            Body_::Json(req) => match build_mime(&req, &queue_id, &config.server.hostname) {
-                Ok(b) => b,
-                Err(e) => return error(StatusCode::BAD_REQUEST, &e),
-            },
+        let stored = match stored(config, caller, p.body, &queue_id, now_us) {
+            Ok(stored) => stored,
+            Err(why) => return error(StatusCode::BAD_REQUEST, &why),
         };
-        let trace = message::received_header(&Trace {
-            helo: &caller.name,
-            peer: caller.peer,
-            hostname: &config.server.hostname,
-            protocol: "HTTP",
-            queue_id: queue_id.as_str(),
-            single_recipient: None,
-            now_us,
-        });
-        let mut stored = trace.into_bytes();
-        stored.extend_from_slice(&body);
         if stored.len() > config.smtp.max_message_size {
             for m in &accepted {
                 self.intake
@@ -434,7 +403,59 @@ impl Api {
     }
 }
 
+/// The message as queued: the `Received:` trace, then the raw body or the MIME built
+/// from the JSON request. `Err` says why the JSON request cannot be built (a 400).
+fn stored(
+    config: &Config,
+    caller: &Caller,
+    body: Body_,
+    queue_id: &QueueId,
+    now_us: i64,
+) -> Result<Vec<u8>, String> {
+    let body = match body {
+        Body_::Raw(b) => b,
+        Body_::Json(req) => build_mime(&req, queue_id, &config.server.hostname)?,
+    };
+    let trace = message::received_header(&Trace {
+        helo: &caller.name,
+        peer: caller.peer,
+        hostname: &config.server.hostname,
+        protocol: "HTTP",
+        queue_id: queue_id.as_str(),
+        single_recipient: None,
+        now_us,
+    });
+    let mut stored = trace.into_bytes();
+    stored.extend_from_slice(&body);
+    Ok(stored)
+}
+
 impl Api {
+    /// The answer while intake or the campaign is closed: 503 when intake is paused,
+    /// 429 for a held campaign, each recipient counted as refused.
+    fn closed(
+        &self,
+        campaign: Option<&str>,
+        reason: Reason,
+        recipients: &[String],
+    ) -> Response<Body> {
+        for r in recipients {
+            self.intake.refused(campaign, reason, r);
+        }
+        let status = if reason == Reason::IntakePaused {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::TOO_MANY_REQUESTS
+        };
+        with_retry_after(
+            error(
+                status,
+                &format!("{}: try again later", reason.as_str().replace('_', " ")),
+            ),
+            RETRY_AFTER_PAUSED,
+        )
+    }
+
     /// Queues the message (with its response under the Idempotency-Key, in the same
     /// transaction) and answers only once it is durable.
     async fn commit(

@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::Clock as _;
@@ -18,6 +18,7 @@ use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::keyed::HashMapStateStore;
 use governor::{Quota, RateLimiter};
+use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -179,7 +180,7 @@ impl AuthGate {
     /// governor cell per verification, and waits out its lockout first.
     fn admit(&self, ip: IpAddr) -> Admit {
         let now = self.now_ms();
-        let mut suspects = self.suspects.lock().expect("auth gate lock");
+        let mut suspects = self.suspects.lock();
         let key = key_of(&suspects, ip);
         let Some(s) = suspects.get_mut(&key) else {
             return Admit::Free;
@@ -202,7 +203,7 @@ impl AuthGate {
     fn failed(&self, ip: IpAddr) {
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
         let now = self.now_ms();
-        let mut suspects = self.suspects.lock().expect("auth gate lock");
+        let mut suspects = self.suspects.lock();
         let mut key = key_of(&suspects, ip);
         if !suspects.contains_key(&key) {
             if suspects.len() >= MAX_TRACKED {
@@ -240,7 +241,7 @@ impl AuthGate {
         let now = self.now_ms();
         let mut lines = Vec::new();
         {
-            let mut suspects = self.suspects.lock().expect("auth gate lock");
+            let mut suspects = self.suspects.lock();
             for (ip, s) in suspects.iter_mut().filter(|(_, s)| s.unlogged > 0) {
                 lines.push((*ip, s.unlogged, s.locked_until_ms > now));
                 s.unlogged = 0;

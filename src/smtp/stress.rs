@@ -8,12 +8,15 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
 
 /// A session idle for less than this is never evicted: a burst of new connections must
 /// not push out clients that are working.
@@ -50,7 +53,7 @@ pub struct TableStats {
 
 pub struct Table {
     inner: Mutex<Inner>,
-    epoch: Instant,
+    since: Since,
     next_id: AtomicU64,
     /// Bumped whenever the stress state of the table or of an address may have changed;
     /// waiting sessions re-evaluate their deadlines.
@@ -58,17 +61,32 @@ pub struct Table {
     pub stats: TableStats,
 }
 
-/// The last moment (ms since the table's epoch) a session made progress.
-#[derive(Debug)]
-pub struct Activity {
+/// Milliseconds since the table was made, on the injected monotonic clock.
+#[derive(Clone)]
+struct Since {
     epoch: Instant,
+    clock: Arc<dyn Clock>,
+}
+
+impl Since {
+    /// Called on every command line: one clock read, no allocation.
+    fn ms(&self) -> i64 {
+        self.clock
+            .now_instant()
+            .saturating_duration_since(self.epoch)
+            .as_millis() as i64
+    }
+}
+
+/// The last moment (ms since the table's epoch) a session made progress.
+pub struct Activity {
+    since: Since,
     last_ms: AtomicI64,
 }
 
 impl Activity {
     pub fn touch(&self) {
-        let now = self.epoch.elapsed().as_millis() as i64;
-        self.last_ms.store(now, Ordering::Relaxed);
+        self.last_ms.store(self.since.ms(), Ordering::Relaxed);
     }
 }
 
@@ -100,11 +118,14 @@ impl Drop for Slot {
     }
 }
 
-impl Default for Table {
-    fn default() -> Self {
+impl Table {
+    pub fn new(clock: Arc<dyn Clock>) -> Table {
         Table {
             inner: Mutex::default(),
-            epoch: Instant::now(),
+            since: Since {
+                epoch: clock.now_instant(),
+                clock,
+            },
             next_id: AtomicU64::new(0),
             generation: watch::Sender::new(0),
             stats: TableStats::default(),
@@ -118,13 +139,13 @@ fn over(n: usize, cap: usize, threshold: f64) -> bool {
 
 impl Table {
     pub fn total(&self) -> usize {
-        self.inner.lock().expect("table lock").sessions.len()
+        self.inner.lock().sessions.len()
     }
 
     /// Whether sessions of `ip` run under stress: the table, or this address's share of
     /// it, is above the threshold. Cheap: one lock, two lookups.
     pub fn stressed(&self, ip: IpAddr) -> bool {
-        let (table, mine) = Self::pressure(&self.inner.lock().expect("table lock"), ip);
+        let (table, mine) = Self::pressure(&self.inner.lock(), ip);
         table || mine
     }
 
@@ -152,10 +173,10 @@ impl Table {
     /// full, of this address when its share is) if one has been idle long enough.
     /// `None` when no room can be made.
     pub fn try_take(self: &Arc<Self>, ip: IpAddr, caps: Caps) -> Option<Slot> {
-        let mut inner = self.inner.lock().expect("table lock");
+        let mut inner = self.inner.lock();
         let before = Self::pressure(&inner, ip);
         inner.caps = Some(caps);
-        let now = self.epoch.elapsed().as_millis() as i64;
+        let now = self.since.ms();
         let mine = inner.per_ip.get(&ip).copied().unwrap_or(0);
         let scope = if mine >= caps.max_per_ip {
             Some(Some(ip))
@@ -184,7 +205,7 @@ impl Table {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let activity = Arc::new(Activity {
-            epoch: self.epoch,
+            since: self.since.clone(),
             last_ms: AtomicI64::new(now),
         });
         let evict = CancellationToken::new();
@@ -221,7 +242,7 @@ impl Table {
     }
 
     fn release(&self, id: u64) {
-        let mut inner = self.inner.lock().expect("table lock");
+        let mut inner = self.inner.lock();
         let Some(ip) = inner.sessions.get(&id).map(|e| e.ip) else {
             return;
         };
@@ -236,6 +257,8 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{ShiftedClock, SystemClock};
+    use std::time::Duration;
 
     const CAPS: Caps = Caps {
         max_total: 4,
@@ -249,12 +272,15 @@ mod tests {
 
     #[test]
     fn per_ip_cap_evicts_only_an_idle_session_of_that_address() {
-        let t = Arc::new(Table::default());
+        let clock = Arc::new(ShiftedClock::default());
+        let t = Arc::new(Table::new(clock.clone()));
         let a = t.try_take(ip(2), CAPS).unwrap();
         let b = t.try_take(ip(2), CAPS).unwrap();
         // Nobody idle long enough yet: refused.
         assert!(t.try_take(ip(2), CAPS).is_none());
-        a.activity.last_ms.store(-5000, Ordering::Relaxed);
+        // Both go idle; b then makes progress.
+        clock.advance(Duration::from_secs(5));
+        b.activity.touch();
         let c = t.try_take(ip(2), CAPS).expect("a's slot");
         assert!(a.evict.is_cancelled() && !b.evict.is_cancelled());
         assert_eq!(t.total(), 2);
@@ -267,7 +293,7 @@ mod tests {
 
     #[test]
     fn full_table_evicts_the_idlest() {
-        let t = Arc::new(Table::default());
+        let t = Arc::new(Table::new(Arc::new(SystemClock)));
         let s: Vec<Slot> = (2..6).map(|n| t.try_take(ip(n), CAPS).unwrap()).collect();
         s[1].activity.last_ms.store(-9000, Ordering::Relaxed);
         s[2].activity.last_ms.store(-3000, Ordering::Relaxed);

@@ -413,16 +413,19 @@ struct WriterLoop {
 
 impl WriterLoop {
     fn run(mut self) {
-        let mut last_prune = std::time::Instant::now();
+        // On the injected clock: a test that moves it sees expired entries pruned at the
+        // next write rather than after PRUNE_EVERY of real time.
+        let mut last_prune = self.clock.now_instant();
         loop {
             match self.rx.recv_timeout(PRUNE_EVERY) {
                 Ok(op) => self.batch(op),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
-            if last_prune.elapsed() >= PRUNE_EVERY {
+            let now = self.clock.now_instant();
+            if now.saturating_duration_since(last_prune) >= PRUNE_EVERY {
                 self.prune();
-                last_prune = std::time::Instant::now();
+                last_prune = now;
             }
         }
     }

@@ -5,12 +5,13 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use floodgate::app::{App, Deps};
 use floodgate::clock::{Clock, SystemClock};
 use floodgate::config::Config;
+use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::TcpStream;
 
@@ -107,8 +108,8 @@ impl TestApp {
         let text = config_text_with_queue(dir.path(), dns, smtp_extra, queue_extra, extra);
         let config = parse_config(dir.path(), &text);
         let deps = Deps {
-            resolver: None,
             clock,
+            ..Deps::default()
         };
         let app = App::start(config, deps).await.expect("app starts");
         TestApp { app, dir }
@@ -120,6 +121,32 @@ impl TestApp {
 
     pub async fn client(&self) -> Smtp {
         Smtp::connect(self.smtp()).await
+    }
+
+    /// Waits for deliveries under way to be recorded (and whatever they queued, such as
+    /// a bounce), then wakes the scheduler and returns once a claim pass begun after that
+    /// has finished and every delivery it started is recorded: what was due has been
+    /// tried, and what was not has not been. Awaited instead of sleeping before asserting
+    /// that nothing was delivered.
+    pub async fn scheduler_pass(&self) {
+        let progress = || self.app.scheduler_progress().expect("delivery enabled");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let settle = |done: &dyn Fn(floodgate::scheduler::Progress) -> bool| {
+            let now = progress();
+            assert!(
+                Instant::now() < deadline,
+                "scheduler never settled: {now:?}"
+            );
+            done(now)
+        };
+        while !settle(&|p| p.in_flight == 0) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = progress();
+        self.app.wake_scheduler();
+        while !settle(&|p| p.passes_finished > before.passes_started && p.in_flight == 0) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 
@@ -317,12 +344,12 @@ impl Daemon {
                 if let Some(addr) = line.split("smtp listening addr=").nth(1) {
                     let _ = tx.send(addr.trim().parse::<SocketAddr>().expect("address"));
                 }
-                sink.lock().unwrap().push(line);
+                sink.lock().push(line);
             }
         });
         let smtp = rx
             .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("floodgate did not start: {:?}", log.lock().unwrap()));
+            .unwrap_or_else(|_| panic!("floodgate did not start: {:?}", log.lock()));
         Daemon { child, smtp, log }
     }
 
@@ -344,7 +371,7 @@ impl Daemon {
         }
         panic!(
             "floodgate did not exit within {limit:?}; log: {:?}",
-            self.log.lock().unwrap()
+            self.log.lock()
         );
     }
 
@@ -352,15 +379,12 @@ impl Daemon {
     pub fn wait_log(&self, needle: &str, limit: Duration) -> String {
         let start = Instant::now();
         while start.elapsed() < limit {
-            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+            if let Some(l) = self.log.lock().iter().find(|l| l.contains(needle)) {
                 return l.clone();
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "no log line with {needle:?}: {:?}",
-            self.log.lock().unwrap()
-        );
+        panic!("no log line with {needle:?}: {:?}", self.log.lock());
     }
 }
 
@@ -369,6 +393,22 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `floodgate check-config` (the real binary) on `text`: its exit code, and what it
+/// printed (standard error first).
+pub fn check_config(text: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("floodgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(binary())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.code().unwrap_or(-1), text)
 }
 
 /// Sender, body, and (address, state) per recipient.

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,6 +15,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
@@ -154,19 +155,19 @@ impl Receiver {
 
     /// The next requests get these replies, in order; then the default again.
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
-        self.state.lock().unwrap().script.extend(replies);
+        self.state.lock().script.extend(replies);
     }
 
     pub fn set_default(&self, reply: Reply) {
-        self.state.lock().unwrap().default = reply;
+        self.state.lock().default = reply;
     }
 
     pub fn received(&self) -> Vec<Received> {
-        self.state.lock().unwrap().received.clone()
+        self.state.lock().received.clone()
     }
 
     pub fn count(&self) -> usize {
-        self.state.lock().unwrap().received.len()
+        self.state.lock().received.len()
     }
 
     /// Waits until at least `n` requests arrived; returns them all.
@@ -255,7 +256,7 @@ async fn handle(
         .map(|b| b.to_bytes().to_vec())
         .unwrap_or_default();
     let reply = {
-        let mut state = state.lock().unwrap();
+        let mut state = state.lock();
         state.received.push(Received {
             method,
             path,

@@ -2,12 +2,13 @@
 //! accepted message, for testing delivery against a genuine peer over TCP (and STARTTLS).
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use parking_lot::Mutex;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -144,12 +145,12 @@ impl Sink {
     }
 
     pub fn received(&self) -> Vec<Received> {
-        self.shared.received.lock().unwrap().clone()
+        self.shared.received.lock().clone()
     }
 
     /// Command lines received so far (e.g. to assert pipelining or RSET).
     pub fn commands(&self) -> Vec<String> {
-        self.shared.commands.lock().unwrap().clone()
+        self.shared.commands.lock().clone()
     }
 
     /// Polls until at least `n_messages` were received; panics with what it has on timeout.
@@ -404,7 +405,7 @@ async fn session(stream: TcpStream, s: &Shared) -> std::io::Result<()> {
     let refused = gcode / 100 != 2;
 
     while let Some(line) = c.text_line().await? {
-        s.commands.lock().unwrap().push(line.clone());
+        s.commands.lock().push(line.clone());
         let (verb, args) = match line.split_once(' ') {
             Some((v, a)) => (v.to_ascii_uppercase(), a.trim().to_string()),
             None => (line.to_ascii_uppercase(), String::new()),
@@ -515,7 +516,7 @@ async fn session(stream: TcpStream, s: &Shared) -> std::io::Result<()> {
                 let lost = (s.cfg.lose_reply)(c.accepted);
                 if code / 100 == 2 || lost.is_some() {
                     c.accepted += 1;
-                    s.received.lock().unwrap().push(Received {
+                    s.received.lock().push(Received {
                         mail_from: c.mail_from.clone().unwrap_or_default(),
                         rcpts: c.rcpts.clone(),
                         data,
