@@ -27,6 +27,8 @@ Usage: bench/intake.sh [options]
       --sync MODE    Floodgate [queue] synchronous: full, normal or both
                                                       (env SYNC, default full)
       --quick        smoke run: 2000 messages
+      --dkim         also measure Floodgate signing every message with DKIM: one run
+                     with an RSA-2048 key, one with an Ed25519 key (first sync mode)
       --no-build     do not run `cargo build --release` first
       --keep         keep the temporary directory (logs, queues) for inspection
       --idle-wait S  before each measurement, wait up to S seconds for the machine to
@@ -47,6 +49,7 @@ SYNC=${SYNC:-full}
 IDLE_WAIT=${IDLE_WAIT:-120}
 BUILD=1
 KEEP=0
+DKIM=0
 while [[ $# -gt 0 ]]; do
     case $1 in
         -m|--messages) MESSAGES=$2; shift 2 ;;
@@ -54,6 +57,7 @@ while [[ $# -gt 0 ]]; do
         -l|--size) SIZE=$2; shift 2 ;;
         --sync) SYNC=$2; shift 2 ;;
         --quick) MESSAGES=2000; shift ;;
+        --dkim) DKIM=1; shift ;;
         --no-build) BUILD=0; shift ;;
         --keep) KEEP=1; shift ;;
         --idle-wait) IDLE_WAIT=$2; shift 2 ;;
@@ -184,6 +188,39 @@ EOF
     stop_pid "$FG_PID"
 done
 
+# Signing: the same intake with a key for the From: domain smtp-source writes, so every
+# message is signed before its commit. Each must come out signed, or the run is void.
+if [[ $DKIM -eq 1 ]]; then
+    for alg in rsa-sha256 ed25519-sha256; do
+        name=floodgate-${alg%%-*}
+        FG_DIR=$TMP/$name
+        mkdir -p "$FG_DIR/queue" "$FG_DIR/dkim"
+        "$FLOODGATE" dkim-keygen --domain "${SENDER#*@}" --selector bench --algorithm "$alg" \
+            --out "$FG_DIR/dkim" >"$FG_DIR/keygen.log" 2>&1 || die "dkim-keygen $alg failed"
+        free_port; FG_PORT=$PORT
+        cat >"$FG_DIR/floodgate.toml" <<EOF
+$(intake_toml "$FG_DIR" "$FG_PORT" "${SYNC_MODES[0]}")
+
+[delivery]
+enabled = false
+
+[[dkim]]
+domain = "${SENDER#*@}"
+selector = "bench"
+key = "$FG_DIR/dkim/bench.${SENDER#*@}.key"
+algorithm = "$alg"
+EOF
+        serve_floodgate "$FG_DIR" "$FG_PORT"
+        RECV_CPU_CMD="proc_cpu $FG_PID"
+        run_source "$name" "$FG_PORT"
+        signed=$(sqlite3 "$FG_DIR/queue/queue.db" \
+            "select count(*) from bodies where instr(body, cast('DKIM-Signature:' as blob)) = 1")
+        log "$name: $signed of $MESSAGES queued messages carry a DKIM-Signature"
+        [[ $signed -eq $MESSAGES ]] || die "$name signed $signed messages, expected $MESSAGES"
+        stop_pid "$FG_PID"
+    done
+fi
+
 # ---------------------------------------------------------------- c. Postfix
 
 PF=$TMP/postfix
@@ -221,6 +258,8 @@ awk -v fg="$fg_name" '
             printf "%-16s / postfix:   %6.2fx   (target >= 5x)\n", n, rate[n] / rate["postfix"]
             printf "%-16s / smtp-sink: %6.1f%%   (target >= 50%%)\n", n, 100 * rate[n] / rate["smtp-sink"]
         }
+        for (i = 1; i <= NR; i++) if (name[i] ~ /^floodgate-(rsa|ed25519)$/)
+            printf "%-16s / %s: %6.1f%%   (target >= 90%% for ed25519)\n", name[i], fg, 100 * rate[name[i]] / rate[fg]
         if (noisy) print "\n* machine busy with something else before or during this measurement (other > 15%): rerun"
     }' "$RESULTS"
 echo
