@@ -75,6 +75,16 @@ const MIGRATIONS: &[&str] = &[
     // 5: whether the message was submitted with SMTPUTF8 (RFC 6531), so the
     // relay passes the parameter on or refuses a next hop that lacks it.
     "ALTER TABLE messages ADD COLUMN smtputf8 INTEGER NOT NULL DEFAULT 0;",
+    // 6: bodies in their own table, deleted once no recipient waits for them. In the
+    // messages table a nulled 1 KiB body left its page full of holes that later (higher
+    // rowid) inserts never reuse, so the file held every body within retention; here the
+    // oldest pages empty out whole and go back to the free list.
+    "CREATE TABLE bodies (
+        message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+        body BLOB NOT NULL
+    );
+    INSERT INTO bodies (message_id, body) SELECT id, body FROM messages WHERE body IS NOT NULL;
+    ALTER TABLE messages DROP COLUMN body;",
 ];
 
 /// How long a connection waits for a lock held by another connection.
@@ -150,5 +160,48 @@ mod tests {
                 version + 1
             )
         );
+    }
+
+    /// A queue written before bodies had their own table: a waiting message keeps its
+    /// body (now in `bodies`), a finished one (body already NULL) gets no row.
+    #[test]
+    fn bodies_move_to_their_own_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let old = Connection::open(&path).unwrap();
+        for m in &MIGRATIONS[..5] {
+            old.execute_batch(m).unwrap();
+        }
+        old.pragma_update(None, "user_version", 5).unwrap();
+        old.execute_batch(
+            "INSERT INTO messages (id, queue_id, sender, source, client, received_at, size, body)
+                 VALUES (1, 'q1', 'a@b.test', 'smtp', 'x', 0, 5, x'68656c6c6f'),
+                        (2, 'q2', 'a@b.test', 'smtp', 'x', 0, 5, NULL);",
+        )
+        .unwrap();
+        drop(old);
+        let conn = open_writer(&path, Synchronous::Normal, 0).unwrap();
+        let bodies: Vec<(i64, Vec<u8>)> = conn
+            .prepare("SELECT message_id, body FROM bodies ORDER BY message_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(bodies, [(1, b"hello".to_vec())]);
+        let columns: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('messages')")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(!columns.iter().any(|c| c == "body"), "{columns:?}");
+        conn.execute("DELETE FROM messages WHERE id = 1", [])
+            .unwrap();
+        let left: i64 = conn
+            .query_row("SELECT COUNT(*) FROM bodies", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0, "a body goes with its message");
     }
 }

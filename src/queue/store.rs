@@ -10,8 +10,8 @@ use super::{NewMessage, QueueError, RecipientState, Remembered};
 /// Inserts one message and its recipients. Runs inside the writer's batch transaction.
 pub fn insert_message(conn: &Connection, msg: &NewMessage, now_ms: i64) -> Result<(), QueueError> {
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO messages (queue_id, sender, campaign, source, client, received_at, size, body, smtputf8)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO messages (queue_id, sender, campaign, source, client, received_at, size, smtputf8)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
     stmt.execute(params![
         msg.queue_id.as_str(),
@@ -21,10 +21,11 @@ pub fn insert_message(conn: &Connection, msg: &NewMessage, now_ms: i64) -> Resul
         msg.client,
         now_ms,
         msg.body.len() as i64,
-        &msg.body[..],
         msg.smtputf8,
     ])?;
     let message_id = conn.last_insert_rowid();
+    conn.prepare_cached("INSERT INTO bodies (message_id, body) VALUES (?1, ?2)")?
+        .execute(params![message_id, &msg.body[..]])?;
     let mut stmt = conn.prepare_cached(
         "INSERT INTO recipients (message_id, address, domain, campaign, state, next_attempt, updated_at)
          VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)",
@@ -66,7 +67,8 @@ pub fn read_message(
 ) -> Result<Option<StoredMessage>, QueueError> {
     let row = conn
         .query_row(
-            "SELECT id, queue_id, sender, campaign, body FROM messages WHERE queue_id = ?1",
+            "SELECT m.id, m.queue_id, m.sender, m.campaign, b.body
+             FROM messages m LEFT JOIN bodies b ON b.message_id = m.id WHERE m.queue_id = ?1",
             [queue_id],
             |r| {
                 Ok((
@@ -305,7 +307,7 @@ fn free_bodies(
     messages: impl IntoIterator<Item = i64>,
 ) -> Result<(), QueueError> {
     let mut free = conn.prepare_cached(
-        "UPDATE messages SET body = NULL WHERE id = ?1 AND body IS NOT NULL
+        "DELETE FROM bodies WHERE message_id = ?1
            AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state IN (0, 3))",
     )?;
     for m in messages {
@@ -326,12 +328,11 @@ pub fn release_leases(conn: &Connection) -> Result<usize, QueueError> {
 pub fn body(conn: &Connection, message_id: i64) -> Result<Option<Vec<u8>>, QueueError> {
     Ok(conn
         .query_row(
-            "SELECT body FROM messages WHERE id = ?1",
+            "SELECT body FROM bodies WHERE message_id = ?1",
             [message_id],
             |r| r.get(0),
         )
-        .optional()?
-        .flatten())
+        .optional()?)
 }
 
 /// A campaign's operator state as persisted across restarts.

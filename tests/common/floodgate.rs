@@ -421,7 +421,8 @@ pub fn stored_message(queue_db: &Path, queue_id: &str) -> Option<Stored> {
             .expect("open queue.db");
     let (id, sender, body): (i64, String, Vec<u8>) = conn
         .query_row(
-            "SELECT id, sender, body FROM messages WHERE queue_id = ?1",
+            "SELECT m.id, m.sender, b.body FROM messages m JOIN bodies b ON b.message_id = m.id
+             WHERE m.queue_id = ?1",
             [queue_id],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
