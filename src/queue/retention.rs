@@ -18,7 +18,11 @@ use crate::config::Config;
 /// batch still answers its submitters promptly.
 pub const BATCH: usize = 500;
 /// How often retention looks for finished rows, unless woken by [`Queue::prune_now`].
-const EVERY: Duration = Duration::from_secs(30);
+/// queue.db's size is set by the rows finished within retention plus one tick (freed
+/// pages are reused, the file never shrinks), so the tick is short: at 2,000 messages/s
+/// and a 1-minute retention, a 30 s tick held 90 s of finished rows (55.9 MiB), 5 s
+/// holds 65 s. A pass with nothing old enough costs one probe of `recipients_finished`.
+const EVERY: Duration = Duration::from_secs(5);
 
 /// What one batch deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
