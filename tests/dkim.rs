@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use common::dns::{TestDns, Zone};
 use common::floodgate::{TestApp, binary, config_text_with_queue, message, metric, parse_config};
+use common::http::request;
+use common::relay::relay_config;
 use common::sink::{RcptScript, Sink, SinkConfig};
 use floodgate::clock::SystemClock;
 use floodgate::config::DkimAlgorithm;
@@ -106,28 +108,59 @@ fn zone(keys: &Keys) -> Zone {
 }
 
 fn relay(sink_port: u16, delivery_extra: &str, dkim: &str) -> String {
-    format!(
-        r#"
-[[http.api_keys]]
-name = "app"
-key_sha256 = "{}"
-
-[delivery]
-enabled = true
-connect_timeout = "2s"
-command_timeout = "2s"
-data_timeout = "2s"
-{delivery_extra}
-
-[[route]]
-domains = ["*"]
-transport = "mx"
-port = {sink_port}
-
-{dkim}
-"#,
+    let api_key = format!(
+        "[[http.api_keys]]\nname = \"app\"\nkey_sha256 = \"{}\"\n",
         floodgate::http::api::key_hash(KEY)
+    );
+    relay_config(sink_port, delivery_extra, &format!("{api_key}\n{dkim}"))
+}
+
+/// A receiving server that refuses `gone*` mailboxes for good (so bounces are written).
+async fn bouncing_sink() -> Sink {
+    Sink::start_with(SinkConfig {
+        rcpt: Box::new(|r| {
+            if r.starts_with("gone") {
+                RcptScript::Reply(550, "5.1.1 no such user")
+            } else {
+                RcptScript::Accept
+            }
+        }),
+        ..Default::default()
+    })
+    .await
+}
+
+/// One message from `app@signer.test` over SMTP and one over HTTP.
+async fn send_smtp_and_http(t: &TestApp) {
+    let mut c = t.client().await;
+    c.ehlo().await;
+    c.send_mail(
+        "app@signer.test",
+        &["user@mx.test"],
+        &signer_message("smtp"),
     )
+    .await;
+    let body = serde_json::json!({
+        "from": "App <app@signer.test>",
+        "to": ["user@mx.test"],
+        "subject": "over http",
+        "text": "Hello over HTTP",
+        "html": "<p>Hello</p>",
+    })
+    .to_string();
+    let bearer = format!("Bearer {KEY}");
+    let (status, _, text) = request(
+        t.app.http_addr.unwrap(),
+        "POST",
+        "/v1/messages",
+        &[
+            ("Authorization", bearer.as_str()),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
 }
 
 /// mail-auth's verifier asking the test DNS server for the keys.
@@ -172,20 +205,6 @@ fn both_pass() -> Vec<(String, String, bool)> {
     ]
 }
 
-async fn post(http: SocketAddr, body: &serde_json::Value) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = body.to_string();
-    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
-    let req = format!(
-        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
-    String::from_utf8_lossy(&raw)[9..12].parse().unwrap()
-}
-
 async fn start(dns: &TestDns, config: &str) -> TestApp {
     TestApp::start_full("", "", config, dns.addr, Arc::new(SystemClock)).await
 }
@@ -204,25 +223,7 @@ async fn smtp_and_http_mail_is_signed_with_both_keys_and_verifies_through_dns() 
     let dkim = format!("{}{}", keys.rsa.table(), keys.ed.table());
     let t = start(&dns, &relay(sink.addr.port(), "", &dkim)).await;
 
-    let mut c = t.client().await;
-    c.ehlo().await;
-    c.send_mail(
-        "app@signer.test",
-        &["user@mx.test"],
-        &signer_message("smtp"),
-    )
-    .await;
-    let status = post(
-        t.app.http_addr.unwrap(),
-        &serde_json::json!({
-            "from": "App <app@signer.test>",
-            "to": ["user@mx.test"],
-            "subject": "over http",
-            "text": "Hello over HTTP",
-        }),
-    )
-    .await;
-    assert_eq!(status, 202);
+    send_smtp_and_http(&t).await;
 
     let got = sink.wait_for(2, WAIT).await;
     for received in &got {
@@ -284,17 +285,7 @@ async fn a_header_changed_after_signing_fails_verification() {
 async fn dsns_floodgate_writes_are_signed() {
     let keys = keys();
     let dns = TestDns::start(zone(&keys)).await;
-    let sink = Sink::start_with(SinkConfig {
-        rcpt: Box::new(|r| {
-            if r.starts_with("gone") {
-                RcptScript::Reply(550, "5.1.1 no such user")
-            } else {
-                RcptScript::Accept
-            }
-        }),
-        ..Default::default()
-    })
-    .await;
+    let sink = bouncing_sink().await;
     let t = start(
         &dns,
         &relay(sink.addr.port(), "bounces = true", &keys.host.table()),
@@ -449,17 +440,7 @@ fn dkimpy(message: &[u8], keys: &[&Key]) -> (bool, String) {
 async fn dkimpy_verifies_smtp_http_and_dsn_signatures() {
     let keys = keys();
     let dns = TestDns::start(zone(&keys)).await;
-    let sink = Sink::start_with(SinkConfig {
-        rcpt: Box::new(|r| {
-            if r.starts_with("gone") {
-                RcptScript::Reply(550, "5.1.1 no such user")
-            } else {
-                RcptScript::Accept
-            }
-        }),
-        ..Default::default()
-    })
-    .await;
+    let sink = bouncing_sink().await;
     let dkim = format!(
         "{}{}{}",
         keys.rsa.table(),
@@ -467,26 +448,9 @@ async fn dkimpy_verifies_smtp_http_and_dsn_signatures() {
         keys.host.table()
     );
     let t = start(&dns, &relay(sink.addr.port(), "bounces = true", &dkim)).await;
+    send_smtp_and_http(&t).await;
     let mut c = t.client().await;
     c.ehlo().await;
-    c.send_mail(
-        "app@signer.test",
-        &["user@mx.test"],
-        &signer_message("smtp"),
-    )
-    .await;
-    let status = post(
-        t.app.http_addr.unwrap(),
-        &serde_json::json!({
-            "from": "app@signer.test",
-            "to": ["user@mx.test"],
-            "subject": "over http",
-            "text": "Hello over HTTP",
-            "html": "<p>Hello</p>",
-        }),
-    )
-    .await;
-    assert_eq!(status, 202);
     c.send_mail(
         "owner@mx.test",
         &["gone@mx.test"],
