@@ -111,9 +111,9 @@ impl Events {
         let collector = Collector {
             config,
             campaigns,
+            client: Arc::new(signed::web_client(4096).with_clock(clock.clone())),
             clock,
             shared: shared.clone(),
-            client: Arc::new(signed::web_client(4096)),
             workers: HashMap::new(),
             snapshot: HashMap::new(),
             since_ms: 0,

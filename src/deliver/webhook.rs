@@ -69,7 +69,10 @@ impl WebhookCourier {
             return Ok(c.clone());
         }
         let config = tls::verified(ca.map(PathBuf::as_path))?;
-        let client = Arc::new(HttpClient::new(config, IDLE_CONNECTION, MAX_RESPONSE_BODY));
+        let client = Arc::new(
+            HttpClient::new(config, IDLE_CONNECTION, MAX_RESPONSE_BODY)
+                .with_clock(self.clock.clone()),
+        );
         clients.insert(ca.cloned(), client.clone());
         Ok(client)
     }

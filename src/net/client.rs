@@ -13,6 +13,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::clock::{Clock, SystemClock};
+
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
@@ -96,6 +98,8 @@ pub struct HttpClient {
     idle: Duration,
     max_body: usize,
     connect_timeout: Option<Duration>,
+    /// Ages idle connections (the daemon's clock, so tests can move it).
+    clock: Arc<dyn Clock>,
 }
 
 impl HttpClient {
@@ -109,7 +113,14 @@ impl HttpClient {
             idle,
             max_body,
             connect_timeout: None,
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// Ages idle connections by `clock` instead of the system's.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> HttpClient {
+        self.clock = clock;
+        self
     }
 
     /// Gives up on a connection (TCP and TLS) after `limit`, within the request's own
@@ -218,8 +229,9 @@ impl HttpClient {
     fn checkout(&self, origin: &Origin) -> Option<Sender> {
         let mut pool = self.pool.lock();
         let idle = pool.get_mut(origin)?;
+        let now = self.clock.now_instant();
         while let Some((sender, since)) = idle.pop() {
-            if since.elapsed() < self.idle && !sender.is_closed() {
+            if now.saturating_duration_since(since) < self.idle && !sender.is_closed() {
                 return Some(sender);
             }
         }
@@ -232,9 +244,12 @@ impl HttpClient {
         }
         let mut pool = self.pool.lock();
         let idle = pool.entry(origin.clone()).or_default();
-        idle.retain(|(s, since)| since.elapsed() < self.idle && !s.is_closed());
+        let now = self.clock.now_instant();
+        idle.retain(|(s, since)| {
+            now.saturating_duration_since(*since) < self.idle && !s.is_closed()
+        });
         if idle.len() < MAX_IDLE_PER_ORIGIN {
-            idle.push((sender, Instant::now()));
+            idle.push((sender, now));
         }
     }
 
