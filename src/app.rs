@@ -233,7 +233,7 @@ impl App {
             queue,
             clock: deps.clock,
             wake: Arc::default(),
-            faillog: Some(faillog.clone()),
+            faillog: faillog.clone(),
             signing: Arc::new(Signing::new(signers)),
         });
         let background = CancellationToken::new();
@@ -301,12 +301,12 @@ impl App {
             self.admin_addr = listener.local_addr().ok();
             let admin = Arc::new(Admin {
                 intake: self.intake.clone(),
-                faillog: Some(self.faillog.clone()),
+                faillog: self.faillog.clone(),
                 guard: self.guard.clone(),
-                webhook: Some(self.webhook.clone()),
-                events: Some(self.events.clone()),
+                webhook: self.webhook.clone(),
+                events: self.events.clone(),
                 supervisor: self.supervisor.clone(),
-                smtp: Some(self.server.clone()),
+                smtp: self.server.clone(),
                 started: std::time::Instant::now(),
             });
             tracing::info!(addr = %self.admin_addr.map(|a| a.to_string()).unwrap_or_default(), "admin listening");
@@ -505,7 +505,7 @@ impl Background {
             campaigns.clone(),
             intake.config.clone(),
             intake.queue.clone(),
-            Some(faillog.clone()),
+            faillog.clone(),
         ));
         supervisor.spawn(
             "guard",

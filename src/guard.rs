@@ -144,7 +144,7 @@ pub struct Guard {
     campaigns: Arc<Campaigns>,
     config: Arc<ArcSwap<Config>>,
     queue: Queue,
-    faillog: Option<FailLog>,
+    faillog: FailLog,
     windows: Mutex<HashMap<Arc<str>, Window>>,
     recent: Mutex<VecDeque<Alert>>,
     last_system_alert: Mutex<HashMap<&'static str, i64>>,
@@ -159,7 +159,7 @@ impl Guard {
         campaigns: Arc<Campaigns>,
         config: Arc<ArcSwap<Config>>,
         queue: Queue,
-        faillog: Option<FailLog>,
+        faillog: FailLog,
     ) -> Guard {
         let (tx, rx) = tokio::sync::mpsc::channel(ALERT_BACKLOG);
         Guard {
@@ -284,7 +284,7 @@ impl Guard {
     }
 
     fn check_faillog(&self, now_ms: i64, limit: u64) {
-        let Some(faillog) = &self.faillog else { return };
+        let faillog = &self.faillog;
         let rate = faillog.rows_per_sec_recent();
         if rate > limit as f64 {
             self.system_alert(
@@ -360,11 +360,17 @@ mod tests {
         let config = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();
         let (queue, _writer) = Queue::open(&config.queue, Arc::new(SystemClock)).unwrap();
         let campaigns = Arc::new(Campaigns::new(100));
+        let (faillog, _faillog_writer) = FailLog::open(
+            &dir.path().join("failures.db"),
+            &config.faillog,
+            Arc::new(SystemClock),
+        )
+        .unwrap();
         let g = Guard::new(
             campaigns.clone(),
             Arc::new(ArcSwap::from_pointee(config)),
             queue,
-            None,
+            faillog,
         );
         (g, campaigns, dir)
     }

@@ -22,7 +22,7 @@ pub struct Intake {
     pub clock: Arc<dyn Clock>,
     /// Tells the scheduler that new work was queued.
     pub wake: Arc<Notify>,
-    pub faillog: Option<FailLog>,
+    pub faillog: FailLog,
     /// DKIM keys: every message is signed here, before its commit.
     pub signing: Arc<Signing>,
 }
@@ -81,20 +81,18 @@ impl Intake {
         row: bool,
         detail: impl FnOnce() -> String,
     ) {
-        if let Some(faillog) = &self.faillog {
-            let ev = FailureEvent {
-                at_ms: self.clock.now_ms(),
-                campaign: campaign.map(str::to_owned),
-                stage,
-                reason,
-                recipient: recipient.to_owned(),
-                detail: detail(),
-            };
-            if row {
-                faillog.record(ev);
-            } else {
-                faillog.record_aggregate(ev);
-            }
+        let ev = FailureEvent {
+            at_ms: self.clock.now_ms(),
+            campaign: campaign.map(str::to_owned),
+            stage,
+            reason,
+            recipient: recipient.to_owned(),
+            detail: detail(),
+        };
+        if row {
+            self.faillog.record(ev);
+        } else {
+            self.faillog.record_aggregate(ev);
         }
     }
 

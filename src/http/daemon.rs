@@ -9,13 +9,13 @@ use crate::intake::Intake;
 
 pub struct Admin {
     pub intake: Arc<Intake>,
-    pub faillog: Option<FailLog>,
+    pub faillog: FailLog,
     pub guard: Arc<Guard>,
     /// Webhook endpoints' circuit and disabled state, for operators.
-    pub webhook: Option<Arc<crate::deliver::webhook::WebhookCourier>>,
-    pub events: Option<crate::events::Events>,
+    pub webhook: Arc<crate::deliver::webhook::WebhookCourier>,
+    pub events: crate::events::Events,
     /// The SMTP door's counters (connections, evictions, AUTH), for `/metrics`.
-    pub smtp: Option<Arc<crate::smtp::server::Server>>,
+    pub smtp: Arc<crate::smtp::server::Server>,
     /// Supervised tasks: `/readyz` fails once one has died.
     pub supervisor: crate::supervise::Supervisor,
     pub started: std::time::Instant,

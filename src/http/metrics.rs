@@ -64,8 +64,8 @@ struct Snapshot<'a> {
     campaigns: Vec<Arc<Campaign>>,
     live: Vec<(RecipientState, u64)>,
     totals: Option<Totals>,
-    faillog: Option<(FailLogCounters, FailLogMode)>,
-    webhooks: Option<Vec<EndpointStatus>>,
+    faillog: (FailLogCounters, FailLogMode),
+    webhooks: Vec<EndpointStatus>,
 }
 
 impl Snapshot<'_> {
@@ -74,15 +74,16 @@ impl Snapshot<'_> {
     }
 
     fn faillog(&self, f: impl Fn(&FailLogCounters) -> u64) -> Samples {
-        self.faillog.as_ref().map(|(c, _)| vec![unlabeled(f(c))])
+        Some(vec![unlabeled(f(&self.faillog.0))])
     }
 
     fn webhook(&self, f: impl Fn(&EndpointStatus) -> bool) -> Samples {
-        self.webhooks.as_ref().map(|eps| {
-            eps.iter()
+        Some(
+            self.webhooks
+                .iter()
                 .map(|ep| labeled("url", ep.url.clone(), u64::from(f(ep))))
-                .collect()
-        })
+                .collect(),
+        )
     }
 
     fn totals(&self, pairs: impl Fn(&Totals) -> [(&'static str, String, u64); 2]) -> Samples {
@@ -114,9 +115,9 @@ fn load(counter: &std::sync::atomic::AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
-/// An SMTP door series: absent when the daemon has no SMTP listener.
+/// An SMTP door series.
 fn smtp(snap: &Snapshot, f: impl Fn(&crate::smtp::server::Server) -> u64) -> Samples {
-    snap.admin.smtp.as_deref().map(|s| vec![unlabeled(f(s))])
+    Some(vec![unlabeled(f(&snap.admin.smtp))])
 }
 
 /// Every series, in the order of the scrape.
@@ -315,7 +316,7 @@ const METRICS: &[Metric] = &[
         kind: Kind::Gauge,
         help: "The failure log's mode (1 for the current one).",
         samples: |s| {
-            let (_, mode) = s.faillog.as_ref()?;
+            let (_, mode) = &s.faillog;
             Some(vec![labeled("mode", mode.as_str().into(), 1)])
         },
     },
@@ -335,12 +336,7 @@ const METRICS: &[Metric] = &[
         name: "floodgate_events_dropped_total",
         kind: Kind::Counter,
         help: "Delivery events dropped because too many were pending.",
-        samples: |s| {
-            s.admin
-                .events
-                .as_ref()
-                .map(|e| vec![unlabeled(e.dropped())])
-        },
+        samples: |s| one(s.admin.events.dropped()),
     },
     Metric {
         name: "floodgate_guard_trips_total",
@@ -448,11 +444,8 @@ pub async fn render(admin: &Admin) -> Response<Body> {
         campaigns: admin.intake.campaigns().all(),
         live: admin.intake.queue.live_by_state().await.unwrap_or_default(),
         totals: admin.intake.queue.totals().await.ok(),
-        faillog: admin
-            .faillog
-            .as_ref()
-            .map(|f| (f.counters(), f.settings().mode)),
-        webhooks: admin.webhook.as_ref().map(|w| w.status()),
+        faillog: (admin.faillog.counters(), admin.faillog.settings().mode),
+        webhooks: admin.webhook.status(),
     };
     super::text(
         StatusCode::OK,

@@ -143,9 +143,7 @@ impl Admin {
     }
 
     pub(super) async fn faillog_put(&self, req: Request<Incoming>) -> Response<Body> {
-        let Some(faillog) = &self.faillog else {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "failure log not running");
-        };
+        let faillog = &self.faillog;
         let body = match read_body(req, 4096).await {
             Ok(b) => b,
             Err(r) => return r,

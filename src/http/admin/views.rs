@@ -173,17 +173,11 @@ impl Admin {
     }
 
     pub(super) fn faillog_view(&self) -> api::FailLogView {
-        match &self.faillog {
-            Some(f) => api::FailLogView {
-                settings: Some(settings(f.settings())),
-                counters: Some(counters(f.counters())),
-                rows_per_sec: Some(f.rows_per_sec_recent()),
-            },
-            None => api::FailLogView {
-                settings: None,
-                counters: None,
-                rows_per_sec: None,
-            },
+        let f = &self.faillog;
+        api::FailLogView {
+            settings: Some(settings(f.settings())),
+            counters: Some(counters(f.counters())),
+            rows_per_sec: Some(f.rows_per_sec_recent()),
         }
     }
 
@@ -192,11 +186,7 @@ impl Admin {
     }
 
     pub(super) fn webhooks(&self) -> api::WebhooksResponse {
-        let endpoints = self
-            .webhook
-            .as_ref()
-            .map(|w| w.status())
-            .unwrap_or_default();
+        let endpoints = self.webhook.status();
         api::WebhooksResponse {
             endpoints: endpoints
                 .into_iter()
@@ -207,14 +197,12 @@ impl Admin {
                     consecutive_failures: e.consecutive_failures,
                 })
                 .collect(),
-            events_dropped: self.events.as_ref().map_or(0, |e| e.dropped()),
+            events_dropped: self.events.dropped(),
         }
     }
 
     pub(super) async fn failures(&self, query: Option<&str>) -> Response<Body> {
-        let Some(faillog) = &self.faillog else {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "failure log not running");
-        };
+        let faillog = &self.faillog;
         let q = match failure_query(query) {
             Ok(q) => q,
             Err(message) => return error(StatusCode::BAD_REQUEST, &message),
