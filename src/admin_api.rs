@@ -83,9 +83,13 @@ pub struct IntakeResponse {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FailLogMode {
+    /// A row per failure, at most `rows_per_sec` per campaign; aggregates for everything.
     Full,
+    /// One row in `sample_rate` per campaign (and the same rate cap); aggregates for everything.
     Sampled,
+    /// Aggregates only: rows per minute bounded by distinct keys, never by volume.
     Aggregate,
+    /// Nothing written. In-memory counters still feed metrics and the guard.
     Off,
 }
 
@@ -104,28 +108,42 @@ impl FailLogMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailLogSettings {
     pub mode: FailLogMode,
+    /// `sampled`: one event row in this many per campaign (0 and 1 keep every event).
     pub sample_rate: u32,
+    /// Event rows per second per campaign; 0 writes no event rows.
     pub rows_per_sec: u32,
+    /// Rows a campaign may write at once above its rate.
     pub burst: u32,
 }
 
 /// The failure log's counters since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailLogCounters {
+    /// Events counted in the aggregates (every mode but off).
     pub recorded: u64,
+    /// Events seen in mode off: not counted anywhere in failures.db.
     pub off_skipped: u64,
+    /// Events recorded after `close`.
     pub closed_skipped: u64,
+    /// Event rows handed to the writer.
     pub queued: u64,
     pub rows_written: u64,
+    /// Rows refused by the per-campaign governor.
     pub suppressed: u64,
+    /// Rows passed over by sampling.
     pub sampled_out: u64,
+    /// Rows dropped because the writer's channel was full.
     pub dropped: u64,
+    /// Rows lost because their transaction failed.
     pub lost_rows: u64,
+    /// Aggregate counts given up at shutdown because the final flush kept failing.
     pub lost_aggregates: u64,
+    /// Committed flush transactions.
     pub transactions: u64,
     pub failed_transactions: u64,
     pub pruned_rows: u64,
     pub pruned_stats: u64,
+    /// Retention passes run (successful or not).
     pub prune_runs: u64,
     pub pending_aggregate_keys: u64,
 }

@@ -5,30 +5,9 @@ use serde::Deserialize;
 
 use super::Dur;
 
-/// How much of each failure reaches failures.db.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FailLogMode {
-    /// A row per failure, at most `rows_per_sec` per campaign; aggregates for everything.
-    Full,
-    /// One row in `sample_rate` per campaign (and the same rate cap); aggregates for everything.
-    Sampled,
-    /// Aggregates only: rows per minute bounded by distinct keys, never by volume.
-    Aggregate,
-    /// Nothing written. In-memory counters still feed metrics and the guard.
-    Off,
-}
-
-impl FailLogMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailLogMode::Full => "full",
-            FailLogMode::Sampled => "sampled",
-            FailLogMode::Aggregate => "aggregate",
-            FailLogMode::Off => "off",
-        }
-    }
-}
+/// How much of each failure reaches failures.db: the admin API's type, so the config,
+/// the daemon and `ctl` share one definition.
+pub use crate::admin_api::FailLogMode;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Serialize, Serializer};
 
 use crate::clock::Clock;
 use crate::config::{FailLogConfig, FailLogMode};
@@ -44,17 +44,9 @@ pub struct FailureEvent {
     pub detail: String,
 }
 
-/// The switches that can change at runtime (admin API, SIGHUP).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FailLogSettings {
-    pub mode: FailLogMode,
-    /// `sampled`: one event row in this many per campaign (0 and 1 keep every event).
-    pub sample_rate: u32,
-    /// Event rows per second per campaign; 0 writes no event rows.
-    pub rows_per_sec: u32,
-    /// Rows a campaign may write at once above its rate.
-    pub burst: u32,
-}
+/// The switches that can change at runtime (admin API, SIGHUP), and the counters since
+/// start: the admin API's types, served as they are.
+pub use crate::admin_api::{FailLogCounters, FailLogSettings};
 
 impl From<&FailLogConfig> for FailLogSettings {
     fn from(c: &FailLogConfig) -> Self {
@@ -128,38 +120,6 @@ fn stage_name<S: Serializer>(stage: &Stage, s: S) -> Result<S::Ok, S::Error> {
 
 fn reason_name<S: Serializer>(reason: &Reason, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(reason.as_str())
-}
-
-/// A snapshot of the failure log's counters, for `/metrics` and the guard.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct FailLogCounters {
-    /// Events counted in the aggregates (every mode but off).
-    pub recorded: u64,
-    /// Events seen in mode off: not counted anywhere in failures.db.
-    pub off_skipped: u64,
-    /// Events recorded after `close`.
-    pub closed_skipped: u64,
-    /// Event rows handed to the writer.
-    pub queued: u64,
-    pub rows_written: u64,
-    /// Rows refused by the per-campaign governor.
-    pub suppressed: u64,
-    /// Rows passed over by sampling.
-    pub sampled_out: u64,
-    /// Rows dropped because the writer's channel was full.
-    pub dropped: u64,
-    /// Rows lost because their transaction failed.
-    pub lost_rows: u64,
-    /// Aggregate counts given up at shutdown because the final flush kept failing.
-    pub lost_aggregates: u64,
-    /// Committed flush transactions.
-    pub transactions: u64,
-    pub failed_transactions: u64,
-    pub pruned_rows: u64,
-    pub pruned_stats: u64,
-    /// Retention passes run (successful or not).
-    pub prune_runs: u64,
-    pub pending_aggregate_keys: u64,
 }
 
 #[derive(Default)]

@@ -6,7 +6,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
 use super::Admin;
-use super::views::{campaign_view, mode_from};
+use super::views::campaign_view;
 use crate::admin_api as api;
 use crate::campaign::Campaign;
 use crate::config::duration;
@@ -153,7 +153,7 @@ impl Admin {
             Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e}")),
         };
         let mut settings = faillog.settings();
-        settings.mode = update.mode.map(mode_from).unwrap_or(settings.mode);
+        settings.mode = update.mode.unwrap_or(settings.mode);
         settings.sample_rate = update.sample_rate.unwrap_or(settings.sample_rate);
         settings.rows_per_sec = update.rows_per_sec.unwrap_or(settings.rows_per_sec);
         settings.burst = update.burst.unwrap_or(settings.burst);

@@ -9,8 +9,7 @@ use hyper::{Response, StatusCode};
 use super::Admin;
 use crate::admin_api as api;
 use crate::campaign::Campaign;
-use crate::config::FailLogMode;
-use crate::faillog::{FailLogCounters, FailLogSettings, FailureQuery, FailureRow};
+use crate::faillog::{FailureQuery, FailureRow};
 use crate::http::{Body, error, json, query_pairs};
 use crate::reason::Reason;
 
@@ -42,54 +41,6 @@ pub fn campaign_view(c: &Campaign, now_ms: i64) -> api::CampaignView {
         deferred: c.failures(Reason::Deferred),
         reasons,
         blocked_until_ms: c.blocked_until(),
-    }
-}
-
-pub fn mode(m: FailLogMode) -> api::FailLogMode {
-    match m {
-        FailLogMode::Full => api::FailLogMode::Full,
-        FailLogMode::Sampled => api::FailLogMode::Sampled,
-        FailLogMode::Aggregate => api::FailLogMode::Aggregate,
-        FailLogMode::Off => api::FailLogMode::Off,
-    }
-}
-
-pub fn mode_from(m: api::FailLogMode) -> FailLogMode {
-    match m {
-        api::FailLogMode::Full => FailLogMode::Full,
-        api::FailLogMode::Sampled => FailLogMode::Sampled,
-        api::FailLogMode::Aggregate => FailLogMode::Aggregate,
-        api::FailLogMode::Off => FailLogMode::Off,
-    }
-}
-
-fn settings(s: FailLogSettings) -> api::FailLogSettings {
-    api::FailLogSettings {
-        mode: mode(s.mode),
-        sample_rate: s.sample_rate,
-        rows_per_sec: s.rows_per_sec,
-        burst: s.burst,
-    }
-}
-
-fn counters(c: FailLogCounters) -> api::FailLogCounters {
-    api::FailLogCounters {
-        recorded: c.recorded,
-        off_skipped: c.off_skipped,
-        closed_skipped: c.closed_skipped,
-        queued: c.queued,
-        rows_written: c.rows_written,
-        suppressed: c.suppressed,
-        sampled_out: c.sampled_out,
-        dropped: c.dropped,
-        lost_rows: c.lost_rows,
-        lost_aggregates: c.lost_aggregates,
-        transactions: c.transactions,
-        failed_transactions: c.failed_transactions,
-        pruned_rows: c.pruned_rows,
-        pruned_stats: c.pruned_stats,
-        prune_runs: c.prune_runs,
-        pending_aggregate_keys: c.pending_aggregate_keys,
     }
 }
 
@@ -175,8 +126,8 @@ impl Admin {
     pub(super) fn faillog_view(&self) -> api::FailLogView {
         let f = &self.faillog;
         api::FailLogView {
-            settings: Some(settings(f.settings())),
-            counters: Some(counters(f.counters())),
+            settings: Some(f.settings()),
+            counters: Some(f.counters()),
             rows_per_sec: Some(f.rows_per_sec_recent()),
         }
     }
