@@ -119,10 +119,9 @@ impl Intake {
     /// scheduler woken, or every recipient refused with `QueueUnavailable`.
     async fn store(
         &self,
-        msg: NewMessage,
+        mut msg: NewMessage,
         idempotency: Option<(String, Remembered, std::time::Duration)>,
     ) -> Result<Option<Remembered>, Reason> {
-        let mut msg = msg;
         msg.body = self.signing.sign(std::mem::take(&mut msg.body)).await;
         let campaign = msg.campaign.clone();
         let recipients: Vec<String> = msg.recipients.iter().map(|r| r.address.clone()).collect();
