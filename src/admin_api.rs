@@ -273,3 +273,50 @@ pub struct StatusResponse {
     /// How many alerts are kept.
     pub alerts: u64,
 }
+
+/// One TLS-RPT counter: sessions of one result with one MX host on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsCount {
+    /// `YYYY-MM-DD`, UTC.
+    pub day: String,
+    /// The recipient (policy) domain.
+    pub domain: String,
+    /// `sts` or `no-policy-found`.
+    pub policy_type: String,
+    /// `success` or an RFC 8460 result type (`starttls-not-supported`, ...).
+    pub result: String,
+    /// The MX host, empty for failures before any host (a policy fetch).
+    pub mx: String,
+    pub ip: String,
+    pub sessions: u64,
+}
+
+/// One day's report for one domain, as recorded when it was handled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsReportRecord {
+    pub day: String,
+    pub domain: String,
+    pub sent_at_ms: i64,
+    /// Per `rua`: `sent https://...`, `queued mailto:...`, `failed ...: why`; or
+    /// `no rua published`.
+    pub outcome: String,
+}
+
+/// `GET /admin/v1/tls-report[?domain=D]`: the TLS-RPT counters (newest day first) and the
+/// reports handled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsReportResponse {
+    /// `[tls_report] enabled`: whether reports are sent.
+    pub enabled: bool,
+    /// `[delivery] mta_sts`.
+    pub mta_sts: String,
+    pub counts: Vec<TlsCount>,
+    pub reports: Vec<TlsReportRecord>,
+}
+
+/// `POST /admin/v1/tls-report/send`: the reports due (days before today not reported
+/// yet) sent now rather than at the next minute's pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsReportSendResponse {
+    pub sent: Vec<TlsReportRecord>,
+}

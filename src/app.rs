@@ -17,6 +17,7 @@ use crate::campaign::Campaigns;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, TlsConfig, token};
 use crate::deliver::smtp::SmtpCourier;
+use crate::deliver::sts::Sts;
 use crate::deliver::webhook::{DisabledEndpoints, WebhookCourier};
 use crate::dkim::{DkimError, Signers, Signing};
 use crate::dns::{Hickory, MailDns, Resolver};
@@ -31,6 +32,7 @@ use crate::scheduler::{Couriers, Scheduler};
 use crate::smtp::server::Server;
 use crate::smtp::tls::{self, TlsError};
 use crate::supervise::{Supervisor, Unhealthy};
+use crate::tls_report::TlsReports;
 
 mod reload;
 
@@ -58,6 +60,8 @@ pub enum AppError {
     Token(#[from] token::TokenError),
     #[error("DKIM key: {0}")]
     Dkim(#[from] DkimError),
+    #[error("cannot open sts.db: {0}")]
+    Sts(#[from] crate::sqlite::OpenError),
 }
 
 /// What the daemon takes from outside; tests pass their own.
@@ -111,6 +115,8 @@ pub struct App {
     dns: Arc<MailDns>,
     /// The running scheduler; `None` while `[delivery] enabled = false`.
     scheduler: Mutex<Option<Arc<Scheduler>>>,
+    /// MTA-STS policies, TLS-RPT counters and the daily reports.
+    pub tls_reports: Arc<TlsReports>,
 }
 
 /// Supervised task names (see [`Supervisor`]).
@@ -120,6 +126,7 @@ const FAILLOG_WRITER: &str = "failure log writer";
 const SMTP_LISTENER: &str = "smtp listener";
 const HTTP_LISTENER: &str = "http listener";
 const ADMIN_LISTENER: &str = "admin listener";
+const TLS_REPORTS: &str = "tls reports";
 
 /// Checks what `check-config` can check beyond parsing: TLS material loads.
 pub fn preflight(config: &Config) -> Result<(), AppError> {
@@ -213,6 +220,11 @@ impl App {
         let (queue, faillog) = open_stores(&config, &deps.clock, &supervisor)?;
         let listeners = Listeners::bind(&config).await?;
         let dns = Arc::new(MailDns::new(resolver, &config.dns, deps.clock.clone()));
+        let sts = Arc::new(Sts::open(
+            &config.sts_db(),
+            dns.clone(),
+            deps.clock.clone(),
+        )?);
         let campaigns = load_campaigns(&queue).await?;
         // This daemon is the queue's only user: what an earlier process had in flight is
         // due again. Once, here, never when a reload starts the scheduler again.
@@ -237,6 +249,15 @@ impl App {
             signing: Arc::new(Signing::new(signers)),
         });
         let background = CancellationToken::new();
+        let tls_reports = Arc::new(TlsReports::new(
+            sts,
+            intake.config.clone(),
+            dns.clone(),
+            intake.queue.clone(),
+            intake.signing.clone(),
+            intake.wake.clone(),
+        ));
+        supervisor.spawn(TLS_REPORTS, tls_reports.clone().run(background.clone()));
         let Background {
             guard,
             events,
@@ -258,6 +279,7 @@ impl App {
             resolvers: deps.resolver,
             dns,
             scheduler: Mutex::default(),
+            tls_reports,
         };
         if delivery_enabled {
             app.start_scheduler();
@@ -307,6 +329,7 @@ impl App {
                 events: self.events.clone(),
                 supervisor: self.supervisor.clone(),
                 smtp: self.server.clone(),
+                tls_reports: self.tls_reports.clone(),
                 started: std::time::Instant::now(),
             });
             tracing::info!(addr = %self.admin_addr.map(|a| a.to_string()).unwrap_or_default(), "admin listening");
@@ -334,6 +357,7 @@ impl App {
                 intake.config.clone(),
                 self.dns.clone(),
                 intake.clock.clone(),
+                self.tls_reports.sts.clone(),
             )),
             webhook: self.webhook.clone(),
         };

@@ -17,15 +17,17 @@ pub mod events;
 pub mod faillog;
 pub mod route;
 pub mod smtp;
+pub mod tls_report;
 pub mod token;
 
-pub use delivery::{DeliveryConfig, Rate};
+pub use delivery::{DeliveryConfig, Rate, StsMode};
 pub use dkim::{DkimAlgorithm, DkimConfig};
 pub use duration::Dur;
 pub use events::EventsConfig;
 pub use faillog::{FailLogConfig, FailLogMode, GuardAction, GuardConfig};
 pub use route::{Route, TlsMode, Transport};
 pub use smtp::{SmtpConfig, TlsConfig, UserConfig};
+pub use tls_report::TlsReportConfig;
 
 /// A refused key, before the file's path and line are attached.
 #[derive(Debug)]
@@ -97,6 +99,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub dkim: Vec<DkimConfig>,
+    #[serde(default)]
+    pub tls_report: TlsReportConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -384,7 +388,9 @@ impl Config {
                 .check()
                 .map_err(|why| Refusal::new(format!("dkim[{i}]"), why))?;
         }
-        Ok(())
+        self.tls_report
+            .check()
+            .map_err(|(key, why)| Refusal::new(format!("tls_report.{key}"), why))
     }
 
     /// The route for a recipient domain, with its index in `routes`.
@@ -394,6 +400,19 @@ impl Config {
 
     pub fn failures_db(&self) -> PathBuf {
         self.queue.dir.join("failures.db")
+    }
+
+    /// MTA-STS policies and TLS-RPT counters (see `deliver::sts`).
+    pub fn sts_db(&self) -> PathBuf {
+        self.queue.dir.join("sts.db")
+    }
+
+    /// The MTA-STS mode for a domain delivered by `route` (its override, or `[delivery]`'s).
+    pub fn sts_mode(&self, route: &Route) -> StsMode {
+        match route.transport {
+            Transport::Mx => route.mta_sts.unwrap_or(self.delivery.mta_sts),
+            _ => StsMode::Off,
+        }
     }
 }
 

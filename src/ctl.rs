@@ -106,6 +106,17 @@ enum CtlCommand {
     /// Webhook endpoints: disabled by `410 Gone` (their domains are answered 451 4.3.2
     /// until a config reload), circuit state, consecutive failures.
     Webhooks,
+    /// TLS-RPT (RFC 8460): outbound MX sessions with working TLS and failures by type,
+    /// per recipient domain and UTC day, and the daily reports sent.
+    TlsReport {
+        /// Only this recipient domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Send the reports due now (days before today not reported yet) instead of at
+        /// the next minute's pass.
+        #[arg(long)]
+        send: bool,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -278,6 +289,13 @@ fn request(command: &CtlCommand) -> Result<Call, CtlError> {
         }
         CtlCommand::Alerts => Call::get("/admin/v1/alerts"),
         CtlCommand::Webhooks => Call::get("/admin/v1/webhooks"),
+        CtlCommand::TlsReport { send: true, .. } => {
+            Call::with(Method::POST, "/admin/v1/tls-report/send", None::<()>)
+        }
+        CtlCommand::TlsReport { domain, .. } => match domain {
+            Some(d) => Call::get(format!("/admin/v1/tls-report?domain={}", encode(d))),
+            None => Call::get("/admin/v1/tls-report"),
+        },
     })
 }
 
@@ -312,6 +330,8 @@ fn human(command: &CtlCommand, addr: &str, answer: Value) -> Result<String, serd
         CtlCommand::Failures { .. } => render::failures(&decode(answer)?),
         CtlCommand::Alerts => render::alerts(&decode::<Vec<_>>(answer)?),
         CtlCommand::Webhooks => render::webhooks(&decode(answer)?),
+        CtlCommand::TlsReport { send: true, .. } => render::tls_reports_sent(&decode(answer)?),
+        CtlCommand::TlsReport { .. } => render::tls_report(&decode(answer)?),
     })
 }
 

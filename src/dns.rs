@@ -12,7 +12,7 @@ use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts,
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::RData;
+use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::{Resolver as HickoryResolver, TokioResolver};
 use parking_lot::Mutex;
 use tokio::sync::OnceCell;
@@ -55,6 +55,9 @@ pub enum LookupError {
 pub trait Resolver: Send + Sync + 'static {
     fn mx(&self, domain: &str) -> BoxFuture<'_, Result<Records<MxHost>, LookupError>>;
     fn ips(&self, host: &str) -> BoxFuture<'_, Result<Records<IpAddr>, LookupError>>;
+    /// The TXT records at `name`, each record's character-strings joined (RFC 7208 §3.3
+    /// style), invalid UTF-8 replaced. Used for `_mta-sts` and `_smtp._tls` records.
+    fn txt(&self, name: &str) -> BoxFuture<'_, Result<Records<String>, LookupError>>;
 }
 
 /// hickory-resolver, either the system's configuration or explicit nameservers.
@@ -158,6 +161,34 @@ impl Resolver for Hickory {
                 items: lookup.iter().collect(),
                 ttl,
             })
+        })
+    }
+
+    fn txt(&self, name: &str) -> BoxFuture<'_, Result<Records<String>, LookupError>> {
+        let name = fqdn(name);
+        Box::pin(async move {
+            let lookup = self
+                .resolver
+                .lookup(name, RecordType::TXT)
+                .await
+                .map_err(classify)?;
+            let ttl = lookup
+                .valid_until()
+                .saturating_duration_since(Instant::now());
+            let items = lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|part| String::from_utf8_lossy(part))
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect();
+            Ok(Records { items, ttl })
         })
     }
 }
@@ -407,6 +438,10 @@ mod tests {
                     Err(LookupError::NoData { ttl: None })
                 }
             })
+        }
+
+        fn txt(&self, _name: &str) -> BoxFuture<'_, Result<Records<String>, LookupError>> {
+            Box::pin(async { Err(LookupError::NoData { ttl: None }) })
         }
     }
 

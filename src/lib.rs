@@ -33,5 +33,6 @@ pub mod sqlite;
 pub mod supervise;
 pub mod suppression;
 pub mod template;
+pub mod tls_report;
 pub mod unsubscribe;
 pub mod wire;

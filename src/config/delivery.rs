@@ -31,6 +31,38 @@ pub struct DeliveryConfig {
     pub data_timeout: Dur,
     /// How long an idle outbound connection is kept for reuse.
     pub idle_connection: Dur,
+    /// MTA-STS (RFC 8461) for MX delivery; a route's `mta_sts` overrides it.
+    pub mta_sts: StsMode,
+    /// The port MTA-STS policies are fetched from (`https://mta-sts.DOMAIN:PORT/`). 443 is
+    /// the standard's and the only sensible value in production; tests serve policies
+    /// from a loopback port.
+    pub mta_sts_port: u16,
+}
+
+/// What Floodgate does with a receiving domain's MTA-STS policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StsMode {
+    /// Honour each domain's policy: a policy in `mode: enforce` is enforced (matching
+    /// MX hosts, STARTTLS, verified certificate, or the recipient is deferred), one in
+    /// `mode: testing` is only counted and reported.
+    #[default]
+    Enforce,
+    /// Treat every policy as `mode: testing`: deliver as without one, count what would
+    /// have failed.
+    Testing,
+    /// Do not look policies up.
+    Off,
+}
+
+impl StsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StsMode::Enforce => "enforce",
+            StsMode::Testing => "testing",
+            StsMode::Off => "off",
+        }
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -52,6 +84,8 @@ impl Default for DeliveryConfig {
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(600),
             idle_connection: Dur::secs(30),
+            mta_sts: StsMode::default(),
+            mta_sts_port: 443,
         }
     }
 }

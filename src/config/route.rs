@@ -64,6 +64,8 @@ pub struct Route {
     pub breaker_threshold: Option<u32>,
     /// webhook: how long an open circuit waits before one probe request (default 30 s).
     pub breaker_cooldown: Option<Dur>,
+    /// mx: overrides `[delivery] mta_sts` for this route's domains.
+    pub mta_sts: Option<super::delivery::StsMode>,
 }
 
 impl Route {
@@ -85,6 +87,7 @@ impl Route {
             timeout: None,
             breaker_threshold: None,
             breaker_cooldown: None,
+            mta_sts: None,
         }
     }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::admin_api::{
     Alert, CampaignState, CampaignView, FailLogView, FailuresResponse, QueueResponse,
-    StatusResponse, WebhooksResponse,
+    StatusResponse, TlsReportResponse, TlsReportSendResponse, WebhooksResponse,
 };
 
 /// Columns aligned by width; a column whose header is right-aligned holds numbers.
@@ -318,6 +318,75 @@ pub fn webhooks(v: &WebhooksResponse) -> String {
         out.push_str("\ndisabled endpoints' domains are answered 451 4.3.2 until the config is reloaded (SIGHUP)\n");
     }
     out
+}
+
+/// `GET /admin/v1/tls-report`: one row per domain and day, successes and failures by
+/// type, then the reports handled.
+pub fn tls_report(v: &TlsReportResponse) -> String {
+    let mut out = format!(
+        "MTA-STS {}; TLS reports {}\n\n",
+        v.mta_sts,
+        if v.enabled {
+            "sent daily"
+        } else {
+            "not sent ([tls_report] enabled = false)"
+        }
+    );
+    let mut days: BTreeMap<(String, String), (u64, BTreeMap<String, u64>)> = BTreeMap::new();
+    for c in &v.counts {
+        let entry = days.entry((c.day.clone(), c.domain.clone())).or_default();
+        if c.result == "success" {
+            entry.0 += c.sessions;
+        } else {
+            *entry.1.entry(c.result.clone()).or_default() += c.sessions;
+        }
+    }
+    let mut t = Table::new(&[
+        ("DAY", false),
+        ("DOMAIN", false),
+        ("TLS OK", true),
+        ("FAILED", true),
+        ("FAILURES", false),
+    ]);
+    for ((day, domain), (ok, failures)) in days.iter().rev() {
+        let failed: u64 = failures.values().sum();
+        let list: Vec<String> = failures.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        t.row(vec![
+            day.clone(),
+            domain.clone(),
+            ok.to_string(),
+            failed.to_string(),
+            list.join(", "),
+        ]);
+    }
+    if days.is_empty() {
+        t.row(vec![
+            "(no sessions counted)".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    out.push_str(&t.render());
+    if !v.reports.is_empty() {
+        out.push_str("\nreports:\n");
+        for r in &v.reports {
+            let _ = writeln!(out, "  {} {}: {}", r.day, r.domain, r.outcome);
+        }
+    }
+    out
+}
+
+/// `POST /admin/v1/tls-report/send`.
+pub fn tls_reports_sent(v: &TlsReportSendResponse) -> String {
+    if v.sent.is_empty() {
+        return "no TLS report due\n".into();
+    }
+    v.sent
+        .iter()
+        .map(|r| format!("{} {}: {}\n", r.day, r.domain, r.outcome))
+        .collect()
 }
 
 /// `GET /admin/v1/alerts`: newest first.

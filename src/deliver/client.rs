@@ -440,6 +440,14 @@ impl Connection {
         self.command("RSET", "RSET").await.map(|_| ())
     }
 
+    /// The certificate chain the server presented in TLS (leaf first), if any.
+    pub fn peer_certificates(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+        match self.io.get_ref() {
+            Stream::Tls(s) => s.get_ref().1.peer_certificates(),
+            Stream::Plain(_) => None,
+        }
+    }
+
     pub async fn quit(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.command("QUIT", "QUIT")).await;
     }

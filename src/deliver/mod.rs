@@ -14,6 +14,7 @@ pub mod client;
 pub mod dsn;
 pub mod reply;
 pub mod smtp;
+pub mod sts;
 pub mod transaction;
 pub mod webhook;
 

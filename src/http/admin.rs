@@ -40,6 +40,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/v1/queue"),
     ("GET", "/admin/v1/alerts"),
     ("GET", "/admin/v1/webhooks"),
+    ("GET", "/admin/v1/tls-report"),
+    ("POST", "/admin/v1/tls-report/send"),
 ];
 
 impl Admin {
@@ -85,6 +87,10 @@ impl Admin {
             (Method::GET, ["admin", "v1", "queue"]) => self.queue().await,
             (Method::GET, ["admin", "v1", "alerts"]) => json(StatusCode::OK, &self.alerts()),
             (Method::GET, ["admin", "v1", "webhooks"]) => json(StatusCode::OK, &self.webhooks()),
+            (Method::GET, ["admin", "v1", "tls-report"]) => {
+                self.tls_report(req.uri().query()).await
+            }
+            (Method::POST, ["admin", "v1", "tls-report", "send"]) => self.tls_report_send().await,
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
     }

@@ -16,6 +16,8 @@ pub struct Admin {
     pub events: crate::events::Events,
     /// The SMTP door's counters (connections, evictions, AUTH), for `/metrics`.
     pub smtp: Arc<crate::smtp::server::Server>,
+    /// MTA-STS and TLS-RPT: counters for `/metrics`, reports for `ctl tls-report`.
+    pub tls_reports: Arc<crate::tls_report::TlsReports>,
     /// Supervised tasks: `/readyz` fails once one has died.
     pub supervisor: crate::supervise::Supervisor,
     pub started: std::time::Instant,

@@ -16,6 +16,7 @@ use super::Body;
 use super::daemon::Admin;
 use crate::campaign::Campaign;
 use crate::config::FailLogMode;
+use crate::deliver::sts::{StsStats, TlsResult};
 use crate::deliver::webhook::EndpointStatus;
 use crate::faillog::FailLogCounters;
 use crate::queue::RecipientState;
@@ -434,7 +435,80 @@ const METRICS: &[Metric] = &[
         help: "Messages a key covered but signing failed (queued unsigned, logged).",
         samples: |s| one(load(&s.admin.intake.signing.stats().failed)),
     },
+    Metric {
+        name: "floodgate_mta_sts_policies_fetched_total",
+        kind: Kind::Counter,
+        help: "MTA-STS policies fetched (a new TXT id, or the cached policy expired).",
+        samples: |s| one(load(&sts(s).fetched)),
+    },
+    Metric {
+        name: "floodgate_mta_sts_fetch_failures_total",
+        kind: Kind::Counter,
+        help: "MTA-STS policy fetches that failed (no address, TLS, HTTP, invalid policy).",
+        samples: |s| one(load(&sts(s).fetch_failed)),
+    },
+    Metric {
+        name: "floodgate_mta_sts_cache_fallbacks_total",
+        kind: Kind::Counter,
+        help: "Deliveries that used the cached MTA-STS policy because a refetch failed.",
+        samples: |s| one(load(&sts(s).cache_fallbacks)),
+    },
+    Metric {
+        name: "floodgate_mta_sts_policies_cached",
+        kind: Kind::Gauge,
+        help: "MTA-STS policies held in memory.",
+        samples: |s| one(s.admin.tls_reports.sts.cached() as u64),
+    },
+    Metric {
+        name: "floodgate_mta_sts_deferred_total",
+        kind: Kind::Counter,
+        help: "Recipients deferred because their domain's MTA-STS policy (enforce) was not met.",
+        samples: |s| one(load(&sts(s).deferred)),
+    },
+    Metric {
+        name: "floodgate_mta_sts_testing_failures_total",
+        kind: Kind::Counter,
+        help: "Sessions that did not meet an MTA-STS policy in testing, delivered anyway.",
+        samples: |s| one(load(&sts(s).testing_failures)),
+    },
+    Metric {
+        name: "floodgate_tls_sessions_total",
+        kind: Kind::Counter,
+        help: "Outbound MX sessions by TLS-RPT result (success or an RFC 8460 failure type).",
+        samples: |s| {
+            let stats = sts(s);
+            Some(
+                TlsResult::ALL
+                    .iter()
+                    .zip(&stats.results)
+                    .map(|(r, n)| labeled("result", r.as_str().to_owned(), load(n)))
+                    .collect(),
+            )
+        },
+    },
+    Metric {
+        name: "floodgate_tls_session_counters_dropped_total",
+        kind: Kind::Counter,
+        help: "Sessions not counted for TLS reports: too many distinct counters awaited a flush.",
+        samples: |s| one(load(&sts(s).dropped)),
+    },
+    Metric {
+        name: "floodgate_tls_reports_sent_total",
+        kind: Kind::Counter,
+        help: "TLS reports POSTed to an https: rua or queued for a mailto: one.",
+        samples: |s| one(load(&s.admin.tls_reports.stats.sent)),
+    },
+    Metric {
+        name: "floodgate_tls_reports_failed_total",
+        kind: Kind::Counter,
+        help: "TLS report deliveries that failed (HTTPS error or refusal, queueing failed).",
+        samples: |s| one(load(&s.admin.tls_reports.stats.failed)),
+    },
 ];
+
+fn sts<'a>(s: &'a Snapshot<'_>) -> &'a StsStats {
+    &s.admin.tls_reports.sts.stats
+}
 
 pub async fn render(admin: &Admin) -> Response<Body> {
     // Both queue reads cost O(live rows): a partial index over waiting recipients, and the

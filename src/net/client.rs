@@ -10,6 +10,7 @@
 //! up to a bound; a longer body is cut and its connection not reused.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,8 @@ struct Origin {
     https: bool,
     host: String,
     port: u16,
+    /// The address to connect to, when the caller resolved `host` itself.
+    at: Option<IpAddr>,
 }
 
 impl std::fmt::Display for Origin {
@@ -152,10 +155,28 @@ impl HttpClient {
         body: Bytes,
         timeout: Duration,
     ) -> Result<HttpResponse, HttpError> {
+        self.request_at(method, url, None, headers, body, timeout)
+            .await
+    }
+
+    /// As [`HttpClient::request`], connecting to `at` when given instead of resolving the
+    /// URL's host with the system resolver: for callers that resolve through the daemon's
+    /// own DNS (MTA-STS policy hosts, TLS report endpoints). TLS still verifies the URL's
+    /// host name, and `Host:` names it.
+    pub async fn request_at(
+        &self,
+        method: Method,
+        url: &str,
+        at: Option<IpAddr>,
+        headers: &[(&str, String)],
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<HttpResponse, HttpError> {
         let uri: Uri = url
             .parse()
             .map_err(|_| HttpError::InvalidUrl(redact(url)))?;
-        let origin = origin(&uri).ok_or_else(|| HttpError::InvalidUrl(redact(url)))?;
+        let mut origin = origin(&uri).ok_or_else(|| HttpError::InvalidUrl(redact(url)))?;
+        origin.at = at;
         let mut req = Request::builder()
             .method(method)
             .uri(uri.path_and_query().map_or("/", |p| p.as_str()));
@@ -263,12 +284,14 @@ impl HttpClient {
     }
 
     async fn connect(&self, origin: &Origin) -> Result<Sender, HttpError> {
-        let tcp = TcpStream::connect((origin.host.as_str(), origin.port))
-            .await
-            .map_err(|source| HttpError::Connect {
-                origin: origin.to_string(),
-                source,
-            })?;
+        let tcp = match origin.at {
+            Some(ip) => TcpStream::connect((ip, origin.port)).await,
+            None => TcpStream::connect((origin.host.as_str(), origin.port)).await,
+        };
+        let tcp = tcp.map_err(|source| HttpError::Connect {
+            origin: origin.to_string(),
+            source,
+        })?;
         let _ = tcp.set_nodelay(true);
         if origin.https {
             let name = ServerName::try_from(origin.host.clone()).map_err(|e| HttpError::Tls {
@@ -319,6 +342,7 @@ fn origin(uri: &Uri) -> Option<Origin> {
         https,
         host: host.to_owned(),
         port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
+        at: None,
     })
 }
 

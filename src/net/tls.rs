@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -18,6 +19,43 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// A client config that verifies the peer against `ca` (a PEM file) or the web roots.
 pub fn verified(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The certificate verifier [`verified`] uses, on its own: MTA-STS checks the chain an
+/// MX host presented after an opportunistic handshake (whose signatures rustls already
+/// verified), so that one connection serves both enforcing and counting what would fail.
+pub fn chain_verifier(ca: Option<&Path>) -> Result<Arc<dyn ServerCertVerifier>, String> {
+    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(verifier)
+}
+
+/// Checks `chain` (leaf first) for `host` at `now` with `verifier`.
+pub fn check_chain(
+    verifier: &dyn ServerCertVerifier,
+    chain: &[CertificateDer<'_>],
+    host: &str,
+    now: UnixTime,
+) -> Result<(), rustls::Error> {
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    let name = ServerName::try_from(host.to_owned()).map_err(|_| {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+    })?;
+    verifier
+        .verify_server_cert(leaf, intermediates, &name, &[], now)
+        .map(|_| ())
+}
+
+fn roots(ca: Option<&Path>) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     match ca {
         Some(path) => {
@@ -32,12 +70,7 @@ pub fn verified(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-    let config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+    Ok(roots)
 }
 
 /// A client config that encrypts without verifying who is on the other end.

@@ -84,6 +84,8 @@ pub enum Source {
     Http,
     /// A delivery status notification Floodgate wrote itself.
     Bounce,
+    /// A TLS report (RFC 8460) Floodgate wrote itself.
+    Report,
 }
 
 impl Source {
@@ -92,6 +94,7 @@ impl Source {
             Source::Smtp => "smtp",
             Source::Http => "http",
             Source::Bounce => "bounce",
+            Source::Report => "tls-report",
         }
     }
 }

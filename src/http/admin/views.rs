@@ -9,6 +9,7 @@ use hyper::{Response, StatusCode};
 use super::Admin;
 use crate::admin_api as api;
 use crate::campaign::Campaign;
+use crate::deliver::sts::store;
 use crate::faillog::{FailureQuery, FailureRow};
 use crate::http::{Body, error, json, query_pairs};
 use crate::reason::Reason;
@@ -224,5 +225,69 @@ impl Admin {
             faillog: self.faillog_view(),
             alerts: self.guard.alerts().len() as u64,
         }
+    }
+}
+
+/// Most counter rows and report records one `GET /admin/v1/tls-report` returns.
+const TLS_REPORT_ROWS: usize = 1000;
+
+impl Admin {
+    pub(super) async fn tls_report(&self, query: Option<&str>) -> Response<Body> {
+        let mut domain = None;
+        for (key, value) in query_pairs(query) {
+            match key.as_str() {
+                "domain" => domain = Some(value.to_ascii_lowercase()),
+                other => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("unknown parameter `{other}`"),
+                    );
+                }
+            }
+        }
+        let sts = &self.tls_reports.sts;
+        if let Err(e) = sts.flush().await {
+            return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+        }
+        let read = sts
+            .with_db(move |c| {
+                let counts = store::counts(c, domain.as_deref(), None, TLS_REPORT_ROWS)?;
+                let reports = store::reports(c, domain.as_deref(), TLS_REPORT_ROWS)?;
+                Ok((counts, reports))
+            })
+            .await;
+        let (counts, reports) = match read {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        };
+        let config = self.intake.config.load();
+        json(
+            StatusCode::OK,
+            &api::TlsReportResponse {
+                enabled: config.tls_report.enabled,
+                mta_sts: config.delivery.mta_sts.as_str().to_owned(),
+                counts: counts
+                    .into_iter()
+                    .map(|r| api::TlsCount {
+                        day: r.day,
+                        domain: r.domain,
+                        policy_type: r.policy_type,
+                        result: r.result,
+                        mx: r.mx,
+                        ip: r.ip,
+                        sessions: r.sessions,
+                    })
+                    .collect(),
+                reports: reports
+                    .into_iter()
+                    .map(|(day, domain, sent_at_ms, outcome)| api::TlsReportRecord {
+                        day,
+                        domain,
+                        sent_at_ms,
+                        outcome,
+                    })
+                    .collect(),
+            },
+        )
     }
 }
