@@ -469,6 +469,8 @@ async fn every_admin_route_is_served_documented_and_typed() {
             "/admin/v1/queue" => round_trips::<QueueResponse>(&value),
             "/admin/v1/alerts" => round_trips::<Vec<Alert>>(&value),
             "/admin/v1/webhooks" => round_trips::<WebhooksResponse>(&value),
+            "/admin/v1/tls-report" => round_trips::<TlsReportResponse>(&value),
+            "/admin/v1/tls-report/send" => round_trips::<TlsReportSendResponse>(&value),
             other => panic!("{other}: a JSON route without its type here"),
         }
     }
