@@ -455,6 +455,11 @@ impl App {
             tracing::warn!("deliveries still under way at shutdown; they will be retried");
             supervisor.abort(SCHEDULER);
         }
+        // The TLS-RPT counters of the last deliveries (the reporter's own last flush ran
+        // when the background tasks were cancelled, before deliveries finished).
+        if let Err(e) = self.tls_reports.sts.flush().await {
+            tracing::warn!(error = %e, "TLS-RPT counters not flushed at shutdown");
+        }
         if let Some(events) = self.events_task.take() {
             // After the scheduler: the last outcomes recorded are in the final batch.
             events.close(Duration::from_secs(5)).await;

@@ -247,4 +247,26 @@ mod tests {
         assert!(!text.contains("\r\nBcc:"));
         assert!(text.contains("TLS-Report-Domain: a.test\r\n"));
     }
+
+    proptest::proptest! {
+        /// Whatever the names, every header is one line and the JSON parses back.
+        #[test]
+        fn hostile_names_never_break_the_message_or_the_json(
+            org in "\\PC{0,40}[\r\n\0]?\\PC{0,10}",
+            domain in "\\PC{0,30}",
+            to in "\\PC{0,30}",
+        ) {
+            let who = Submitter { organization: &org, ..WHO };
+            let m = message(&who, "a@b.test", &to, &domain, "2026-12-01", b"gz", 0);
+            let text = String::from_utf8(m).unwrap();
+            let headers = text.split("\r\n\r\n").next().unwrap();
+            for line in headers.split("\r\n") {
+                proptest::prop_assert!(!line.contains(['\r', '\n', '\0']));
+                proptest::prop_assert!(line.contains(':') || line.starts_with('\t'), "{line:?}");
+            }
+            let r = json(&who, &domain, "2026-12-01", &[row("success", 1)], None);
+            let back: Value = serde_json::from_str(&r.to_string()).unwrap();
+            proptest::prop_assert_eq!(back, r);
+        }
+    }
 }
