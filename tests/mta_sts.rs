@@ -580,3 +580,97 @@ async fn the_daily_report_arrives_by_https_and_as_a_signed_mail() {
     );
     t.app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_refetch_or_txt_lookup_keeps_the_cached_policy() {
+    let ca = Ca::new();
+    let dns = TestDns::start(zone("1", None)).await;
+    let policy = policy_server(&ca, POLICY).await;
+    let sink = mx(&ca, true).await;
+    let clock: Arc<ShiftedClock> = Arc::default();
+    let t = start(
+        &dns,
+        &config(&sink, policy.addr.port(), &ca, "enforce", ""),
+        clock.clone(),
+    )
+    .await;
+    let id = send(&t, "user@a.test", "cached").await;
+    delivered(&t, &id, "user@a.test").await;
+    let policy_port = policy.addr.port();
+    drop(policy);
+    let TestApp { app, dir } = t;
+    app.shutdown().await;
+
+    // A new id, and the policy server is down: the cached (enforce) policy stays in force.
+    let plain = mx(&ca, false).await;
+    let dns = TestDns::start(zone("2", None)).await;
+    let t = restart(
+        dir,
+        &dns,
+        &config(&plain, policy_port, &ca, "enforce", ""),
+        clock.clone(),
+    )
+    .await;
+    let id = send(&t, "user@a.test", "refetch fails").await;
+    let reply = deferred(&t, &id, "user@a.test").await;
+    assert!(reply.contains("starttls-not-supported"), "{reply}");
+    let admin_addr = t.app.admin_addr.unwrap();
+    assert_eq!(
+        metric(admin_addr, "floodgate_mta_sts_fetch_failures_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(admin_addr, "floodgate_mta_sts_cache_fallbacks_total").await,
+        1.0
+    );
+    let TestApp { app, dir } = t;
+    app.shutdown().await;
+
+    // The TXT lookup fails (SERVFAIL): the cached policy, again.
+    let dns = TestDns::start(zone("1", None).servfail("_mta-sts.a.test")).await;
+    let t = restart(
+        dir,
+        &dns,
+        &config(&plain, policy_port, &ca, "enforce", ""),
+        clock.clone(),
+    )
+    .await;
+    let id = send(&t, "user@a.test", "txt fails").await;
+    let reply = deferred(&t, &id, "user@a.test").await;
+    assert!(reply.contains("starttls-not-supported"), "{reply}");
+    let TestApp { app, dir } = t;
+    app.shutdown().await;
+
+    // Once the policy expired (max_age one day), a failed lookup leaves no policy: delivery
+    // goes on as without one (RFC 8461 §5), in clear to a host without STARTTLS.
+    clock.advance(Duration::from_secs(86_401));
+    let t = restart(
+        dir,
+        &dns,
+        &config(&plain, policy_port, &ca, "enforce", ""),
+        clock,
+    )
+    .await;
+    let id = send(&t, "user@a.test", "expired").await;
+    delivered(&t, &id, "user@a.test").await;
+    assert!(!plain.received().last().unwrap().tls);
+    t.app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_can_turn_mta_sts_off_for_its_domains() {
+    let ca = Ca::new();
+    let dns = TestDns::start(zone("1", None)).await;
+    let policy = policy_server(&ca, POLICY).await;
+    let plain = mx(&ca, false).await;
+    let cfg = format!(
+        "{}\n[[route]]\ndomains = [\"a.test\"]\ntransport = \"mx\"\nport = {}\nmta_sts = \"off\"\n",
+        config(&plain, policy.addr.port(), &ca, "enforce", ""),
+        plain.addr.port()
+    );
+    let t = start(&dns, &cfg, Arc::default()).await;
+    let id = send(&t, "user@a.test", "override").await;
+    delivered(&t, &id, "user@a.test").await;
+    assert_eq!(policy.count(), 0, "no policy looked for");
+    t.app.shutdown().await;
+}
