@@ -50,6 +50,13 @@ impl Config {
         if self.dkim != new.dkim {
             out.push("dkim".to_owned());
         }
+        diff!(
+            out,
+            self.tls_report,
+            new.tls_report,
+            "tls_report",
+            [enabled, organization, contact, from, retention]
+        );
         out
     }
 
@@ -145,6 +152,8 @@ impl Config {
                 command_timeout,
                 data_timeout,
                 idle_connection,
+                mta_sts,
+                mta_sts_port,
             ]
         );
         diff!(

@@ -391,14 +391,16 @@ impl SmtpCourier {
                             .await
                             .map_err(|e| (transient_from(&e), None))?
                     }
-                    Err(ClientError::Tls(io)) => {
-                        let outcome = transient_from(&ClientError::Tls(std::io::Error::new(
-                            io.kind(),
-                            io.to_string(),
-                        )));
-                        return Err((outcome, Some(io)));
+                    Err(e) => {
+                        // The handshake's own error goes with the outcome: under MTA-STS
+                        // it says which RFC 8460 failure this was.
+                        let outcome = transient_from(&e);
+                        let io = match e {
+                            ClientError::Tls(io) => Some(io),
+                            _ => None,
+                        };
+                        return Err((outcome, io));
                     }
-                    Err(e) => return Err((transient_from(&e), None)),
                 }
             }
             _ => conn,

@@ -429,6 +429,7 @@ impl Sts {
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> rusqlite::Result<T> {
         let db = self.db.clone();
+        // A panicked closure comes back as an error of the one type callers handle.
         tokio::task::spawn_blocking(move || f(&mut db.lock()))
             .await
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?
