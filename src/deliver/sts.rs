@@ -216,7 +216,8 @@ impl Sts {
                 Ok(fresh) => Some(fresh),
                 Err(result) => {
                     self.stats.fetch_failed.fetch_add(1, Ordering::Relaxed);
-                    self.count(domain, cached.is_some(), result, "", None);
+                    // Reported under the `sts` policy type: the domain advertised one.
+                    self.count(domain, true, result, "", None);
                     if cached.is_some() {
                         self.stats.cache_fallbacks.fetch_add(1, Ordering::Relaxed);
                     }
