@@ -308,6 +308,7 @@ impl App {
                 supervisor: self.supervisor.clone(),
                 smtp: self.server.clone(),
                 started: std::time::Instant::now(),
+                classifier: Arc::new(crate::bounce::Classifier::shipped()),
             });
             tracing::info!(addr = %self.admin_addr.map(|a| a.to_string()).unwrap_or_default(), "admin listening");
             self.supervisor.spawn(

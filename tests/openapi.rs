@@ -243,6 +243,7 @@ fn campaign_and_intake_types_match_their_schemas() {
             PurgeRequest::default(),
             PurgeRequest {
                 block_for: Some("10m".into()),
+                through: Some(5),
             },
         ],
     );

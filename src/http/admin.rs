@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq;
 use super::{Body, error, json, percent_decode};
 
 mod actions;
+mod mail;
 mod views;
 
 pub use super::daemon::Admin;
@@ -40,6 +41,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/v1/queue"),
     ("GET", "/admin/v1/alerts"),
     ("GET", "/admin/v1/webhooks"),
+    ("GET", "/admin/v1/messages"),
+    ("GET", "/admin/v1/messages/{id}"),
+    ("POST", "/admin/v1/queue/{action}"),
+    ("GET", "/admin/v1/domains"),
+    ("POST", "/admin/v1/domains/{name}/{action}"),
+    ("GET", "/admin/v1/export"),
+    ("POST", "/admin/v1/requeue"),
+    ("POST", "/admin/v1/backup"),
 ];
 
 impl Admin {
@@ -85,6 +94,21 @@ impl Admin {
             (Method::GET, ["admin", "v1", "queue"]) => self.queue().await,
             (Method::GET, ["admin", "v1", "alerts"]) => json(StatusCode::OK, &self.alerts()),
             (Method::GET, ["admin", "v1", "webhooks"]) => json(StatusCode::OK, &self.webhooks()),
+            (Method::GET, ["admin", "v1", "messages"]) => {
+                self.find_messages(req.uri().query()).await
+            }
+            (Method::GET, ["admin", "v1", "messages", id]) => self.message_trace(id).await,
+            (Method::POST, ["admin", "v1", "queue", op]) => {
+                let op = op.to_string();
+                self.queue_op(&op, req).await
+            }
+            (Method::GET, ["admin", "v1", "domains"]) => self.domain_holds().await,
+            (Method::POST, ["admin", "v1", "domains", domain, action]) => {
+                self.domain_action(domain, action).await
+            }
+            (Method::GET, ["admin", "v1", "export"]) => self.export(req.uri().query()).await,
+            (Method::POST, ["admin", "v1", "requeue"]) => self.requeue(req).await,
+            (Method::POST, ["admin", "v1", "backup"]) => self.backup(req).await,
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
     }
