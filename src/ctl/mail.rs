@@ -90,6 +90,17 @@ pub struct Select {
 }
 
 impl Select {
+    /// The selector in words, for the confirmation.
+    fn describe(&self) -> String {
+        match (&self.message, &self.recipient, &self.domain, &self.campaign) {
+            (Some(m), ..) => format!("message {m}"),
+            (_, Some(r), ..) => format!("recipient <{r}>"),
+            (_, _, Some(d), _) => format!("domain {d}"),
+            (.., Some(c)) => format!("campaign `{c}`"),
+            _ => "nothing".into(),
+        }
+    }
+
     fn api(&self) -> api::Selector {
         api::Selector {
             message: self.message.clone(),
@@ -170,7 +181,10 @@ async fn answer(client: &Client, command: &MailCommand) -> Result<Value, CtlErro
         MailCommand::Retry(s) => post("/admin/v1/queue/retry".into(), to_value(&s.api())).await,
         MailCommand::Cancel { select, yes } => {
             if !yes {
-                super::confirm(&format!("Cancel every waiting recipient of {select:?}?"))?;
+                super::confirm(&format!(
+                    "Fail every waiting recipient of {} as cancelled?",
+                    select.describe()
+                ))?;
             }
             post("/admin/v1/queue/cancel".into(), to_value(&select.api())).await
         }
