@@ -177,6 +177,18 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        /// Whatever the name, the folder is inside the backup folder or refused.
+        #[test]
+        fn every_accepted_name_stays_inside(name in "\\PC{0,60}") {
+            let base = Path::new("/var/lib/floodgate/backups");
+            if let Ok(p) = resolve(base, &name) {
+                proptest::prop_assert_eq!(p.parent(), Some(base));
+                proptest::prop_assert!(!p.file_name().unwrap().to_string_lossy().starts_with('.'));
+            }
+        }
+    }
+
     #[test]
     fn a_folder_is_never_reused() {
         let dir = tempfile::tempdir().unwrap();

@@ -398,6 +398,39 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Hostile queries and requeue files: an answer or a 400, never a panic, and a
+        /// saved address with a control character never passes.
+        #[test]
+        fn arbitrary_queries_and_saved_envelopes_never_panic(
+            query in "\\PC{0,120}",
+            address in "\\PC{0,40}",
+            cursor in "[0-9.]{0,24}",
+        ) {
+            let _ = find_query(0, Some(&query));
+            let _ = trace::parse_cursor(&cursor);
+            let saved = api::SavedMessage {
+                queue_id: "Q1".into(),
+                sender: address.clone(),
+                campaign: None,
+                source: "smtp".into(),
+                client: "x".into(),
+                identity: None,
+                received_at_ms: 0,
+                smtputf8: false,
+                body_base64: String::new(),
+                recipients: vec![api::SavedRecipient {
+                    domain: address.rsplit('@').next().unwrap_or("").to_ascii_lowercase(),
+                    address: address.clone(),
+                    attempts: 0,
+                }],
+            };
+            if check_saved(&saved).is_ok() {
+                proptest::prop_assert!(!address.chars().any(char::is_control));
+            }
+        }
+    }
+
     #[test]
     fn classes_are_shown_for_failures_only() {
         let c = Classifier::shipped();
