@@ -1,5 +1,7 @@
 //! `floodgate ctl`: the admin API from a shell — find the failing campaign, pause, purge,
-//! resume it, pause intake, switch the failure log — with exit codes scripts can rely on.
+//! resume it, pause intake, switch the failure log; and (in `ctl/mail.rs`) find one
+//! message, retry, cancel, hold a domain, back up, requeue — with exit codes scripts can
+//! rely on.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};

@@ -180,6 +180,12 @@ async fn answer(client: &Client, command: &MailCommand) -> Result<Value, CtlErro
         }
         MailCommand::Retry(s) => post("/admin/v1/queue/retry".into(), to_value(&s.api())).await,
         MailCommand::Cancel { select, yes } => {
+            if select.domain.is_some() || select.campaign.is_some() {
+                return Err(CtlError::Usage(
+                    "cancel takes --message or --recipient (a campaign's queue goes with `purge`)"
+                        .into(),
+                ));
+            }
             if !yes {
                 super::confirm(&format!(
                     "Fail every waiting recipient of {} as cancelled?",
