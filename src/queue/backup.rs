@@ -125,6 +125,31 @@ pub fn copy(src: &Path, dest: &Path) -> Result<api::BackupFile, BackupError> {
     })
 }
 
+/// A whole backup: the new folder `dir`, queue.db (`queue_db`) copied into it and
+/// checked, failures.db too when given; blocking.
+pub fn run(
+    queue_db: &Path,
+    dir: &Path,
+    failures_db: Option<&Path>,
+) -> Result<api::BackupResponse, BackupError> {
+    let started = std::time::Instant::now();
+    create_folder(dir)?;
+    let queue = copy(queue_db, &dir.join("queue.db"))?;
+    let failures = match failures_db {
+        Some(f) => Some(copy(f, &dir.join("failures.db"))?),
+        None => None,
+    };
+    let (messages, queued_recipients) = contents(&dir.join("queue.db"))?;
+    Ok(api::BackupResponse {
+        dir: dir.display().to_string(),
+        queue,
+        failures,
+        messages,
+        queued_recipients,
+        took_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
 /// Messages, and recipients still waiting, in a copy of queue.db.
 pub fn contents(queue_copy: &Path) -> Result<(u64, u64), BackupError> {
     let conn = Connection::open_with_flags(queue_copy, OpenFlags::SQLITE_OPEN_READ_ONLY)?;

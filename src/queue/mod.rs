@@ -447,26 +447,9 @@ impl Queue {
         failures_db: Option<PathBuf>,
     ) -> Result<crate::admin_api::BackupResponse, backup::BackupError> {
         let src = self.path.clone();
-        tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            backup::create_folder(&dir)?;
-            let queue = backup::copy(&src, &dir.join("queue.db"))?;
-            let failures = match failures_db {
-                Some(f) => Some(backup::copy(&f, &dir.join("failures.db"))?),
-                None => None,
-            };
-            let (messages, queued_recipients) = backup::contents(&dir.join("queue.db"))?;
-            Ok(crate::admin_api::BackupResponse {
-                dir: dir.display().to_string(),
-                queue,
-                failures,
-                messages,
-                queued_recipients,
-                took_ms: started.elapsed().as_millis() as u64,
-            })
-        })
-        .await
-        .map_err(|e| backup::BackupError::Failed(format!("backup task failed: {e}")))?
+        tokio::task::spawn_blocking(move || backup::run(&src, &dir, failures_db.as_deref()))
+            .await
+            .map_err(|e| backup::BackupError::Failed(format!("backup task failed: {e}")))?
     }
 
     /// Runs `step` in batches of [`OPS_BATCH`], one writer operation each, until a batch
