@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+mod mail;
+pub use mail::*;
+
 /// Every error the admin API answers with: `{"error": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -71,6 +74,10 @@ pub struct PurgeRequest {
     /// Refuse the campaign's new submissions for this long after the purge (`"10m"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_for: Option<String>,
+    /// Purge only recipients up to this id: the `through` of an export saved first
+    /// (`ctl purge --save`), so that nothing unsaved is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub through: Option<i64>,
 }
 
 /// `POST /admin/v1/intake/{pause|resume}`.

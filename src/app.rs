@@ -331,6 +331,7 @@ impl App {
                 smtp: self.server.clone(),
                 tls_reports: self.tls_reports.clone(),
                 started: std::time::Instant::now(),
+                classifier: Arc::new(crate::bounce::Classifier::shipped()),
             });
             tracing::info!(addr = %self.admin_addr.map(|a| a.to_string()).unwrap_or_default(), "admin listening");
             self.supervisor.spawn(

@@ -194,6 +194,9 @@ pub struct QueueConfig {
     /// Finished (delivered or failed) recipients, and messages with none left, are
     /// deleted this long after they finished; lifetime totals are kept in counters.
     pub retention: Dur,
+    /// Where `floodgate ctl backup` copies go (default `<dir>/backups`): the admin API
+    /// only ever names a new folder in it.
+    pub backup_dir: Option<PathBuf>,
 }
 
 impl Default for QueueConfig {
@@ -205,7 +208,17 @@ impl Default for QueueConfig {
             max_size_mb: 0,
             lease: Dur::secs(600),
             retention: Dur::secs(7 * 86_400),
+            backup_dir: None,
         }
+    }
+}
+
+impl QueueConfig {
+    /// `backup_dir`, or `<dir>/backups`.
+    pub fn backup_dir(&self) -> PathBuf {
+        self.backup_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.join("backups"))
     }
 }
 

@@ -1,5 +1,7 @@
 //! `floodgate ctl`: the admin API from a shell — find the failing campaign, pause, purge,
-//! resume it, pause intake, switch the failure log — with exit codes scripts can rely on.
+//! resume it, pause intake, switch the failure log; and (in `ctl/mail.rs`) find one
+//! message, retry, cancel, hold a domain, back up, requeue — with exit codes scripts can
+//! rely on.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -13,6 +15,7 @@ use serde_json::Value;
 use crate::admin_api as api;
 
 pub mod client;
+pub mod mail;
 pub mod render;
 
 use client::{Client, CtlError, encode};
@@ -69,6 +72,10 @@ enum CtlCommand {
     /// Delete every queued recipient of a campaign (asks for confirmation).
     Purge {
         campaign: String,
+        /// First write what is removed to this new file (NDJSON, one message a line),
+        /// synced to disk; `floodgate ctl requeue FILE` puts it back.
+        #[arg(long, value_name = "FILE")]
+        save: Option<PathBuf>,
         /// Also refuse the campaign's new mail for this long, e.g. `10m`, `1h`.
         #[arg(long, value_name = "DURATION")]
         block_for: Option<String>,
@@ -117,6 +124,8 @@ enum CtlCommand {
         #[arg(long)]
         send: bool,
     },
+    #[command(flatten)]
+    Mail(mail::MailCommand),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -179,18 +188,35 @@ pub fn main(args: CtlArgs) -> ExitCode {
 
 async fn run(args: CtlArgs) -> Result<String, CtlError> {
     let client = connect(&args)?;
-    let call = request(&args.command)?;
-    let answer = client
-        .call(call.method.clone(), &call.path, call.body)
-        .await?;
+    let (answer, (method, path)) = match &args.command {
+        CtlCommand::Mail(m) => mail::call(&client, m).await?,
+        CtlCommand::Purge {
+            campaign,
+            save: Some(file),
+            block_for,
+            ..
+        } => {
+            // Checks the arguments and asks for confirmation, as a plain purge does.
+            let call = request(&args.command)?;
+            let answer = mail::purge_saving(&client, campaign, block_for.clone(), file).await?;
+            (answer, (call.method, call.path))
+        }
+        command => {
+            let call = request(command)?;
+            let answer = client
+                .call(call.method.clone(), &call.path, call.body)
+                .await?;
+            (answer, (call.method, call.path))
+        }
+    };
     if args.json {
         return Ok(serde_json::to_string_pretty(&answer).unwrap_or_default() + "\n");
     }
     // A daemon of another version may answer a shape this ctl does not know.
     human(&args.command, &client.addr, answer).map_err(|e| CtlError::Api {
         addr: client.addr.clone(),
-        method: call.method,
-        path: call.path,
+        method,
+        path,
         status: hyper::StatusCode::OK,
         message: format!("the answer does not match this ctl's admin API: {e}"),
     })
@@ -237,6 +263,7 @@ fn request(command: &CtlCommand) -> Result<Call, CtlError> {
             campaign,
             block_for,
             yes,
+            ..
         } => {
             if let Some(d) = block_for {
                 crate::config::duration::parse(d)
@@ -247,6 +274,7 @@ fn request(command: &CtlCommand) -> Result<Call, CtlError> {
             }
             let body = api::PurgeRequest {
                 block_for: block_for.clone(),
+                through: None,
             };
             Call::with(Method::POST, campaign_path(campaign, "purge"), Some(body))
         }
@@ -296,6 +324,7 @@ fn request(command: &CtlCommand) -> Result<Call, CtlError> {
             Some(d) => Call::get(format!("/admin/v1/tls-report?domain={}", encode(d))),
             None => Call::get("/admin/v1/tls-report"),
         },
+        CtlCommand::Mail(_) => return Err(CtlError::Usage("runs in ctl::mail".into())),
     })
 }
 
@@ -332,10 +361,11 @@ fn human(command: &CtlCommand, addr: &str, answer: Value) -> Result<String, serd
         CtlCommand::Webhooks => render::webhooks(&decode(answer)?),
         CtlCommand::TlsReport { send: true, .. } => render::tls_reports_sent(&decode(answer)?),
         CtlCommand::TlsReport { .. } => render::tls_report(&decode(answer)?),
+        CtlCommand::Mail(m) => mail::human(m, answer)?,
     })
 }
 
-fn campaign_path(campaign: &str, action: &str) -> String {
+pub(crate) fn campaign_path(campaign: &str, action: &str) -> String {
     format!("/admin/v1/campaigns/{}/{action}", encode(campaign))
 }
 
@@ -349,16 +379,26 @@ fn confirm_purge(campaign: &str, block_for: Option<&str>) -> Result<(), CtlError
     let block = block_for
         .map(|d| format!(" and refuse its new mail for {d}"))
         .unwrap_or_default();
-    eprint!(
-        "Purge every queued recipient of campaign `{campaign}`{block}? This cannot be undone. [y/N] "
-    );
+    confirm(&format!(
+        "Purge every queued recipient of campaign `{campaign}`{block}? This cannot be undone."
+    ))
+}
+
+/// Asks `question` on the terminal; anything but yes cancels (a usage error).
+pub(crate) fn confirm(question: &str) -> Result<(), CtlError> {
+    if !std::io::stdin().is_terminal() {
+        return Err(CtlError::Usage(
+            "not confirmed: pass --yes (standard input is not a terminal)".into(),
+        ));
+    }
+    eprint!("{question} [y/N] ");
     let _ = std::io::stderr().flush();
     let mut answer = String::new();
     let _ = std::io::stdin().lock().read_line(&mut answer);
     if matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
         Ok(())
     } else {
-        Err(CtlError::Usage("purge cancelled".into()))
+        Err(CtlError::Usage("cancelled".into()))
     }
 }
 

@@ -24,7 +24,7 @@ use crate::dkim::Signing;
 use crate::queue::{Claimed, Queue, QueueId, Update};
 use crate::reason::Reason;
 
-mod bounce;
+pub(crate) mod bounce;
 
 /// Longest sleep between two passes. Everything that makes work due at once rings
 /// `wake` (intake, resume, release, a lane with room again, a reload; tests after moving

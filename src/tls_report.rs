@@ -271,6 +271,7 @@ impl TlsReports {
             campaign: None,
             source: Source::Report,
             client: "tls-report".into(),
+            identity: None,
             body: self.signing.sign(body).await,
             recipients: vec![NewRecipient {
                 address: rcpt.address,

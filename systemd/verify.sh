@@ -10,6 +10,8 @@
 # 2. systemd-analyze security floodgate.service  (exposure must be <= 2.0)
 # 3. systemd-sysusers --dry-run floodgate.sysusers (must parse and create
 #    the floodgate user and group)
+# 4. systemd-analyze verify   floodgate-backup.service and .timer (the nightly
+#    backup example)
 #
 # Needs no running systemd (works in containers where systemd is not PID 1).
 # If systemd-analyze/systemd-sysusers or /bin/kill (used by ExecReload=) are
@@ -30,6 +32,8 @@ info() { echo "verify.sh: $*"; }
 
 [ -f "$UNIT" ] || fail "missing $UNIT"
 [ -f "$SYSUSERS" ] || fail "missing $SYSUSERS"
+BACKUP_UNITS=(floodgate-backup.service floodgate-backup.timer)
+for u in "${BACKUP_UNITS[@]}"; do [ -f "$here/$u" ] || fail "missing $here/$u"; done
 if [ -n "$BIN" ]; then
     [ -f "$BIN" ] && [ -x "$BIN" ] || fail "binary '$BIN' does not exist or is not executable"
     BIN="$(readlink -f "$BIN")"
@@ -138,5 +142,30 @@ if [ "$rc" -ne 0 ] \
 fi
 [ -z "$(ls -A "$sroot")" ] || fail "systemd-sysusers --dry-run wrote into its root"
 info "OK: systemd-sysusers --dry-run floodgate.sysusers"
+
+# --- 4. the nightly backup example -------------------------------------------
+# Its ExecStart= runs /bin/sh, date and find: give the throw-away root the host's.
+for tool in sh date find; do
+    cp "$(readlink -f "$(command -v "$tool")")" "$root/usr/bin/$tool"
+done
+for u in "${BACKUP_UNITS[@]}"; do
+    cp "$here/$u" "$root/etc/systemd/system/$u"
+done
+if [ -n "$BIN" ]; then
+    out="$(cd "$work" && timeout 20 "$BIN" ctl backup --help 2>&1)" \
+        || fail "'$BIN ctl backup --help' failed: floodgate-backup.service runs it"
+    grep -q -- '--failures' <<<"$out" || fail "'ctl backup' has no --failures option"
+fi
+set +e
+out="$(systemd-analyze verify --man=no --root="$root" \
+        /etc/systemd/system/floodgate-backup.service /etc/systemd/system/floodgate-backup.timer 2>&1)"
+rc=$?
+set -e
+out="${out//$root/}"
+if [ "$rc" -ne 0 ] || [ -n "$out" ]; then
+    printf '%s\n' "$out" >&2
+    fail "systemd-analyze verify floodgate-backup.service/.timer (exit $rc)"
+fi
+info "OK: systemd-analyze verify floodgate-backup.service floodgate-backup.timer"
 
 info "all checks passed (exposure $score)"

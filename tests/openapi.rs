@@ -243,6 +243,7 @@ fn campaign_and_intake_types_match_their_schemas() {
             PurgeRequest::default(),
             PurgeRequest {
                 block_for: Some("10m".into()),
+                through: Some(5),
             },
         ],
     );
@@ -363,6 +364,169 @@ fn queue_alert_webhook_and_status_types_match_their_schemas() {
 }
 
 #[test]
+fn trace_queue_operation_and_backup_types_match_their_schemas() {
+    let doc = document();
+    let reply = LastReply {
+        code: Some(550),
+        enhanced: Some("5.1.1".into()),
+        text: "no such user".into(),
+    };
+    type_is_documented(
+        &doc,
+        "LastReply",
+        &[
+            reply.clone(),
+            LastReply {
+                code: None,
+                enhanced: None,
+                text: "purged by an operator".into(),
+            },
+        ],
+    );
+    let rcpt = RecipientTrace {
+        address: "u@mx.test".into(),
+        state: "failed".into(),
+        attempts: 1,
+        last_reply: Some(reply),
+        class: Some("invalid_recipient".into()),
+        reason: Some("rejected".into()),
+        next_attempt_ms: None,
+        delivered_at_ms: None,
+        failed_at_ms: Some(2),
+    };
+    type_is_documented(&doc, "RecipientTrace", std::slice::from_ref(&rcpt));
+    type_is_documented(
+        &doc,
+        "MessageTrace",
+        &[MessageTrace {
+            queue_id: "Q".into(),
+            sender: "a@b.test".into(),
+            campaign: None,
+            source: "smtp".into(),
+            client: "127.0.0.1".into(),
+            identity: Some("user".into()),
+            size: 10,
+            received_at_ms: 1,
+            body_stored: false,
+            recipients: vec![rcpt],
+        }],
+    );
+    let found = FoundRecipient {
+        queue_id: "Q".into(),
+        sender: "a@b.test".into(),
+        campaign: Some("c".into()),
+        received_at_ms: 1,
+        address: "u@mx.test".into(),
+        state: "scheduled".into(),
+        attempts: 0,
+        last_reply: None,
+        next_attempt_ms: Some(3),
+    };
+    type_is_documented(&doc, "FoundRecipient", std::slice::from_ref(&found));
+    type_is_documented(
+        &doc,
+        "FindResponse",
+        &[FindResponse {
+            recipients: vec![found],
+            next_cursor: Some("1.2".into()),
+        }],
+    );
+    type_is_documented(
+        &doc,
+        "Selector",
+        &[
+            Selector::default(),
+            Selector {
+                message: Some("Q".into()),
+                recipient: Some("u@mx.test".into()),
+                domain: Some("mx.test".into()),
+                campaign: Some("c".into()),
+            },
+        ],
+    );
+    type_is_documented(&doc, "QueueOpResponse", &[QueueOpResponse::default()]);
+    type_is_documented(
+        &doc,
+        "DomainHold",
+        &[DomainHold {
+            domain: "mx.test".into(),
+            since_ms: 1,
+        }],
+    );
+    type_is_documented(
+        &doc,
+        "DomainActionResponse",
+        &[DomainActionResponse {
+            domain: "mx.test".into(),
+            held: true,
+            recipients: 4,
+        }],
+    );
+    let saved_rcpt = SavedRecipient {
+        address: "u@mx.test".into(),
+        domain: "mx.test".into(),
+        attempts: 0,
+    };
+    type_is_documented(&doc, "SavedRecipient", std::slice::from_ref(&saved_rcpt));
+    let saved = SavedMessage {
+        queue_id: "Q".into(),
+        sender: "a@b.test".into(),
+        campaign: Some("c".into()),
+        source: "smtp".into(),
+        client: "127.0.0.1".into(),
+        identity: None,
+        received_at_ms: 1,
+        smtputf8: false,
+        body_base64: "eA==".into(),
+        recipients: vec![saved_rcpt],
+    };
+    type_is_documented(&doc, "SavedMessage", std::slice::from_ref(&saved));
+    type_is_documented(
+        &doc,
+        "ExportPage",
+        &[ExportPage {
+            messages: vec![saved.clone()],
+            next_cursor: None,
+            through: 9,
+        }],
+    );
+    type_is_documented(
+        &doc,
+        "RequeueRequest",
+        &[RequeueRequest {
+            messages: vec![saved],
+        }],
+    );
+    type_is_documented(&doc, "RequeueResponse", &[RequeueResponse::default()]);
+    type_is_documented(
+        &doc,
+        "BackupRequest",
+        &[BackupRequest {
+            name: "nightly".into(),
+            failures: true,
+        }],
+    );
+    let file = BackupFile {
+        path: "/var/lib/floodgate/backups/nightly/queue.db".into(),
+        bytes: 4096,
+        integrity: "ok".into(),
+    };
+    type_is_documented(&doc, "BackupFile", std::slice::from_ref(&file));
+    type_is_documented(
+        &doc,
+        "BackupResponse",
+        &[BackupResponse {
+            dir: "/var/lib/floodgate/backups/nightly".into(),
+            queue: file,
+            failures: None,
+            messages: 1,
+            queued_recipients: 1,
+            took_ms: 3,
+        }],
+    );
+}
+
+#[test]
 fn enums_match_their_schemas() {
     let doc = document();
     use CampaignState::*;
@@ -434,13 +598,56 @@ async fn every_admin_route_is_served_documented_and_typed() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
+    // A queued message (of a campaign the purge leaves alone), for the trace, the search
+    // and the export.
+    let queue_id = floodgate::queue::QueueId::generate(1);
+    t.app
+        .queue()
+        .enqueue(floodgate::queue::NewMessage {
+            queue_id: queue_id.clone(),
+            sender: "app@client.test".into(),
+            campaign: Some("traced".into()),
+            source: floodgate::queue::Source::Http,
+            client: "key".into(),
+            identity: Some("key".into()),
+            body: b"Subject: x\r\n\r\nx\r\n".to_vec(),
+            recipients: vec![floodgate::queue::NewRecipient {
+                address: "u@mx.test".into(),
+                domain: "mx.test".into(),
+            }],
+            smtputf8: false,
+        })
+        .await
+        .unwrap();
     for (method, pattern) in ROUTES {
-        let path = pattern
-            .replace("{name}", "openapi")
-            .replace("/campaigns/openapi/{action}", "/campaigns/openapi/purge")
-            .replace("{action}", "resume");
-        let body =
-            (*method == "POST" && path.ends_with("/purge") || *method == "PUT").then_some("{}");
+        let (path, body) = match (*method, *pattern) {
+            ("GET", "/admin/v1/messages") => ("/admin/v1/messages?campaign=traced".into(), None),
+            ("GET", "/admin/v1/messages/{id}") => (format!("/admin/v1/messages/{queue_id}"), None),
+            ("POST", "/admin/v1/queue/{action}") => (
+                "/admin/v1/queue/retry".into(),
+                Some(r#"{"campaign": "openapi"}"#),
+            ),
+            ("POST", "/admin/v1/domains/{name}/{action}") => {
+                ("/admin/v1/domains/held.test/hold".into(), None)
+            }
+            ("GET", "/admin/v1/export") => ("/admin/v1/export?campaign=traced".into(), None),
+            ("POST", "/admin/v1/requeue") => {
+                ("/admin/v1/requeue".into(), Some(r#"{"messages": []}"#))
+            }
+            ("POST", "/admin/v1/backup") => (
+                "/admin/v1/backup".into(),
+                Some(r#"{"name": "openapi", "failures": true}"#),
+            ),
+            _ => {
+                let path = pattern
+                    .replace("{name}", "openapi")
+                    .replace("/campaigns/openapi/{action}", "/campaigns/openapi/purge")
+                    .replace("{action}", "resume");
+                let body = (*method == "POST" && path.ends_with("/purge") || *method == "PUT")
+                    .then_some("{}");
+                (path, body)
+            }
+        };
         let (status, text) = http(addr, method, &path, Some(TOKEN), body).await;
         assert_eq!(status, 200, "{method} {path}: {text}");
         let op = &doc["paths"][*pattern][method.to_lowercase()];
@@ -471,6 +678,20 @@ async fn every_admin_route_is_served_documented_and_typed() {
             "/admin/v1/webhooks" => round_trips::<WebhooksResponse>(&value),
             "/admin/v1/tls-report" => round_trips::<TlsReportResponse>(&value),
             "/admin/v1/tls-report/send" => round_trips::<TlsReportSendResponse>(&value),
+            "/admin/v1/messages?campaign=traced" => {
+                assert_eq!(value["recipients"].as_array().unwrap().len(), 1);
+                round_trips::<FindResponse>(&value)
+            }
+            p if p.starts_with("/admin/v1/messages/") => round_trips::<MessageTrace>(&value),
+            "/admin/v1/queue/retry" => round_trips::<QueueOpResponse>(&value),
+            "/admin/v1/domains" => round_trips::<Vec<DomainHold>>(&value),
+            "/admin/v1/domains/held.test/hold" => round_trips::<DomainActionResponse>(&value),
+            "/admin/v1/export?campaign=traced" => {
+                assert_eq!(value["messages"].as_array().unwrap().len(), 1);
+                round_trips::<ExportPage>(&value)
+            }
+            "/admin/v1/requeue" => round_trips::<RequeueResponse>(&value),
+            "/admin/v1/backup" => round_trips::<BackupResponse>(&value),
             other => panic!("{other}: a JSON route without its type here"),
         }
     }

@@ -112,7 +112,15 @@ impl Config {
             self.queue,
             new.queue,
             "queue",
-            [dir, synchronous, max_batch, max_size_mb, lease, retention]
+            [
+                dir,
+                synchronous,
+                max_batch,
+                max_size_mb,
+                lease,
+                retention,
+                backup_dir
+            ]
         );
         diff!(
             out,

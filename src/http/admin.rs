@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq;
 use super::{Body, error, json, percent_decode};
 
 mod actions;
+mod mail;
 mod views;
 
 pub use super::daemon::Admin;
@@ -42,6 +43,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/v1/webhooks"),
     ("GET", "/admin/v1/tls-report"),
     ("POST", "/admin/v1/tls-report/send"),
+    ("GET", "/admin/v1/messages"),
+    ("GET", "/admin/v1/messages/{id}"),
+    ("POST", "/admin/v1/queue/{action}"),
+    ("GET", "/admin/v1/domains"),
+    ("POST", "/admin/v1/domains/{name}/{action}"),
+    ("GET", "/admin/v1/export"),
+    ("POST", "/admin/v1/requeue"),
+    ("POST", "/admin/v1/backup"),
 ];
 
 impl Admin {
@@ -91,6 +100,21 @@ impl Admin {
                 self.tls_report(req.uri().query()).await
             }
             (Method::POST, ["admin", "v1", "tls-report", "send"]) => self.tls_report_send().await,
+            (Method::GET, ["admin", "v1", "messages"]) => {
+                self.find_messages(req.uri().query()).await
+            }
+            (Method::GET, ["admin", "v1", "messages", id]) => self.message_trace(id).await,
+            (Method::POST, ["admin", "v1", "queue", op]) => {
+                let op = op.to_string();
+                self.queue_op(&op, req).await
+            }
+            (Method::GET, ["admin", "v1", "domains"]) => self.domain_holds().await,
+            (Method::POST, ["admin", "v1", "domains", domain, action]) => {
+                self.domain_action(domain, action).await
+            }
+            (Method::GET, ["admin", "v1", "export"]) => self.export(req.uri().query()).await,
+            (Method::POST, ["admin", "v1", "requeue"]) => self.requeue(req).await,
+            (Method::POST, ["admin", "v1", "backup"]) => self.backup(req).await,
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
     }

@@ -388,6 +388,7 @@ impl Api {
             campaign: campaign.clone(),
             source: Source::Http,
             client: caller.name.clone(),
+            identity: Some(caller.name.clone()),
             body: stored,
             recipients: accepted
                 .into_iter()

@@ -10,12 +10,16 @@ use parking_lot::Mutex;
 use rusqlite::Connection;
 use rusqlite::ffi::ErrorCode;
 
+pub mod backup;
+pub mod ops;
 pub mod retention;
 pub mod schema;
 pub mod status;
 pub mod store;
+pub mod trace;
 pub mod writer;
 
+pub use ops::{Cancelled, Target};
 pub use retention::Pruned;
 pub use status::{QueueSummary, Totals};
 pub use store::{CampaignState, Claimed, Holding, StoredMessage, StoredRecipient, Update};
@@ -123,6 +127,8 @@ pub struct NewMessage {
     pub source: Source,
     /// Client address (SMTP) or API key name (HTTP), for the record.
     pub client: String,
+    /// Who submitted it: the SMTP AUTH user or the HTTP API key's name, for the trace.
+    pub identity: Option<String>,
     pub body: Vec<u8>,
     pub recipients: Vec<NewRecipient>,
     /// Submitted with the SMTPUTF8 parameter (RFC 6531): relayed with it.
@@ -169,6 +175,10 @@ impl RecipientState {
         }
     }
 }
+
+/// Recipients one batch of an operator's bulk operation changes: one short writer
+/// operation, so that intake never waits long behind an action on a big campaign.
+pub const OPS_BATCH: usize = 5000;
 
 /// The queue: a writer for changes and read-only connections for status.
 #[derive(Clone)]
@@ -339,9 +349,130 @@ impl Queue {
         self.read(store::load_campaigns).await
     }
 
-    /// Purges a campaign's scheduled and held recipients in batches; returns how many.
-    pub async fn purge(&self, campaign: &str) -> Result<u64, QueueError> {
-        self.campaign_batches(campaign, store::purge_batch).await
+    /// Purges a campaign's scheduled and held recipients (those with an id up to
+    /// `through`, when given) in batches; returns how many.
+    pub async fn purge(&self, campaign: &str, through: Option<i64>) -> Result<u64, QueueError> {
+        let through = through.unwrap_or(i64::MAX);
+        self.campaign_batches(campaign, move |conn, name, limit, now| {
+            store::purge_batch(conn, name, through, limit, now)
+        })
+        .await
+    }
+
+    /// A message's trace (without bounce classes), if it is still stored.
+    pub async fn trace(
+        &self,
+        queue_id: &str,
+    ) -> Result<Option<crate::admin_api::MessageTrace>, QueueError> {
+        let id = queue_id.to_owned();
+        self.read(move |conn| trace::message(conn, &id)).await
+    }
+
+    /// One page of a search (see [`trace::find`]).
+    pub async fn find(
+        &self,
+        f: trace::Find,
+    ) -> Result<(Vec<crate::admin_api::FoundRecipient>, Option<String>), QueueError> {
+        self.read(move |conn| trace::find(conn, &f)).await
+    }
+
+    /// Makes the target's deferred recipients due now, in batches; returns how many.
+    pub async fn retry(&self, target: Target) -> Result<u64, QueueError> {
+        self.batches(move |conn, limit, now| ops::retry_batch(conn, &target, limit, now))
+            .await
+    }
+
+    /// One batch of a cancel (see [`ops::cancel_batch`]): the caller sends the batch's
+    /// notifications, then asks for the next, until a batch changes fewer than
+    /// [`OPS_BATCH`] recipients.
+    pub async fn cancel_batch(
+        &self,
+        target: Target,
+    ) -> Result<(usize, Vec<Cancelled>), QueueError> {
+        let now = self.clock.now_ms();
+        self.writer
+            .run(move |conn| ops::cancel_batch(conn, &target, OPS_BATCH, now))
+            .await
+    }
+
+    /// Holds (or releases) a destination domain: records (or forgets) the hold, then
+    /// moves its queued recipients in batches. Returns whether the hold changed and how
+    /// many recipients moved.
+    pub async fn hold_domain(&self, domain: &str, hold: bool) -> Result<(bool, u64), QueueError> {
+        let (name, now) = (domain.to_owned(), self.clock.now_ms());
+        let changed = self
+            .writer
+            .run(move |conn| match hold {
+                true => ops::hold_domain(conn, &name, now),
+                false => ops::release_domain(conn, &name),
+            })
+            .await?;
+        let name = domain.to_owned();
+        let moved = self
+            .batches(move |conn, limit, now| ops::domain_batch(conn, &name, hold, limit, now))
+            .await?;
+        Ok((changed, moved))
+    }
+
+    pub async fn domain_holds(&self) -> Result<Vec<crate::admin_api::DomainHold>, QueueError> {
+        self.read(ops::domain_holds).await
+    }
+
+    /// A page of a campaign's waiting messages after `after` (see [`ops::export_page`]).
+    pub async fn export_page(
+        &self,
+        campaign: &str,
+        after: i64,
+    ) -> Result<(Vec<crate::admin_api::SavedMessage>, Option<i64>, i64), QueueError> {
+        const MESSAGES: usize = 500;
+        const BYTES: usize = 4 * 1024 * 1024;
+        let name = campaign.to_owned();
+        self.read(move |conn| ops::export_page(conn, &name, after, MESSAGES, BYTES))
+            .await
+    }
+
+    /// Puts saved messages back, in one operation (see [`ops::requeue`]).
+    pub async fn requeue(
+        &self,
+        messages: Vec<crate::admin_api::SavedMessage>,
+    ) -> Result<crate::admin_api::RequeueResponse, QueueError> {
+        let now = self.clock.now_ms();
+        self.writer
+            .run(move |conn| ops::requeue(conn, &messages, now))
+            .await
+    }
+
+    /// Copies queue.db (and `failures_db`) into the new folder `dir`, off the async
+    /// threads, while the writer goes on committing (see [`backup`]).
+    pub async fn backup(
+        &self,
+        dir: PathBuf,
+        failures_db: Option<PathBuf>,
+    ) -> Result<crate::admin_api::BackupResponse, backup::BackupError> {
+        let src = self.path.clone();
+        tokio::task::spawn_blocking(move || backup::run(&src, &dir, failures_db.as_deref()))
+            .await
+            .map_err(|e| backup::BackupError::Failed(format!("backup task failed: {e}")))?
+    }
+
+    /// Runs `step` in batches of [`OPS_BATCH`], one writer operation each, until a batch
+    /// comes back short; returns the total.
+    async fn batches(
+        &self,
+        step: impl Fn(&Connection, usize, i64) -> Result<usize, QueueError> + Clone + Send + 'static,
+    ) -> Result<u64, QueueError> {
+        let mut total = 0u64;
+        loop {
+            let (step, now) = (step.clone(), self.clock.now_ms());
+            let n = self
+                .writer
+                .run(move |conn| step(conn, OPS_BATCH, now))
+                .await?;
+            total += n as u64;
+            if n < OPS_BATCH {
+                return Ok(total);
+            }
+        }
     }
 
     /// Moves a campaign's queued recipients the `way` says, in batches: held out of the
@@ -400,20 +531,9 @@ impl Queue {
         + Send
         + 'static,
     ) -> Result<u64, QueueError> {
-        const BATCH: usize = 5000;
-        let mut total = 0u64;
-        loop {
-            let name = campaign.to_owned();
-            let now = self.clock.now_ms();
-            let n = self
-                .writer
-                .run(move |conn| step(conn, &name, BATCH, now))
-                .await?;
-            total += n as u64;
-            if n < BATCH {
-                return Ok(total);
-            }
-        }
+        let name = campaign.to_owned();
+        self.batches(move |conn, limit, now| step(conn, &name, limit, now))
+            .await
     }
 
     pub async fn summary(&self) -> Result<QueueSummary, QueueError> {

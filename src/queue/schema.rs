@@ -85,6 +85,19 @@ const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO bodies (message_id, body) SELECT id, body FROM messages WHERE body IS NOT NULL;
     ALTER TABLE messages DROP COLUMN body;",
+    // 7: message trace and search. Who submitted the message (AUTH user or API key name),
+    // and the indexes behind `GET /admin/v1/messages?rcpt=&sender=&campaign=&since=`:
+    // each filter is served by an index, never by a scan of the queue.
+    "ALTER TABLE messages ADD COLUMN identity TEXT;
+    CREATE INDEX recipients_address ON recipients(address);
+    CREATE INDEX messages_sender ON messages(sender);
+    CREATE INDEX messages_campaign ON messages(campaign);
+    CREATE INDEX messages_received ON messages(received_at);",
+    // 8: destination-domain holds (an operator's suspension of one domain), persisted so
+    // that a restart keeps them; the recipients of a held domain wait in state 3 (held),
+    // found by `recipients_domain` for the hold, the release and `ctl retry --domain`.
+    "CREATE TABLE domain_holds (domain TEXT PRIMARY KEY, since INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE INDEX recipients_domain ON recipients(domain, state);",
 ];
 
 /// How long a connection waits for a lock held by another connection.

@@ -1,6 +1,7 @@
 //! The queue's SQL for enqueue, claims, outcomes, holds and purges. The schema and how
 //! queue.db is opened live in `schema`, the status reads in `status`, the retention
-//! deletes in `retention`; nothing outside these four files speaks SQL to queue.db.
+//! deletes in `retention`, the trace and search in `trace`, operators' queue operations
+//! in `ops`, the online copy in `backup`; nothing outside `queue/` speaks SQL to queue.db.
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -10,8 +11,8 @@ use super::{NewMessage, QueueError, RecipientState, Remembered};
 /// Inserts one message and its recipients. Runs inside the writer's batch transaction.
 pub fn insert_message(conn: &Connection, msg: &NewMessage, now_ms: i64) -> Result<(), QueueError> {
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO messages (queue_id, sender, campaign, source, client, received_at, size, smtputf8)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO messages (queue_id, sender, campaign, source, client, received_at, size, smtputf8, identity)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     stmt.execute(params![
         msg.queue_id.as_str(),
@@ -22,13 +23,17 @@ pub fn insert_message(conn: &Connection, msg: &NewMessage, now_ms: i64) -> Resul
         now_ms,
         msg.body.len() as i64,
         msg.smtputf8,
+        msg.identity,
     ])?;
     let message_id = conn.last_insert_rowid();
     conn.prepare_cached("INSERT INTO bodies (message_id, body) VALUES (?1, ?2)")?
         .execute(params![message_id, &msg.body[..]])?;
+    // A recipient of a held domain waits held from the start, out of the due index.
     let mut stmt = conn.prepare_cached(
         "INSERT INTO recipients (message_id, address, domain, campaign, state, next_attempt, updated_at)
-         VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)",
+         VALUES (?1, ?2, ?3, ?4,
+                 CASE WHEN EXISTS (SELECT 1 FROM domain_holds WHERE domain = ?3) THEN 3 ELSE 0 END,
+                 ?5, ?5)",
     )?;
     for rcpt in &msg.recipients {
         stmt.execute(params![
@@ -142,6 +147,7 @@ pub fn claim(
                AND (lease_until IS NULL OR lease_until <= ?2)
                AND (campaign IS NULL OR campaign NOT IN (SELECT value FROM json_each(?3)))
                AND domain NOT IN (SELECT value FROM json_each(?4))
+               AND domain NOT IN (SELECT domain FROM domain_holds)
              ORDER BY next_attempt LIMIT ?5)
          RETURNING id, message_id, address, domain, campaign, attempts",
     )?;
@@ -265,7 +271,7 @@ fn supersedes(current: RecipientState, next: RecipientState) -> bool {
 
 /// Changes to the lifetime totals of finished recipients within one operation.
 #[derive(Default)]
-struct Totals {
+pub(super) struct Totals {
     delivered: i64,
     failed: i64,
 }
@@ -279,7 +285,7 @@ impl Totals {
         self.add(state, -1);
     }
 
-    fn add(&mut self, state: RecipientState, n: i64) {
+    pub(super) fn add(&mut self, state: RecipientState, n: i64) {
         match state {
             RecipientState::Delivered => self.delivered += n,
             RecipientState::Failed => self.failed += n,
@@ -288,7 +294,7 @@ impl Totals {
     }
 
     /// Writes the changes, in the caller's transaction.
-    fn save(&self, conn: &Connection) -> Result<(), QueueError> {
+    pub(super) fn save(&self, conn: &Connection) -> Result<(), QueueError> {
         let mut stmt =
             conn.prepare_cached("UPDATE counters SET value = value + ?2 WHERE name = ?1")?;
         for (name, n) in [("delivered", self.delivered), ("failed", self.failed)] {
@@ -302,7 +308,7 @@ impl Totals {
 
 /// Frees the bodies of `messages` that no scheduled recipient needs any more: a message
 /// is stored once, and kept only as long as someone still waits for it.
-fn free_bodies(
+pub(super) fn free_bodies(
     conn: &Connection,
     messages: impl IntoIterator<Item = i64>,
 ) -> Result<(), QueueError> {
@@ -377,22 +383,28 @@ pub fn load_campaigns(conn: &Connection) -> Result<Vec<CampaignState>, QueueErro
 }
 
 /// Fails up to `limit` of a campaign's scheduled recipients with reason `purged` and
-/// frees the bodies nobody needs any more. Returns how many it purged; callers repeat
+/// frees the bodies nobody needs any more. Only recipients with an id up to `through`
+/// are purged (`i64::MAX`: all), so that a purge after an export (`ctl purge --save`)
+/// removes nothing the export did not save. Returns how many it purged; callers repeat
 /// until 0, one short transaction per batch, so intake never waits long behind a purge.
 pub fn purge_batch(
     conn: &Connection,
     campaign: &str,
+    through: i64,
     limit: usize,
     now_ms: i64,
 ) -> Result<usize, QueueError> {
     let mut stmt = conn.prepare_cached(
         "UPDATE recipients SET state = 2, reason = 'purged', last_reply = 'purged by an operator',
              lease_until = NULL, updated_at = ?3
-         WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state IN (0, 3) LIMIT ?2)
+         WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state IN (0, 3)
+                        AND id <= ?4 LIMIT ?2)
          RETURNING message_id",
     )?;
     let messages: std::collections::BTreeSet<i64> = stmt
-        .query_map(params![campaign, limit as i64, now_ms], |r| r.get(0))?
+        .query_map(params![campaign, limit as i64, now_ms, through], |r| {
+            r.get(0)
+        })?
         .collect::<Result<_, _>>()?;
     let purged = conn.changes() as usize;
     let mut totals = Totals::default();
@@ -422,8 +434,10 @@ impl Holding {
                                 AND (lease_until IS NULL OR lease_until <= ?3) LIMIT ?2)"
             }
             Holding::Release => {
+                // A recipient whose domain is held as well stays held.
                 "UPDATE recipients SET state = 0, updated_at = ?3
-                 WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 3 LIMIT ?2)"
+                 WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state = 3
+                                AND domain NOT IN (SELECT domain FROM domain_holds) LIMIT ?2)"
             }
         }
     }
@@ -503,6 +517,7 @@ mod tests {
             campaign: Some("c".into()),
             source: Source::Smtp,
             client: "test".into(),
+            identity: None,
             body: b"x".to_vec(),
             smtputf8: false,
             recipients: vec![NewRecipient {
@@ -512,7 +527,7 @@ mod tests {
         };
         insert_message(&conn, &msg, 0).unwrap();
         let claimed = claim(&conn, 0, 1000, 10, &[], &[]).unwrap();
-        assert_eq!(purge_batch(&conn, "c", 10, 1).unwrap(), 1);
+        assert_eq!(purge_batch(&conn, "c", i64::MAX, 10, 1).unwrap(), 1);
         // The courier's 451 for the purged recipient arrives after the purge.
         let retry = Update::Retry {
             next_attempt: 10,

@@ -7,7 +7,7 @@ use crate::queue::{Claimed, NewMessage, NewRecipient, QueueId, Source};
 
 /// The notification for `failed` recipients of the message `first` belongs to, with the
 /// `original` message quoted; `None` when the sender is null or not an address.
-pub(super) fn notification(
+pub(crate) fn notification(
     config: &Config,
     first: &Claimed,
     original: &[u8],
@@ -33,6 +33,7 @@ pub(super) fn notification(
         campaign: first.campaign.clone(),
         source: Source::Bounce,
         client: "bounce".into(),
+        identity: None,
         body,
         recipients: vec![NewRecipient {
             address: sender.address,

@@ -342,6 +342,7 @@ impl Session {
             campaign,
             source: Source::Smtp,
             client: self.peer.ip().to_string(),
+            identity: self.user.clone(),
             body: stored,
             recipients: envelope
                 .recipients

@@ -118,12 +118,16 @@ impl Admin {
                 .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("block_for: {e}")))?;
             campaign.block_until(self.now() + d.as_millis() as i64);
         }
-        self.intake.queue.purge(name).await.map_err(|e| {
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("purge failed: {e}"),
-            )
-        })
+        self.intake
+            .queue
+            .purge(name, request.through)
+            .await
+            .map_err(|e| {
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("purge failed: {e}"),
+                )
+            })
     }
 
     pub(super) fn intake_switch(&self, action: &str) -> Response<Body> {
