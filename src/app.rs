@@ -349,6 +349,10 @@ impl App {
             sink,
             intake.wake.clone(),
             intake.signing.clone(),
+            Arc::new(crate::http::api::batch::Renderer::new(
+                intake.queue.clone(),
+                intake.config.clone(),
+            )),
         ));
         self.supervisor.spawn(SCHEDULER, scheduler.clone().run());
         *running = Some(scheduler);

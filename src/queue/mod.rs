@@ -10,12 +10,14 @@ use parking_lot::Mutex;
 use rusqlite::Connection;
 use rusqlite::ffi::ErrorCode;
 
+pub mod batch;
 pub mod retention;
 pub mod schema;
 pub mod status;
 pub mod store;
 pub mod writer;
 
+pub use batch::{Append, BatchRecord, BatchRow, ChunkProgress};
 pub use retention::Pruned;
 pub use status::{QueueSummary, Totals};
 pub use store::{CampaignState, Claimed, Holding, StoredMessage, StoredRecipient, Update};
@@ -243,6 +245,52 @@ impl Queue {
                 }
                 store::remember_response(conn, &key, &response, now, not_before)
             })
+            .await
+    }
+
+    /// Creates a batch (its message row and template); returns once durable.
+    pub async fn create_batch(&self, msg: NewMessage, template: String) -> Result<i64, QueueError> {
+        let now = self.clock.now_ms();
+        self.writer
+            .run(move |conn| batch::create(conn, &msg, &template, now))
+            .await
+    }
+
+    pub async fn batch(&self, batch_id: &str) -> Result<Option<BatchRecord>, QueueError> {
+        let id = batch_id.to_owned();
+        self.read(move |conn| batch::find(conn, &id)).await
+    }
+
+    pub async fn batch_of_message(
+        &self,
+        message_id: i64,
+    ) -> Result<Option<BatchRecord>, QueueError> {
+        self.read(move |conn| batch::by_message(conn, message_id))
+            .await
+    }
+
+    /// The most recent batches, newest first.
+    pub async fn batches(&self, limit: usize) -> Result<Vec<BatchRecord>, QueueError> {
+        self.read(move |conn| batch::recent(conn, limit)).await
+    }
+
+    /// A chunk upload's committed progress under its key.
+    pub async fn batch_chunk(
+        &self,
+        message_id: i64,
+        key: &str,
+    ) -> Result<Option<ChunkProgress>, QueueError> {
+        let key = key.to_owned();
+        self.read(move |conn| batch::chunk(conn, message_id, &key))
+            .await
+    }
+
+    /// One slice of a batch upload (rows, counters, chunk progress) in the next group
+    /// commit; returns once it is durable.
+    pub async fn append_batch(&self, slice: Append) -> Result<(), QueueError> {
+        let now = self.clock.now_ms();
+        self.writer
+            .run(move |conn| batch::append(conn, &slice, now))
             .await
     }
 

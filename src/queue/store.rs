@@ -4,6 +4,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::batch::Moved;
 pub use super::schema::{open_reader, open_writer, set_max_size};
 use super::{NewMessage, QueueError, RecipientState, Remembered};
 
@@ -119,6 +120,8 @@ pub struct Claimed {
     pub received_at: i64,
     /// The message was submitted with SMTPUTF8.
     pub smtputf8: bool,
+    /// A batch recipient's variables (JSON): its message is rendered for it alone.
+    pub vars: Option<String>,
 }
 
 /// Leases up to `limit` due recipients until `lease_until`, skipping held campaigns and
@@ -143,7 +146,7 @@ pub fn claim(
                AND (campaign IS NULL OR campaign NOT IN (SELECT value FROM json_each(?3)))
                AND domain NOT IN (SELECT value FROM json_each(?4))
              ORDER BY next_attempt LIMIT ?5)
-         RETURNING id, message_id, address, domain, campaign, attempts",
+         RETURNING id, message_id, address, domain, campaign, attempts, vars",
     )?;
     let mut claimed: Vec<Claimed> = stmt
         .query_map(
@@ -160,6 +163,7 @@ pub fn claim(
                     sender: String::new(),
                     received_at: 0,
                     smtputf8: false,
+                    vars: r.get(6)?,
                 })
             },
         )?
@@ -216,6 +220,7 @@ pub fn apply(conn: &Connection, updates: &[(i64, Update)], now_ms: i64) -> Resul
          WHERE id = ?1 RETURNING message_id",
     )?;
     let mut messages = std::collections::BTreeSet::new();
+    let mut batches: std::collections::BTreeMap<i64, Moved> = Default::default();
     for (id, update) in updates {
         let (state, next, reply, reason) = match update {
             Update::Delivered { reply } => (RecipientState::Delivered, now_ms, reply, None),
@@ -245,9 +250,24 @@ pub fn apply(conn: &Connection, updates: &[(i64, Update)], now_ms: i64) -> Resul
             .optional()?;
         totals.leave(old);
         totals.enter(state);
+        if let Some(m) = message {
+            let moved = batches.entry(m).or_default();
+            moved.add(old, -1);
+            moved.add(state, 1);
+            match update {
+                Update::Retry { .. } => moved.deferred += 1,
+                Update::Failed { reason, .. }
+                    if reason == crate::reason::Reason::Template.as_str() =>
+                {
+                    moved.failed_template += 1;
+                }
+                _ => {}
+            }
+        }
         messages.extend(message);
     }
     totals.save(conn)?;
+    super::batch::record_outcomes(conn, &batches)?;
     free_bodies(conn, messages)
 }
 
@@ -391,14 +411,19 @@ pub fn purge_batch(
          WHERE id IN (SELECT id FROM recipients WHERE campaign = ?1 AND state IN (0, 3) LIMIT ?2)
          RETURNING message_id",
     )?;
-    let messages: std::collections::BTreeSet<i64> = stmt
+    let returned: Vec<i64> = stmt
         .query_map(params![campaign, limit as i64, now_ms], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    let purged = conn.changes() as usize;
+    let purged = returned.len();
     let mut totals = Totals::default();
     totals.add(RecipientState::Failed, purged as i64);
     totals.save(conn)?;
-    free_bodies(conn, messages)?;
+    let mut batches: std::collections::BTreeMap<i64, Moved> = Default::default();
+    for m in &returned {
+        batches.entry(*m).or_default().failed += 1;
+    }
+    super::batch::record_outcomes(conn, &batches)?;
+    free_bodies(conn, returned)?;
     Ok(purged)
 }
 
