@@ -336,6 +336,10 @@ impl App {
                 intake.clock.clone(),
             )),
             webhook: self.webhook.clone(),
+            render: Arc::new(crate::http::api::batch::Renderer::new(
+                intake.queue.clone(),
+                intake.config.clone(),
+            )),
         };
         let sink = Arc::new(Reporting {
             inner: intake.clone(),
@@ -349,10 +353,6 @@ impl App {
             sink,
             intake.wake.clone(),
             intake.signing.clone(),
-            Arc::new(crate::http::api::batch::Renderer::new(
-                intake.queue.clone(),
-                intake.config.clone(),
-            )),
         ));
         self.supervisor.spawn(SCHEDULER, scheduler.clone().run());
         *running = Some(scheduler);

@@ -106,6 +106,10 @@ enum CtlCommand {
     /// Webhook endpoints: disabled by `410 Gone` (their domains are answered 451 4.3.2
     /// until a config reload), circuit state, consecutive failures.
     Webhooks,
+    /// Batch sends, newest first: rows received, accepted, rejected, delivered, queued.
+    Batches,
+    /// One batch send's progress, rejections by reason.
+    Batch { id: String },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -278,6 +282,8 @@ fn request(command: &CtlCommand) -> Result<Call, CtlError> {
         }
         CtlCommand::Alerts => Call::get("/admin/v1/alerts"),
         CtlCommand::Webhooks => Call::get("/admin/v1/webhooks"),
+        CtlCommand::Batches => Call::get("/admin/v1/batches"),
+        CtlCommand::Batch { id } => Call::get(format!("/admin/v1/batches/{}", encode(id))),
     })
 }
 
@@ -312,6 +318,8 @@ fn human(command: &CtlCommand, addr: &str, answer: Value) -> Result<String, serd
         CtlCommand::Failures { .. } => render::failures(&decode(answer)?),
         CtlCommand::Alerts => render::alerts(&decode::<Vec<_>>(answer)?),
         CtlCommand::Webhooks => render::webhooks(&decode(answer)?),
+        CtlCommand::Batches => render::batches(&decode::<Vec<_>>(answer)?),
+        CtlCommand::Batch { .. } => render::batch(&decode(answer)?),
     })
 }
 

@@ -54,6 +54,8 @@ pub struct Progress {
 pub struct Couriers {
     pub smtp: Arc<dyn Courier>,
     pub webhook: Arc<dyn Courier>,
+    /// Renders each batch recipient's message before its courier takes it.
+    pub render: Arc<dyn Render>,
 }
 
 /// The wait before retry number `attempt` (1-based): the schedule's entry, the last one
@@ -187,7 +189,6 @@ pub struct Scheduler {
     pub wake: Arc<Notify>,
     /// DKIM keys: the DSNs the scheduler writes are signed like every other message.
     signing: Arc<Signing>,
-    render: Arc<dyn Render>,
     lanes: Mutex<HashMap<Destination, Arc<Lane>>>,
     global: Arc<Semaphore>,
     global_cap: AtomicUsize,
@@ -206,7 +207,6 @@ impl Scheduler {
         sink: Arc<dyn FailureSink>,
         wake: Arc<Notify>,
         signing: Arc<Signing>,
-        render: Arc<dyn Render>,
     ) -> Scheduler {
         let max = config.load().delivery.max_concurrency;
         Scheduler {
@@ -217,7 +217,6 @@ impl Scheduler {
             sink,
             wake,
             signing,
-            render,
             lanes: Mutex::default(),
             global: Arc::new(Semaphore::new(max)),
             global_cap: AtomicUsize::new(max),
@@ -459,7 +458,7 @@ impl Scheduler {
     /// A batch recipient (alone in its job): its message rendered from the batch's
     /// template and its variables, then signed, then handed to the courier.
     async fn deliver_rendered(&self, config: &Config, mut job: Job, started: i64) {
-        match self.render.render(&job.recipients[0]).await {
+        match self.couriers.render.render(&job.recipients[0]).await {
             Ok(body) => {
                 job.body = Arc::new(self.signing.sign(body).await);
                 self.hand_over(config, job).await;

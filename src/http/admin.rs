@@ -16,7 +16,7 @@ use subtle::ConstantTimeEq;
 use super::{Body, error, json, percent_decode};
 
 mod actions;
-mod views;
+pub(crate) mod views;
 
 pub use super::daemon::Admin;
 
@@ -40,6 +40,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/v1/queue"),
     ("GET", "/admin/v1/alerts"),
     ("GET", "/admin/v1/webhooks"),
+    ("GET", "/admin/v1/batches"),
+    ("GET", "/admin/v1/batches/{id}"),
 ];
 
 impl Admin {
@@ -85,6 +87,8 @@ impl Admin {
             (Method::GET, ["admin", "v1", "queue"]) => self.queue().await,
             (Method::GET, ["admin", "v1", "alerts"]) => json(StatusCode::OK, &self.alerts()),
             (Method::GET, ["admin", "v1", "webhooks"]) => json(StatusCode::OK, &self.webhooks()),
+            (Method::GET, ["admin", "v1", "batches"]) => self.batches().await,
+            (Method::GET, ["admin", "v1", "batches", id]) => self.batch(id).await,
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
     }

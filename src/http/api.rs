@@ -127,10 +127,11 @@ enum Endpoint {
 }
 
 impl Endpoint {
-    fn of(method: &Method, path: &str) -> Result<Endpoint, Response<Body>> {
+    /// The endpoint, or the status and message that refuse the request.
+    fn of(method: &Method, path: &str) -> Result<Endpoint, (StatusCode, &'static str)> {
         let post = |e: Endpoint| match *method {
             Method::POST => Ok(e),
-            _ => Err(error(StatusCode::METHOD_NOT_ALLOWED, "use POST")),
+            _ => Err((StatusCode::METHOD_NOT_ALLOWED, "use POST")),
         };
         match path {
             "/v1/messages" => return post(Endpoint::Send { raw: false }),
@@ -139,7 +140,7 @@ impl Endpoint {
             _ => {}
         }
         let Some(rest) = path.strip_prefix("/v1/batches/") else {
-            return Err(error(StatusCode::NOT_FOUND, "no such endpoint"));
+            return Err((StatusCode::NOT_FOUND, "no such endpoint"));
         };
         match rest.split_once('/') {
             Some((id, "recipients")) if !id.is_empty() => {
@@ -147,28 +148,34 @@ impl Endpoint {
             }
             None if !rest.is_empty() => match *method {
                 Method::GET => Ok(Endpoint::BatchStatus(rest.to_owned())),
-                _ => Err(error(StatusCode::METHOD_NOT_ALLOWED, "use GET")),
+                _ => Err((StatusCode::METHOD_NOT_ALLOWED, "use GET")),
             },
-            _ => Err(error(StatusCode::NOT_FOUND, "no such endpoint")),
+            _ => Err((StatusCode::NOT_FOUND, "no such endpoint")),
         }
     }
 }
 
 /// The request's Idempotency-Key, hashed with its API key's name; a `400` when it is
 /// not 1 to 255 visible characters.
-fn idempotency_key(
-    req: &Request<Incoming>,
-    caller: &Caller,
-) -> Result<Option<String>, Response<Body>> {
+fn idempotency_key(req: &Request<Incoming>, caller: &Caller) -> Result<Option<String>, BadKey> {
     match req.headers().get("idempotency-key").map(|v| v.to_str()) {
         None => Ok(None),
         Some(Ok(k)) if !k.is_empty() && k.len() <= 255 => {
             Ok(Some(key_hash(&format!("{}\0{k}", caller.name))))
         }
-        Some(_) => Err(error(
+        Some(_) => Err(BadKey),
+    }
+}
+
+/// An Idempotency-Key that is not 1 to 255 visible characters.
+struct BadKey;
+
+impl BadKey {
+    fn response(&self) -> Response<Body> {
+        error(
             StatusCode::BAD_REQUEST,
             "Idempotency-Key must be 1 to 255 visible characters",
-        )),
+        )
     }
 }
 
@@ -189,7 +196,7 @@ impl Api {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let endpoint = match Endpoint::of(req.method(), req.uri().path()) {
             Ok(e) => e,
-            Err(r) => return r,
+            Err((status, why)) => return error(status, why),
         };
         let config = self.intake.config.load_full();
         let peer = req
@@ -267,7 +274,7 @@ impl Api {
     ) -> Response<Body> {
         let key = match idempotency_key(&req, caller) {
             Ok(k) => k,
-            Err(r) => return r,
+            Err(bad) => return bad.response(),
         };
         let _held = match &key {
             Some(k) => match self.hold(k) {

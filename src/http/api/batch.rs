@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::compose::{Attachment, SendRequest, build_mime, check_fields, field_error};
 use super::rows::{Format, MAX_LINE, NoToColumn, Parsed, Rows};
 use super::{Api, Caller, RETRY_AFTER_QUEUE, with_retry_after};
+use crate::admin_api as api;
 use crate::config::Config;
 use crate::http::{Body, error, json};
 use crate::lines::{Line, LineCutter};
@@ -113,29 +114,12 @@ impl BatchRequest {
     }
 }
 
-/// A batch's progress, as `GET /v1/batches/{id}` and the admin API show it.
-#[derive(Debug, Serialize)]
-pub struct Progress {
-    pub id: String,
-    pub campaign: Option<String>,
-    /// `active` or `paused` (its campaign is held).
-    pub state: &'static str,
-    pub created_at_ms: i64,
-    pub received: u64,
-    pub accepted: u64,
-    pub rejected: BTreeMap<String, u64>,
-    pub delivered: u64,
-    pub deferred: u64,
-    pub failed: u64,
-    pub failed_template: u64,
-    pub queued: u64,
-}
-
-pub fn progress(b: &BatchRecord, paused: bool) -> Progress {
-    Progress {
+/// A batch's progress for the send API and the admin API, in its campaign's state.
+pub fn view(b: &BatchRecord, state: api::CampaignState) -> api::BatchView {
+    api::BatchView {
         id: b.batch_id.clone(),
         campaign: b.campaign.clone(),
-        state: if paused { "paused" } else { "active" },
+        state,
         created_at_ms: b.created_at,
         received: b.received,
         accepted: b.accepted,
@@ -266,12 +250,8 @@ impl Api {
     pub(super) async fn batch_status(&self, caller: &Caller, id: &str) -> Response<Body> {
         match self.owned_batch(caller, id).await {
             Ok(b) => {
-                let paused = self
-                    .intake
-                    .policy
-                    .check_open(b.campaign.as_deref())
-                    .is_err();
-                json(StatusCode::OK, &progress(&b, paused))
+                let state = campaign_state(&self.intake, b.campaign.as_deref());
+                json(StatusCode::OK, &view(&b, state))
             }
             Err(r) => r,
         }
@@ -301,7 +281,7 @@ impl Api {
         };
         let key = match super::idempotency_key(&req, caller) {
             Ok(k) => k,
-            Err(r) => return r,
+            Err(bad) => return bad.response(),
         };
         let batch = match self.owned_batch(caller, id).await {
             Ok(b) => b,
@@ -355,6 +335,15 @@ impl Api {
             Err(r) => r,
         }
     }
+}
+
+/// A batch's campaign state, as the admin API names it.
+pub fn campaign_state(
+    intake: &crate::intake::Intake,
+    campaign: Option<&str>,
+) -> api::CampaignState {
+    let c = intake.campaigns().get(campaign);
+    crate::http::admin::views::campaign_state(&c, intake.clock.now_ms())
 }
 
 fn queue_unavailable() -> Response<Body> {
