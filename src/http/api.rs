@@ -91,6 +91,28 @@ struct Caller {
     peer: std::net::IpAddr,
 }
 
+impl Caller {
+    /// The request's campaign, else the key's, else the key's name.
+    fn campaign_for(&self, requested: Option<&str>) -> Option<String> {
+        let campaign = requested.or(self.campaign.as_deref()).unwrap_or(&self.name);
+        let campaign = message::campaign_name(campaign);
+        (!campaign.is_empty()).then_some(campaign)
+    }
+
+    /// The `Received:` header of what this caller submits as `queue_id`.
+    fn trace(&self, config: &Config, queue_id: &QueueId, now_us: i64) -> String {
+        message::received_header(&Trace {
+            helo: &self.name,
+            peer: self.peer,
+            hostname: &config.server.hostname,
+            protocol: "HTTP",
+            queue_id: queue_id.as_str(),
+            single_recipient: None,
+            now_us,
+        })
+    }
+}
+
 /// An Idempotency-Key (hashed with its API key's name) and the fingerprint of the
 /// request that came with it.
 struct Idempotency {
@@ -409,14 +431,7 @@ impl Api {
         p: Prepared,
         idempotency: Option<Idempotency>,
     ) -> Response<Body> {
-        // The request's campaign, else the key's, else the key's name.
-        let campaign = p
-            .campaign
-            .clone()
-            .or_else(|| caller.campaign.clone())
-            .unwrap_or_else(|| caller.name.clone());
-        let campaign = message::campaign_name(&campaign);
-        let campaign = (!campaign.is_empty()).then_some(campaign);
+        let campaign = caller.campaign_for(p.campaign.as_deref());
         if let Err(reason) = self.intake.policy.check_open(campaign.as_deref()) {
             return self.closed(campaign.as_deref(), reason, &p.recipients);
         }
@@ -477,16 +492,7 @@ fn stored(
         Body_::Raw(b) => b,
         Body_::Json(req) => build_mime(&req, queue_id, &config.server.hostname)?,
     };
-    let trace = message::received_header(&Trace {
-        helo: &caller.name,
-        peer: caller.peer,
-        hostname: &config.server.hostname,
-        protocol: "HTTP",
-        queue_id: queue_id.as_str(),
-        single_recipient: None,
-        now_us,
-    });
-    let mut stored = trace.into_bytes();
+    let mut stored = caller.trace(config, queue_id, now_us).into_bytes();
     stored.extend_from_slice(&body);
     Ok(stored)
 }

@@ -65,6 +65,7 @@ pub struct Append {
     pub message_id: i64,
     pub campaign: Option<String>,
     pub rows: Vec<BatchRow>,
+    /// Rows this slice read (accepted and rejected).
     pub lines: u64,
     pub rejected: BTreeMap<String, u64>,
     /// The chunk's key and its progress after this slice.
@@ -279,4 +280,90 @@ pub fn prune(conn: &Connection, before_ms: i64, limit: usize) -> Result<usize, Q
                  LIMIT ?2)",
         )?
         .execute(params![before_ms, limit as i64])?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Synchronous;
+    use crate::queue::{QueueId, Source, retention, store};
+
+    fn batch(conn: &Connection, now: i64) -> i64 {
+        let msg = NewMessage {
+            queue_id: QueueId::generate(now * 1000),
+            sender: "a@client.test".into(),
+            campaign: Some("c".into()),
+            source: Source::Http,
+            client: "crm".into(),
+            body: Vec::new(),
+            recipients: Vec::new(),
+            smtputf8: false,
+        };
+        create(conn, &msg, "{}", now).unwrap()
+    }
+
+    #[test]
+    fn counters_move_with_rows_and_outcomes_and_retention_takes_finished_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn =
+            store::open_writer(&dir.path().join("queue.db"), Synchronous::Normal, 0).unwrap();
+        let id = batch(&conn, 0);
+        let waiting = batch(&conn, 0);
+        let slice = Append {
+            message_id: id,
+            campaign: Some("c".into()),
+            rows: vec![BatchRow {
+                address: "u@mx.test".into(),
+                domain: "mx.test".into(),
+                vars: r#"{"n":1}"#.into(),
+            }],
+            lines: 3,
+            rejected: [("no_such_domain".to_owned(), 2)].into(),
+            chunk: Some((
+                "k".into(),
+                ChunkProgress {
+                    lines: 3,
+                    progress: "{}".into(),
+                    response: None,
+                },
+            )),
+        };
+        append(&conn, &slice, 1).unwrap();
+        let b = by_message(&conn, id).unwrap().unwrap();
+        assert_eq!((b.received, b.accepted, b.queued()), (3, 1, 1));
+        assert_eq!(b.rejected["no_such_domain"], 2);
+        assert_eq!(chunk(&conn, id, "k").unwrap().unwrap().lines, 3);
+
+        let claimed = store::claim(&conn, 1, 100, 10, &[], &[]).unwrap();
+        assert_eq!(claimed[0].vars.as_deref(), Some(r#"{"n":1}"#));
+        let failed = store::Update::Failed {
+            reason: "template".into(),
+            reply: "554 5.6.0 x".into(),
+        };
+        store::apply(&conn, &[(claimed[0].id, failed)], 2).unwrap();
+        let b = by_message(&conn, id).unwrap().unwrap();
+        assert_eq!((b.failed, b.failed_template, b.queued()), (1, 1, 0));
+
+        // Its rows pruned, the batch goes once untouched past retention; a batch that was
+        // touched since stays for its next chunk.
+        append(
+            &conn,
+            &Append {
+                message_id: waiting,
+                ..Append::default()
+            },
+            50,
+        )
+        .unwrap();
+        retention::prune_batch(&conn, 10, 100).unwrap();
+        assert!(
+            by_message(&conn, id).unwrap().is_none(),
+            "finished batch kept"
+        );
+        assert!(
+            chunk(&conn, id, "k").unwrap().is_none(),
+            "chunks go with it"
+        );
+        assert!(by_message(&conn, waiting).unwrap().is_some());
+    }
 }

@@ -28,7 +28,6 @@ use crate::queue::{
 };
 use crate::reason::Reason;
 use crate::scheduler::{Render, RenderFailure};
-use crate::smtp::message::{self, Trace};
 use crate::template::{Spec, Templates};
 
 /// Rejections answered in full, with their line numbers; the rest are counted only.
@@ -194,24 +193,10 @@ impl Api {
                 &serde_json::json!({ "error": e.to_string(), "field": e.field, "line": e.line }),
             );
         }
-        let campaign = request
-            .campaign
-            .clone()
-            .or_else(|| caller.campaign.clone())
-            .unwrap_or_else(|| caller.name.clone());
-        let campaign = message::campaign_name(&campaign);
-        let campaign = (!campaign.is_empty()).then_some(campaign);
+        let campaign = caller.campaign_for(request.campaign.as_deref());
         let now_us = self.intake.clock.now_us();
         let queue_id = QueueId::generate(now_us);
-        let trace = message::received_header(&Trace {
-            helo: &caller.name,
-            peer: caller.peer,
-            hostname: &config.server.hostname,
-            protocol: "HTTP",
-            queue_id: queue_id.as_str(),
-            single_recipient: None,
-            now_us,
-        });
+        let trace = caller.trace(config, &queue_id, now_us);
         let stored = serde_json::to_string(&Stored { request, trace }).expect("serializes");
         let msg = NewMessage {
             queue_id: queue_id.clone(),
