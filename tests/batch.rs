@@ -290,6 +290,20 @@ async fn csv_chunks_idempotent_repeats_and_template_errors() {
     );
     assert!(String::from_utf8_lossy(&bob.data).contains("from Oslo"));
 
+    // The same counters through the admin API, `floodgate ctl` and its --json.
+    let admin = t.app.admin_addr.unwrap();
+    let table = common::floodgate::ctl(admin, &["batches"]).await;
+    assert!(table.contains(&id) && table.contains("BATCH"), "{table}");
+    let one: Value =
+        serde_json::from_str(&common::floodgate::ctl(admin, &["--json", "batch", &id]).await)
+            .unwrap();
+    assert_eq!(
+        (one["delivered"].as_u64(), one["failed_template"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let words = common::floodgate::ctl(admin, &["batch", &id]).await;
+    assert!(words.contains("empty_address"), "{words}");
+
     let (code, _) = call(addr, "GET", "/v1/batches/NOSUCH", "", &[], b"").await;
     assert_eq!(code, 404);
     let (code, _) = call(addr, "POST", &path, "application/json", &[], b"{}").await;
