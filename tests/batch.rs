@@ -365,17 +365,25 @@ async fn a_mostly_bad_batch_is_paused_by_the_guard_mid_stream_and_still_counted(
     .await;
     assert_eq!(code, 200, "{r}");
     assert_eq!(r["state"], "paused");
+    // Every row is counted exactly once. The guard's tick may fall while the first part
+    // is still being read, so where the first part's rows end up varies; every row of
+    // the second part comes after the pause.
     assert_eq!(r["received"], 2000);
-    assert_eq!(r["accepted"], 100);
-    assert_eq!(
-        r["rejected"],
-        json!({"no_such_domain": 900, "campaign_paused": 1000})
-    );
+    let accepted = r["accepted"].as_u64().unwrap();
+    let rejected = r["rejected"].as_object().unwrap();
+    let paused = rejected["campaign_paused"].as_u64().unwrap();
+    let nxdomain = rejected
+        .get("no_such_domain")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    assert_eq!(accepted + paused + nxdomain, 2000, "{r}");
+    assert!(paused >= 1000 && accepted <= 100 && nxdomain <= 900, "{r}");
     let s = status(addr, &id).await;
     assert_eq!(
         (s["received"].as_u64(), s["accepted"].as_u64()),
-        (Some(2000), Some(100))
+        (Some(2000), Some(accepted))
     );
+    assert_eq!(&s["rejected"], &r["rejected"]);
     t.scheduler_pass().await;
     assert!(
         sink.received().is_empty(),
