@@ -326,9 +326,12 @@ fn free_bodies(
     conn: &Connection,
     messages: impl IntoIterator<Item = i64>,
 ) -> Result<(), QueueError> {
+    // Correlated with the body row: a message without one (a batch, rendered per
+    // recipient) costs one primary-key probe, not a walk over its finished recipients.
     let mut free = conn.prepare_cached(
         "DELETE FROM bodies WHERE message_id = ?1
-           AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state IN (0, 3))",
+           AND NOT EXISTS (SELECT 1 FROM recipients r
+                           WHERE r.message_id = bodies.message_id AND r.state IN (0, 3))",
     )?;
     for m in messages {
         free.execute([m])?;
