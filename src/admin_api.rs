@@ -327,3 +327,28 @@ pub struct TlsReportResponse {
 pub struct TlsReportSendResponse {
     pub sent: Vec<TlsReportRecord>,
 }
+
+/// A batch send's state and progress (`GET /admin/v1/batches`, `GET /admin/v1/batches/{id}`
+/// and the send API's `GET /v1/batches/{id}`): counters moved with the rows, never a scan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchView {
+    pub id: String,
+    pub campaign: Option<String>,
+    /// The state of its campaign: `active`, `paused` or `blocked`.
+    pub state: CampaignState,
+    pub created_at_ms: i64,
+    /// Rows read from its recipient lists (blank lines and CSV headers aside).
+    pub received: u64,
+    pub accepted: u64,
+    /// Rows refused at the door, by reason.
+    pub rejected: BTreeMap<String, u64>,
+    pub delivered: u64,
+    /// Delivery attempts deferred (4xx), counted each time.
+    pub deferred: u64,
+    /// Permanent failures, `failed_template` included.
+    pub failed: u64,
+    /// Recipients whose message did not render (class `template`).
+    pub failed_template: u64,
+    /// Accepted and not yet delivered or failed.
+    pub queued: u64,
+}

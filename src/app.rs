@@ -361,6 +361,10 @@ impl App {
                 self.tls_reports.sts.clone(),
             )),
             webhook: self.webhook.clone(),
+            render: Arc::new(crate::http::api::batch::Renderer::new(
+                intake.queue.clone(),
+                intake.config.clone(),
+            )),
         };
         let sink = Arc::new(Reporting {
             inner: intake.clone(),

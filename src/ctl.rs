@@ -126,6 +126,10 @@ enum CtlCommand {
     },
     #[command(flatten)]
     Mail(mail::MailCommand),
+    /// Batch sends, newest first: rows received, accepted, rejected, delivered, queued.
+    Batches,
+    /// One batch send's progress, rejections by reason.
+    Batch { id: String },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -325,6 +329,8 @@ fn request(command: &CtlCommand) -> Result<Call, CtlError> {
             None => Call::get("/admin/v1/tls-report"),
         },
         CtlCommand::Mail(_) => return Err(CtlError::Usage("runs in ctl::mail".into())),
+        CtlCommand::Batches => Call::get("/admin/v1/batches"),
+        CtlCommand::Batch { id } => Call::get(format!("/admin/v1/batches/{}", encode(id))),
     })
 }
 
@@ -362,6 +368,8 @@ fn human(command: &CtlCommand, addr: &str, answer: Value) -> Result<String, serd
         CtlCommand::TlsReport { send: true, .. } => render::tls_reports_sent(&decode(answer)?),
         CtlCommand::TlsReport { .. } => render::tls_report(&decode(answer)?),
         CtlCommand::Mail(m) => mail::human(m, answer)?,
+        CtlCommand::Batches => render::batches(&decode::<Vec<_>>(answer)?),
+        CtlCommand::Batch { .. } => render::batch(&decode(answer)?),
     })
 }
 

@@ -74,6 +74,8 @@ reasons! {
     Deferred => "deferred", true;
     Expired => "expired", false;
     Purged => "purged", false;
+    MalformedRow => "malformed_row", false;
+    Template => "template", false;
 }
 
 /// A reason's reply: SMTP code, enhanced status code (RFC 3463) and text.
@@ -154,6 +156,12 @@ impl Reason {
             Deferred => (451, [4, 0, 0], "Deferred by the destination"),
             Expired => (550, [5, 4, 7], "Delivery time expired"),
             Purged => (550, [5, 0, 0], "Purged by an operator"),
+            MalformedRow => (501, [5, 5, 2], "Recipient row is not valid NDJSON or CSV"),
+            Template => (
+                554,
+                [5, 6, 0],
+                "Message template does not render for this recipient",
+            ),
         };
         ReasonReply { code, esc, text }
     }

@@ -54,6 +54,8 @@ pub struct Progress {
 pub struct Couriers {
     pub smtp: Arc<dyn Courier>,
     pub webhook: Arc<dyn Courier>,
+    /// Renders each batch recipient's message before its courier takes it.
+    pub render: Arc<dyn Render>,
 }
 
 /// The wait before retry number `attempt` (1-based): the schedule's entry, the last one
@@ -154,6 +156,27 @@ fn resize(sem: &Arc<Semaphore>, cap: &AtomicUsize, to: usize) {
             }
         });
     }
+}
+
+/// Renders a batch recipient's message when it is delivered: the template is stored
+/// once per batch, and the door that compiled it renders it (the HTTP API builds the
+/// MIME); the scheduler signs the result like any message.
+pub trait Render: Send + Sync {
+    fn render<'a>(
+        &'a self,
+        r: &'a Claimed,
+    ) -> crate::future::BoxFuture<'a, Result<Vec<u8>, RenderFailure>>;
+}
+
+/// Why a batch recipient's message was not rendered.
+#[derive(Debug, Clone)]
+pub enum RenderFailure {
+    /// The template does not render with this recipient's variables (an undefined
+    /// variable in a strict batch, a header value with a line break): a permanent
+    /// failure of class `template`.
+    Template(String),
+    /// The batch could not be read now: tried again after the lease.
+    Unavailable(String),
 }
 
 pub struct Scheduler {
@@ -410,6 +433,9 @@ impl Scheduler {
     async fn deliver(&self, mut job: Job) {
         let config = self.config.load_full();
         let started = self.queue.clock().now_ms();
+        if job.recipients[0].vars.is_some() {
+            return self.deliver_rendered(&config, job, started).await;
+        }
         let body = match self.queue.body(job.message_id).await {
             Ok(Some(body)) => body,
             Ok(None) => {
@@ -426,13 +452,36 @@ impl Scheduler {
             }
         };
         job.body = Arc::new(body);
+        self.hand_over(&config, job).await;
+    }
+
+    /// A batch recipient (alone in its job): its message rendered from the batch's
+    /// template and its variables, then signed, then handed to the courier.
+    async fn deliver_rendered(&self, config: &Config, mut job: Job, started: i64) {
+        match self.couriers.render.render(&job.recipients[0]).await {
+            Ok(body) => {
+                job.body = Arc::new(self.signing.sign(body).await);
+                self.hand_over(config, job).await;
+            }
+            Err(RenderFailure::Template(why)) => {
+                let o = Outcome::permanent(Reason::Template, format!("554 5.6.0 {why}"));
+                self.finish(config, &job.recipients, vec![o], started, None)
+                    .await;
+            }
+            Err(RenderFailure::Unavailable(why)) => {
+                tracing::warn!(error = %why, "cannot render a batch message; retrying after the lease");
+            }
+        }
+    }
+
+    async fn hand_over(&self, config: &Config, job: Job) {
         let courier = match job.route.transport {
             Transport::Webhook => &self.couriers.webhook,
             _ => &self.couriers.smtp,
         };
         let outcomes = courier.deliver(&job).await;
         let now = self.queue.clock().now_ms();
-        self.finish(&config, &job.recipients, outcomes, now, Some(&job))
+        self.finish(config, &job.recipients, outcomes, now, Some(&job))
             .await;
     }
 
@@ -542,15 +591,16 @@ impl Scheduler {
     }
 }
 
-/// Groups claimed recipients into one batch per (message, destination); recipients whose
-/// domain has no route any more go to `no_route`.
+/// Groups claimed recipients into one batch per (message, destination); a batch
+/// recipient has its own message, so its own job. Recipients whose domain has no route
+/// any more go to `no_route`.
 fn group(
     config: &Config,
     claimed: Vec<Claimed>,
     no_route: &mut Vec<Claimed>,
 ) -> Vec<(Destination, usize, Vec<Claimed>)> {
     let mut groups: Vec<(Destination, usize, Vec<Claimed>)> = Vec::new();
-    let mut index: HashMap<(i64, Destination), usize> = HashMap::new();
+    let mut index: HashMap<(i64, Option<i64>, Destination), usize> = HashMap::new();
     for r in claimed {
         let Some((route_index, route)) = crate::config::route::find(&config.routes, &r.domain)
         else {
@@ -558,10 +608,11 @@ fn group(
             continue;
         };
         let dest = Destination::of(route_index, route, &r.domain);
-        match index.get(&(r.message_id, dest.clone())) {
+        let own = r.vars.as_ref().map(|_| r.id);
+        match index.get(&(r.message_id, own, dest.clone())) {
             Some(&i) => groups[i].2.push(r),
             None => {
-                index.insert((r.message_id, dest.clone()), groups.len());
+                index.insert((r.message_id, own, dest.clone()), groups.len());
                 groups.push((dest, route_index, vec![r]));
             }
         }

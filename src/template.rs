@@ -41,6 +41,8 @@ pub struct Spec {
     pub html: Option<String>,
     /// Header name and value template, in order.
     pub headers: Vec<(String, String)>,
+    /// An undefined variable renders as the empty string instead of failing the recipient.
+    pub lenient: bool,
 }
 
 /// One recipient's rendered fields.
@@ -77,7 +79,11 @@ impl std::fmt::Debug for Templates {
 impl Templates {
     pub fn compile(spec: Spec) -> Result<Templates, CompileError> {
         let mut env = Environment::new();
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_undefined_behavior(if spec.lenient {
+            UndefinedBehavior::Lenient
+        } else {
+            UndefinedBehavior::Strict
+        });
         env.set_fuel(Some(FUEL));
         env.set_auto_escape_callback(|name| {
             if name == HTML {
@@ -167,6 +173,7 @@ mod tests {
             text: Some("Hi {{ name }},\n{% for i in items %}- {{ i }}\n{% endfor %}".into()),
             html: Some("<p>Hi {{ name }}</p>".into()),
             headers: vec![("X-Order".into(), "{{ order }}".into())],
+            lenient: false,
         }
     }
 
@@ -203,6 +210,15 @@ mod tests {
             t.render(&json!({"name": "x", "items": [], "order": 1}))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn lenient_renders_undefined_as_empty() {
+        let mut s = spec("Hello {{ name }}!");
+        s.lenient = true;
+        let t = Templates::compile(s).unwrap();
+        let r = t.render(&json!({"items": [], "order": 1})).unwrap();
+        assert_eq!(r.subject, "Hello !");
     }
 
     #[test]

@@ -18,6 +18,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
+/// The send API key of the daemon that serves a batch to the admin routes.
+const API_KEY: &str = "fg_openapi_key_0123456789";
+
 fn document() -> Value {
     let text =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml")).unwrap();
@@ -306,6 +309,24 @@ fn queue_alert_webhook_and_status_types_match_their_schemas() {
     let doc = document();
     type_is_documented(
         &doc,
+        "BatchView",
+        &[BatchView {
+            id: "19A2B3C4D5E6F01234".into(),
+            campaign: Some("activation".into()),
+            state: CampaignState::Paused,
+            created_at_ms: 1,
+            received: 10,
+            accepted: 6,
+            rejected: [("no_such_domain".to_owned(), 4)].into(),
+            delivered: 3,
+            deferred: 1,
+            failed: 1,
+            failed_template: 1,
+            queued: 2,
+        }],
+    );
+    type_is_documented(
+        &doc,
         "QueueResponse",
         &[QueueResponse {
             by_state: [("scheduled".to_owned(), 3)].into(),
@@ -573,9 +594,28 @@ fn round_trips<T: Serialize + DeserializeOwned>(body: &Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_admin_route_is_served_documented_and_typed() {
     let dns = TestDns::start(Zone::new().a("mx.test", Ipv4Addr::LOCALHOST)).await;
-    let t = TestApp::start("", "", dns.addr).await;
+    let api_key = format!(
+        "[[http.api_keys]]\nname = \"openapi\"\nkey_sha256 = \"{}\"\n",
+        floodgate::http::api::key_hash(API_KEY)
+    );
+    let t = TestApp::start("", &api_key, dns.addr).await;
     let addr = t.app.admin_addr.unwrap();
     let doc = document();
+    // A batch, so that the batch routes have one to show.
+    let bearer = format!("Bearer {API_KEY}");
+    let (status, _, created) = common::http::request(
+        t.app.http_addr.unwrap(),
+        "POST",
+        "/v1/batches",
+        &[("Authorization", &bearer)],
+        br#"{"from": "a@client.test", "subject": "Hi {{ name }}"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let batch_id = serde_json::from_str::<Value>(&created).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     let served: BTreeSet<(String, String)> = ROUTES
         .iter()
@@ -630,6 +670,7 @@ async fn every_admin_route_is_served_documented_and_typed() {
             ("POST", "/admin/v1/domains/{name}/{action}") => {
                 ("/admin/v1/domains/held.test/hold".into(), None)
             }
+            ("GET", "/admin/v1/batches/{id}") => (format!("/admin/v1/batches/{batch_id}"), None),
             ("GET", "/admin/v1/export") => ("/admin/v1/export?campaign=traced".into(), None),
             ("POST", "/admin/v1/requeue") => {
                 ("/admin/v1/requeue".into(), Some(r#"{"messages": []}"#))
@@ -692,6 +733,11 @@ async fn every_admin_route_is_served_documented_and_typed() {
             }
             "/admin/v1/requeue" => round_trips::<RequeueResponse>(&value),
             "/admin/v1/backup" => round_trips::<BackupResponse>(&value),
+            "/admin/v1/batches" => {
+                assert_eq!(value.as_array().unwrap().len(), 1, "{value}");
+                round_trips::<Vec<BatchView>>(&value)
+            }
+            p if p == format!("/admin/v1/batches/{batch_id}") => round_trips::<BatchView>(&value),
             other => panic!("{other}: a JSON route without its type here"),
         }
     }

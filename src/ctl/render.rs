@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::collections::BTreeMap;
 
 use crate::admin_api::{
-    Alert, CampaignState, CampaignView, FailLogView, FailuresResponse, QueueResponse,
+    Alert, BatchView, CampaignState, CampaignView, FailLogView, FailuresResponse, QueueResponse,
     StatusResponse, TlsReportResponse, TlsReportSendResponse, WebhooksResponse,
 };
 
@@ -413,6 +413,62 @@ pub fn alerts(list: &[Alert]) -> String {
         ]);
     }
     t.render()
+}
+
+/// `GET /admin/v1/batches`: one row per batch, newest first.
+pub fn batches(v: &[BatchView]) -> String {
+    let mut t = Table::new(&[
+        ("BATCH", false),
+        ("CAMPAIGN", false),
+        ("STATE", false),
+        ("RECEIVED", true),
+        ("ACCEPTED", true),
+        ("REJECTED", true),
+        ("DELIVERED", true),
+        ("FAILED", true),
+        ("QUEUED", true),
+    ]);
+    for b in v {
+        t.row(vec![
+            b.id.clone(),
+            b.campaign.clone().unwrap_or_default(),
+            b.state.as_str().to_owned(),
+            b.received.to_string(),
+            b.accepted.to_string(),
+            b.rejected.values().sum::<u64>().to_string(),
+            b.delivered.to_string(),
+            b.failed.to_string(),
+            b.queued.to_string(),
+        ]);
+    }
+    if v.is_empty() {
+        return "no batches\n".to_owned();
+    }
+    t.render()
+}
+
+/// `GET /admin/v1/batches/{id}`: its progress, then its rejections by reason.
+pub fn batch(b: &BatchView) -> String {
+    let mut out = format!(
+        "batch {} (campaign {}): {}\n",
+        b.id,
+        b.campaign.as_deref().unwrap_or("-"),
+        b.state.as_str()
+    );
+    let _ = writeln!(
+        out,
+        "received {} · accepted {} · delivered {} · deferred {} · failed {} (template {}) · queued {}",
+        b.received, b.accepted, b.delivered, b.deferred, b.failed, b.failed_template, b.queued
+    );
+    if !b.rejected.is_empty() {
+        let mut t = Table::new(&[("REJECTED", false), ("ROWS", true)]);
+        for (reason, n) in &b.rejected {
+            t.row(vec![reason.clone(), n.to_string()]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
+    out
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use super::{Body, error, json, percent_decode};
 
 mod actions;
 mod mail;
-mod views;
+pub(crate) mod views;
 
 pub use super::daemon::Admin;
 
@@ -51,6 +51,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/v1/export"),
     ("POST", "/admin/v1/requeue"),
     ("POST", "/admin/v1/backup"),
+    ("GET", "/admin/v1/batches"),
+    ("GET", "/admin/v1/batches/{id}"),
 ];
 
 impl Admin {
@@ -115,6 +117,8 @@ impl Admin {
             (Method::GET, ["admin", "v1", "export"]) => self.export(req.uri().query()).await,
             (Method::POST, ["admin", "v1", "requeue"]) => self.requeue(req).await,
             (Method::POST, ["admin", "v1", "backup"]) => self.backup(req).await,
+            (Method::GET, ["admin", "v1", "batches"]) => self.batches().await,
+            (Method::GET, ["admin", "v1", "batches", id]) => self.batch(id).await,
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
     }

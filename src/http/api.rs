@@ -14,7 +14,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+pub mod batch;
 mod compose;
+mod rows;
 
 pub use compose::{Attachment, SendRequest};
 use compose::{Body_, Prepared, build_mime, json_message, raw_message};
@@ -89,6 +91,28 @@ struct Caller {
     peer: std::net::IpAddr,
 }
 
+impl Caller {
+    /// The request's campaign, else the key's, else the key's name.
+    fn campaign_for(&self, requested: Option<&str>) -> Option<String> {
+        let campaign = requested.or(self.campaign.as_deref()).unwrap_or(&self.name);
+        let campaign = message::campaign_name(campaign);
+        (!campaign.is_empty()).then_some(campaign)
+    }
+
+    /// The `Received:` header of what this caller submits as `queue_id`.
+    fn trace(&self, config: &Config, queue_id: &QueueId, now_us: i64) -> String {
+        message::received_header(&Trace {
+            helo: &self.name,
+            peer: self.peer,
+            hostname: &config.server.hostname,
+            protocol: "HTTP",
+            queue_id: queue_id.as_str(),
+            single_recipient: None,
+            now_us,
+        })
+    }
+}
+
 /// An Idempotency-Key (hashed with its API key's name) and the fingerprint of the
 /// request that came with it.
 struct Idempotency {
@@ -116,6 +140,67 @@ fn with_retry_after(mut r: Response<Body>, secs: u64) -> Response<Body> {
     r
 }
 
+/// What a request asks for.
+enum Endpoint {
+    Send { raw: bool },
+    CreateBatch,
+    BatchRecipients(String),
+    BatchStatus(String),
+}
+
+impl Endpoint {
+    /// The endpoint, or the status and message that refuse the request.
+    fn of(method: &Method, path: &str) -> Result<Endpoint, (StatusCode, &'static str)> {
+        let post = |e: Endpoint| match *method {
+            Method::POST => Ok(e),
+            _ => Err((StatusCode::METHOD_NOT_ALLOWED, "use POST")),
+        };
+        match path {
+            "/v1/messages" => return post(Endpoint::Send { raw: false }),
+            "/v1/messages/raw" => return post(Endpoint::Send { raw: true }),
+            "/v1/batches" => return post(Endpoint::CreateBatch),
+            _ => {}
+        }
+        let Some(rest) = path.strip_prefix("/v1/batches/") else {
+            return Err((StatusCode::NOT_FOUND, "no such endpoint"));
+        };
+        match rest.split_once('/') {
+            Some((id, "recipients")) if !id.is_empty() => {
+                post(Endpoint::BatchRecipients(id.to_owned()))
+            }
+            None if !rest.is_empty() => match *method {
+                Method::GET => Ok(Endpoint::BatchStatus(rest.to_owned())),
+                _ => Err((StatusCode::METHOD_NOT_ALLOWED, "use GET")),
+            },
+            _ => Err((StatusCode::NOT_FOUND, "no such endpoint")),
+        }
+    }
+}
+
+/// The request's Idempotency-Key, hashed with its API key's name; a `400` when it is
+/// not 1 to 255 visible characters.
+fn idempotency_key(req: &Request<Incoming>, caller: &Caller) -> Result<Option<String>, BadKey> {
+    match req.headers().get("idempotency-key").map(|v| v.to_str()) {
+        None => Ok(None),
+        Some(Ok(k)) if !k.is_empty() && k.len() <= 255 => {
+            Ok(Some(key_hash(&format!("{}\0{k}", caller.name))))
+        }
+        Some(_) => Err(BadKey),
+    }
+}
+
+/// An Idempotency-Key that is not 1 to 255 visible characters.
+struct BadKey;
+
+impl BadKey {
+    fn response(&self) -> Response<Body> {
+        error(
+            StatusCode::BAD_REQUEST,
+            "Idempotency-Key must be 1 to 255 visible characters",
+        )
+    }
+}
+
 /// Hex SHA-256, as stored in `key_sha256`.
 pub fn key_hash(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
@@ -131,13 +216,9 @@ impl Api {
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let raw = match (req.method(), req.uri().path()) {
-            (&Method::POST, "/v1/messages") => false,
-            (&Method::POST, "/v1/messages/raw") => true,
-            (_, "/v1/messages" | "/v1/messages/raw") => {
-                return error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
-            }
-            _ => return error(StatusCode::NOT_FOUND, "no such endpoint"),
+        let endpoint = match Endpoint::of(req.method(), req.uri().path()) {
+            Ok(e) => e,
+            Err((status, why)) => return error(status, why),
         };
         let config = self.intake.config.load_full();
         let peer = req
@@ -152,10 +233,19 @@ impl Api {
             );
             return r;
         };
-        if let Some(refusal) = self.admit(&config, &caller, &req) {
+        // A recipient list has no size limit but memory: it is streamed, never held.
+        let sized = !matches!(endpoint, Endpoint::BatchRecipients(_));
+        if let Some(refusal) = self.admit(&config, &caller, &req, sized) {
             return refusal;
         }
-        self.receive(&config, &caller, raw, req).await
+        match endpoint {
+            Endpoint::Send { raw } => self.receive(&config, &caller, raw, req).await,
+            Endpoint::CreateBatch => self.create_batch(&config, &caller, req).await,
+            Endpoint::BatchRecipients(id) => {
+                self.batch_recipients(&config, &caller, &id, req).await
+            }
+            Endpoint::BatchStatus(id) => self.batch_status(&caller, &id).await,
+        }
     }
 
     /// The checks that need no body: the key's rate, intake pause, declared size.
@@ -164,6 +254,7 @@ impl Api {
         config: &Config,
         caller: &Caller,
         req: &Request<Incoming>,
+        sized: bool,
     ) -> Option<Response<Body>> {
         if !self.within_rate(config, caller) {
             return Some(with_retry_after(
@@ -185,7 +276,7 @@ impl Api {
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > config.http.max_request_size as u64) {
+        if sized && declared.is_some_and(|n| n > config.http.max_request_size as u64) {
             return Some(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request body exceeds max_request_size",
@@ -203,17 +294,9 @@ impl Api {
         raw: bool,
         req: Request<Incoming>,
     ) -> Response<Body> {
-        let key = match req.headers().get("idempotency-key").map(|v| v.to_str()) {
-            None => None,
-            Some(Ok(k)) if !k.is_empty() && k.len() <= 255 => {
-                Some(key_hash(&format!("{}\0{k}", caller.name)))
-            }
-            Some(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "Idempotency-Key must be 1 to 255 visible characters",
-                );
-            }
+        let key = match idempotency_key(&req, caller) {
+            Ok(k) => k,
+            Err(bad) => return bad.response(),
         };
         let _held = match &key {
             Some(k) => match self.hold(k) {
@@ -348,14 +431,7 @@ impl Api {
         p: Prepared,
         idempotency: Option<Idempotency>,
     ) -> Response<Body> {
-        // The request's campaign, else the key's, else the key's name.
-        let campaign = p
-            .campaign
-            .clone()
-            .or_else(|| caller.campaign.clone())
-            .unwrap_or_else(|| caller.name.clone());
-        let campaign = message::campaign_name(&campaign);
-        let campaign = (!campaign.is_empty()).then_some(campaign);
+        let campaign = caller.campaign_for(p.campaign.as_deref());
         if let Err(reason) = self.intake.policy.check_open(campaign.as_deref()) {
             return self.closed(campaign.as_deref(), reason, &p.recipients);
         }
@@ -417,16 +493,7 @@ fn stored(
         Body_::Raw(b) => b,
         Body_::Json(req) => build_mime(&req, queue_id, &config.server.hostname)?,
     };
-    let trace = message::received_header(&Trace {
-        helo: &caller.name,
-        peer: caller.peer,
-        hostname: &config.server.hostname,
-        protocol: "HTTP",
-        queue_id: queue_id.as_str(),
-        single_recipient: None,
-        now_us,
-    });
-    let mut stored = trace.into_bytes();
+    let mut stored = caller.trace(config, queue_id, now_us).into_bytes();
     stored.extend_from_slice(&body);
     Ok(stored)
 }

@@ -12,6 +12,7 @@ use rusqlite::ffi::ErrorCode;
 
 pub mod backup;
 pub mod ops;
+pub mod batch;
 pub mod retention;
 pub mod schema;
 pub mod status;
@@ -20,6 +21,7 @@ pub mod trace;
 pub mod writer;
 
 pub use ops::{Cancelled, Target};
+pub use batch::{Append, BatchRecord, BatchRow, ChunkProgress};
 pub use retention::Pruned;
 pub use status::{QueueSummary, Totals};
 pub use store::{CampaignState, Claimed, Holding, StoredMessage, StoredRecipient, Update};
@@ -259,6 +261,59 @@ impl Queue {
             .await
     }
 
+    /// Creates a batch (its message row and template); returns once durable.
+    pub async fn create_batch(&self, msg: NewMessage, template: String) -> Result<i64, QueueError> {
+        let now = self.clock.now_ms();
+        self.writer
+            .run(move |conn| batch::create(conn, &msg, &template, now))
+            .await
+    }
+
+    pub async fn batch(&self, batch_id: &str) -> Result<Option<BatchRecord>, QueueError> {
+        let id = batch_id.to_owned();
+        self.read(move |conn| batch::find(conn, &id)).await
+    }
+
+    pub async fn batch_of_message(
+        &self,
+        message_id: i64,
+    ) -> Result<Option<BatchRecord>, QueueError> {
+        self.read(move |conn| batch::by_message(conn, message_id))
+            .await
+    }
+
+    /// Whether a campaign has batch sends still waiting (see [`batch::campaign_has_waiting`]).
+    pub async fn campaign_has_batches(&self, campaign: &str) -> Result<bool, QueueError> {
+        let campaign = campaign.to_owned();
+        self.read(move |conn| batch::campaign_has_waiting(conn, &campaign))
+            .await
+    }
+
+    /// The most recent batches, newest first.
+    pub async fn batches(&self, limit: usize) -> Result<Vec<BatchRecord>, QueueError> {
+        self.read(move |conn| batch::recent(conn, limit)).await
+    }
+
+    /// A chunk upload's committed progress under its key.
+    pub async fn batch_chunk(
+        &self,
+        message_id: i64,
+        key: &str,
+    ) -> Result<Option<ChunkProgress>, QueueError> {
+        let key = key.to_owned();
+        self.read(move |conn| batch::chunk(conn, message_id, &key))
+            .await
+    }
+
+    /// One slice of a batch upload (rows, counters, chunk progress) in the next group
+    /// commit; returns once it is durable.
+    pub async fn append_batch(&self, slice: Append) -> Result<(), QueueError> {
+        let now = self.clock.now_ms();
+        self.writer
+            .run(move |conn| batch::append(conn, &slice, now))
+            .await
+    }
+
     /// The stored response for an idempotency key, if fresh.
     pub async fn idempotent_response(
         &self,
@@ -378,7 +433,7 @@ impl Queue {
 
     /// Makes the target's deferred recipients due now, in batches; returns how many.
     pub async fn retry(&self, target: Target) -> Result<u64, QueueError> {
-        self.batches(move |conn, limit, now| ops::retry_batch(conn, &target, limit, now))
+        self.in_batches(move |conn, limit, now| ops::retry_batch(conn, &target, limit, now))
             .await
     }
 
@@ -409,7 +464,7 @@ impl Queue {
             .await?;
         let name = domain.to_owned();
         let moved = self
-            .batches(move |conn, limit, now| ops::domain_batch(conn, &name, hold, limit, now))
+            .in_batches(move |conn, limit, now| ops::domain_batch(conn, &name, hold, limit, now))
             .await?;
         Ok((changed, moved))
     }
@@ -457,7 +512,7 @@ impl Queue {
 
     /// Runs `step` in batches of [`OPS_BATCH`], one writer operation each, until a batch
     /// comes back short; returns the total.
-    async fn batches(
+    async fn in_batches(
         &self,
         step: impl Fn(&Connection, usize, i64) -> Result<usize, QueueError> + Clone + Send + 'static,
     ) -> Result<u64, QueueError> {
@@ -532,7 +587,7 @@ impl Queue {
         + 'static,
     ) -> Result<u64, QueueError> {
         let name = campaign.to_owned();
-        self.batches(move |conn, limit, now| step(conn, &name, limit, now))
+        self.in_batches(move |conn, limit, now| step(conn, &name, limit, now))
             .await
     }
 

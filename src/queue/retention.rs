@@ -45,13 +45,16 @@ pub fn prune_batch(conn: &Connection, before_ms: i64, limit: usize) -> Result<Pr
     let recipients = messages.len();
     let messages: std::collections::BTreeSet<i64> = messages.into_iter().collect();
     let mut orphan = conn.prepare_cached(
+        // A batch waits for more chunks: retention takes it once untouched (below).
         "DELETE FROM messages WHERE id = ?1
-           AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1)",
+           AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1)
+           AND NOT EXISTS (SELECT 1 FROM batches WHERE message_id = ?1)",
     )?;
     let mut deleted = 0;
     for m in messages {
         deleted += orphan.execute([m])?;
     }
+    deleted += super::batch::prune(conn, before_ms, limit)?;
     let mut count =
         conn.prepare_cached("UPDATE counters SET value = value + ?2 WHERE name = ?1")?;
     count.execute(params!["pruned_recipients", recipients as i64])?;

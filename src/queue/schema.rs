@@ -98,6 +98,35 @@ const MIGRATIONS: &[&str] = &[
     // found by `recipients_domain` for the hold, the release and `ctl retry --domain`.
     "CREATE TABLE domain_holds (domain TEXT PRIMARY KEY, since INTEGER NOT NULL) WITHOUT ROWID;
     CREATE INDEX recipients_domain ON recipients(domain, state);",
+    // 9: batch sends. A batch is one message row (its id is the batch id) whose template
+    // is stored once in `batches`; each recipient row holds only its variables (`vars`),
+    // rendered at delivery. Progress is counters in the batch row, moved in the same
+    // transaction as the rows, never a scan. `batch_chunks` holds each Idempotency-Key'd
+    // upload's progress (lines done, counts so far) written with its rows, so a retried
+    // chunk resumes after the last committed line and queues nothing twice.
+    "ALTER TABLE recipients ADD COLUMN vars TEXT;
+    CREATE TABLE batches (
+        message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+        template TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        received INTEGER NOT NULL DEFAULT 0,
+        accepted INTEGER NOT NULL DEFAULT 0,
+        rejected TEXT NOT NULL DEFAULT '{}',
+        delivered INTEGER NOT NULL DEFAULT 0,
+        deferred INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        failed_template INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX batches_updated ON batches(updated_at);
+    CREATE TABLE batch_chunks (
+        message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        lines INTEGER NOT NULL,
+        progress TEXT NOT NULL,
+        response TEXT,
+        PRIMARY KEY (message_id, key)
+    ) WITHOUT ROWID;",
 ];
 
 /// How long a connection waits for a lock held by another connection.

@@ -5,6 +5,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::batch::Moved;
 pub use super::schema::{open_reader, open_writer, set_max_size};
 use super::{NewMessage, QueueError, RecipientState, Remembered};
 
@@ -124,6 +125,8 @@ pub struct Claimed {
     pub received_at: i64,
     /// The message was submitted with SMTPUTF8.
     pub smtputf8: bool,
+    /// A batch recipient's variables (JSON): its message is rendered for it alone.
+    pub vars: Option<String>,
 }
 
 /// Leases up to `limit` due recipients until `lease_until`, skipping held campaigns and
@@ -149,7 +152,7 @@ pub fn claim(
                AND domain NOT IN (SELECT value FROM json_each(?4))
                AND domain NOT IN (SELECT domain FROM domain_holds)
              ORDER BY next_attempt LIMIT ?5)
-         RETURNING id, message_id, address, domain, campaign, attempts",
+         RETURNING id, message_id, address, domain, campaign, attempts, vars",
     )?;
     let mut claimed: Vec<Claimed> = stmt
         .query_map(
@@ -166,6 +169,7 @@ pub fn claim(
                     sender: String::new(),
                     received_at: 0,
                     smtputf8: false,
+                    vars: r.get(6)?,
                 })
             },
         )?
@@ -222,6 +226,7 @@ pub fn apply(conn: &Connection, updates: &[(i64, Update)], now_ms: i64) -> Resul
          WHERE id = ?1 RETURNING message_id",
     )?;
     let mut messages = std::collections::BTreeSet::new();
+    let mut batches: std::collections::BTreeMap<i64, Moved> = Default::default();
     for (id, update) in updates {
         let (state, next, reply, reason) = match update {
             Update::Delivered { reply } => (RecipientState::Delivered, now_ms, reply, None),
@@ -251,9 +256,24 @@ pub fn apply(conn: &Connection, updates: &[(i64, Update)], now_ms: i64) -> Resul
             .optional()?;
         totals.leave(old);
         totals.enter(state);
+        if let Some(m) = message {
+            let moved = batches.entry(m).or_default();
+            moved.add(old, -1);
+            moved.add(state, 1);
+            match update {
+                Update::Retry { .. } => moved.deferred += 1,
+                Update::Failed { reason, .. }
+                    if reason == crate::reason::Reason::Template.as_str() =>
+                {
+                    moved.failed_template += 1;
+                }
+                _ => {}
+            }
+        }
         messages.extend(message);
     }
     totals.save(conn)?;
+    super::batch::record_outcomes(conn, &batches)?;
     free_bodies(conn, messages)
 }
 
@@ -312,9 +332,12 @@ pub(super) fn free_bodies(
     conn: &Connection,
     messages: impl IntoIterator<Item = i64>,
 ) -> Result<(), QueueError> {
+    // Correlated with the body row: a message without one (a batch, rendered per
+    // recipient) costs one primary-key probe, not a walk over its finished recipients.
     let mut free = conn.prepare_cached(
         "DELETE FROM bodies WHERE message_id = ?1
-           AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state IN (0, 3))",
+           AND NOT EXISTS (SELECT 1 FROM recipients r
+                           WHERE r.message_id = bodies.message_id AND r.state IN (0, 3))",
     )?;
     for m in messages {
         free.execute([m])?;
@@ -401,16 +424,22 @@ pub fn purge_batch(
                         AND id <= ?4 LIMIT ?2)
          RETURNING message_id",
     )?;
-    let messages: std::collections::BTreeSet<i64> = stmt
+    let returned: Vec<i64> = stmt
         .query_map(params![campaign, limit as i64, now_ms, through], |r| {
             r.get(0)
         })?
         .collect::<Result<_, _>>()?;
-    let purged = conn.changes() as usize;
+    let purged = returned.len();
     let mut totals = Totals::default();
     totals.add(RecipientState::Failed, purged as i64);
     totals.save(conn)?;
-    free_bodies(conn, messages)?;
+    let mut batches: std::collections::BTreeMap<i64, Moved> = Default::default();
+    for m in &returned {
+        batches.entry(*m).or_default().failed += 1;
+    }
+    super::batch::record_outcomes(conn, &batches)?;
+    // Keyed by message: each body is probed once, not once per purged recipient.
+    free_bodies(conn, batches.keys().copied())?;
     Ok(purged)
 }
 

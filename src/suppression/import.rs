@@ -246,7 +246,7 @@ fn header_columns(fields: &[String]) -> (Columns, bool) {
 }
 
 /// RFC 4180 fields: commas separate, double quotes enclose, `""` is a quote.
-fn split_csv(line: &str) -> Option<Vec<String>> {
+pub fn split_csv(line: &str) -> Option<Vec<String>> {
     let mut fields = Vec::new();
     let mut field = String::new();
     let mut quoted = false;

@@ -229,6 +229,7 @@ impl Admin {
             attempts: 0,
             received_at: 0,
             smtputf8: false,
+            vars: None,
         };
         let reply = Reply::local(ops::CANCELLED);
         let failed: Vec<(String, Reply)> = c
@@ -310,6 +311,22 @@ impl Admin {
         let Some(campaign) = campaign else {
             return error(StatusCode::BAD_REQUEST, "campaign is required");
         };
+        // Refused rather than half done: a purge after an export that skipped them would
+        // remove batch recipients nobody saved.
+        match self.intake.queue.campaign_has_batches(&campaign).await {
+            Ok(false) => {}
+            Ok(true) => {
+                return error(
+                    StatusCode::CONFLICT,
+                    &format!(
+                        "campaign {campaign} has batch sends waiting; their recipients are \
+                         rendered from the batch template and cannot be saved as messages \
+                         (pause the campaign instead, or purge without --save)"
+                    ),
+                );
+            }
+            Err(e) => return unavailable(e),
+        }
         match self.intake.queue.export_page(&campaign, after).await {
             Ok((messages, last, through)) => json(
                 StatusCode::OK,

@@ -11,11 +11,15 @@ use crate::admin_api as api;
 use crate::campaign::Campaign;
 use crate::deliver::sts::store;
 use crate::faillog::{FailureQuery, FailureRow};
+use crate::http::api::batch;
 use crate::http::{Body, error, json, query_pairs};
 use crate::reason::Reason;
 
+/// Batches `GET /admin/v1/batches` lists (the most recent).
+const BATCHES_LISTED: usize = 100;
+
 /// A campaign's one-word state at `now_ms`.
-fn campaign_state(c: &Campaign, now_ms: i64) -> api::CampaignState {
+pub fn campaign_state(c: &Campaign, now_ms: i64) -> api::CampaignState {
     if c.is_paused() {
         api::CampaignState::Paused
     } else if c.blocked_until() > now_ms {
@@ -171,6 +175,39 @@ impl Admin {
                     },
                 )
             }
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        }
+    }
+
+    /// The most recent batch sends, newest first.
+    pub(super) async fn batches(&self) -> Response<Body> {
+        match self.intake.queue.batches(BATCHES_LISTED).await {
+            Ok(list) => {
+                let views: Vec<api::BatchView> = list
+                    .iter()
+                    .map(|b| {
+                        batch::view(
+                            b,
+                            batch::campaign_state(&self.intake, b.campaign.as_deref()),
+                        )
+                    })
+                    .collect();
+                json(StatusCode::OK, &views)
+            }
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        }
+    }
+
+    pub(super) async fn batch(&self, id: &str) -> Response<Body> {
+        match self.intake.queue.batch(id).await {
+            Ok(Some(b)) => json(
+                StatusCode::OK,
+                &batch::view(
+                    &b,
+                    batch::campaign_state(&self.intake, b.campaign.as_deref()),
+                ),
+            ),
+            Ok(None) => error(StatusCode::NOT_FOUND, "no such batch"),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
         }
     }

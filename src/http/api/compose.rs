@@ -41,7 +41,7 @@ pub struct SendRequest {
     pub metadata: serde_json::Map<String, serde_json::Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Attachment {
     pub filename: String,
@@ -95,7 +95,13 @@ impl FieldError {
     }
 }
 
-fn field_error(field: &str, why: &str) -> FieldError {
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.why)
+    }
+}
+
+pub(super) fn field_error(field: &str, why: &str) -> FieldError {
     FieldError {
         field: field.to_owned(),
         why: why.to_owned(),
@@ -109,28 +115,9 @@ pub(super) fn json_message(body: &[u8]) -> Result<Prepared, FieldError> {
         let field = if path == "." { "body".to_owned() } else { path };
         field_error(&field, &e.into_inner().to_string())
     })?;
-    if req.from.is_empty() {
-        return Err(field_error("from", "missing field `from`"));
-    }
-    check_headers(&req)?;
-    let sender = match address::parse_sender(bare_address(&req.from)) {
-        Ok(Sender::Mailbox(m)) => m,
-        Ok(Sender::Null) => return Err(field_error("from", "a From: header needs an address")),
-        Err(_) => return Err(field_error("from", "not a valid address")),
-    };
+    let sender = check_fields(&req)?;
     if req.to.is_empty() && req.cc.is_empty() && req.bcc.is_empty() {
         return Err(field_error("to", "at least one recipient in to, cc or bcc"));
-    }
-    for (i, a) in req.attachments.iter().enumerate() {
-        if base64::engine::general_purpose::STANDARD
-            .decode(a.content.as_bytes())
-            .is_err()
-        {
-            return Err(field_error(
-                &format!("attachments[{i}].content"),
-                "not valid base64",
-            ));
-        }
     }
     let mut seen = HashSet::new();
     let recipients: Vec<String> = req
@@ -142,11 +129,37 @@ pub(super) fn json_message(body: &[u8]) -> Result<Prepared, FieldError> {
         .filter(|a| seen.insert(a.to_ascii_lowercase()))
         .collect();
     Ok(Prepared {
-        sender: sender.address,
+        sender,
         recipients,
         campaign: req.campaign.clone(),
         body: Body_::Json(Box::new(req)),
     })
+}
+
+/// Every check of a JSON message but its recipients (a batch's template has none):
+/// the header-bound fields, the sender, the attachments. Returns the envelope sender.
+pub(super) fn check_fields(req: &SendRequest) -> Result<String, FieldError> {
+    if req.from.is_empty() {
+        return Err(field_error("from", "missing field `from`"));
+    }
+    check_headers(req)?;
+    let sender = match address::parse_sender(bare_address(&req.from)) {
+        Ok(Sender::Mailbox(m)) => m,
+        Ok(Sender::Null) => return Err(field_error("from", "a From: header needs an address")),
+        Err(_) => return Err(field_error("from", "not a valid address")),
+    };
+    for (i, a) in req.attachments.iter().enumerate() {
+        if base64::engine::general_purpose::STANDARD
+            .decode(a.content.as_bytes())
+            .is_err()
+        {
+            return Err(field_error(
+                &format!("attachments[{i}].content"),
+                "not valid base64",
+            ));
+        }
+    }
+    Ok(sender.address)
 }
 
 /// Every field that becomes a header, through one check (`wire::check_value`), each

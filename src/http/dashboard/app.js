@@ -134,17 +134,19 @@ function refresh() {
 async function poll() {
   try {
     const wantQueue = tick % QUEUE_EVERY === 0;
-    const [status, campaigns, alerts, queue, webhooks] = await Promise.all([
+    const [status, campaigns, alerts, queue, webhooks, batches] = await Promise.all([
       api("GET", "/admin/v1/status"),
       api("GET", "/admin/v1/campaigns"),
       api("GET", "/admin/v1/alerts"),
       wantQueue ? api("GET", "/admin/v1/queue") : Promise.resolve(null),
       api("GET", "/admin/v1/webhooks"),
+      api("GET", "/admin/v1/batches"),
     ]);
     tick += 1;
     record(status, campaigns);
     render(status, campaigns, alerts, queue);
     renderWebhooks((webhooks && webhooks.endpoints) || []);
+    renderBatches(batches || []);
     setConn("live", "live");
     $("updated").textContent = "updated " + clock(Date.now());
   } catch (e) {
@@ -379,6 +381,24 @@ function renderWebhooks(endpoints) {
     list.appendChild(li);
   }
   $("webhooks-disabled-empty").hidden = disabled.length > 0;
+}
+
+function renderBatches(batches) {
+  const rows = $("batch-rows");
+  rows.replaceChildren();
+  for (const b of batches) {
+    const tr = document.createElement("tr");
+    const rejected = Object.values(b.rejected || {}).reduce((a, n) => a + n, 0);
+    const cells = [b.id, b.campaign || "", b.state, b.received, b.accepted, rejected, b.delivered, b.failed, b.queued];
+    cells.forEach((v, i) => {
+      const td = document.createElement("td");
+      td.textContent = String(v);
+      if (i >= 3) td.className = "num";
+      tr.appendChild(td);
+    });
+    rows.appendChild(tr);
+  }
+  $("batches-empty").hidden = batches.length > 0;
 }
 
 function renderFailLog(faillog) {
