@@ -49,6 +49,10 @@ pub struct CampaignView {
     pub deferred: u64,
     /// Failures by reason name; reasons without failures are left out.
     pub reasons: BTreeMap<String, u64>,
+    /// Failed and deferred delivery attempts by bounce class; classes without any are
+    /// left out.
+    #[serde(default)]
+    pub classes: BTreeMap<String, u64>,
     /// The end of a purge block (ms since the epoch); in the past when not blocked.
     pub blocked_until_ms: i64,
 }
@@ -182,6 +186,9 @@ pub struct FailureRow {
     pub campaign: String,
     pub stage: String,
     pub reason: String,
+    /// The bounce class of a relay failure; absent for refusals at the door.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
     pub recipient: String,
     pub detail: String,
 }

@@ -13,6 +13,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bounce::{Classifier, RulesError};
 use crate::campaign::Campaigns;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, TlsConfig, token};
@@ -31,6 +32,7 @@ use crate::scheduler::{Couriers, Scheduler};
 use crate::smtp::server::Server;
 use crate::smtp::tls::{self, TlsError};
 use crate::supervise::{Supervisor, Unhealthy};
+use crate::suppression::{SuppressionError, Suppressions};
 
 mod reload;
 
@@ -58,6 +60,10 @@ pub enum AppError {
     Token(#[from] token::TokenError),
     #[error("DKIM key: {0}")]
     Dkim(#[from] DkimError),
+    #[error("bounce rules: {0}")]
+    BounceRules(#[from] RulesError),
+    #[error("cannot open the suppression list: {0}")]
+    Suppressions(#[from] SuppressionError),
 }
 
 /// What the daemon takes from outside; tests pass their own.
@@ -111,12 +117,16 @@ pub struct App {
     dns: Arc<MailDns>,
     /// The running scheduler; `None` while `[delivery] enabled = false`.
     scheduler: Mutex<Option<Arc<Scheduler>>>,
+    /// The bounce rules (`[delivery] bounce_rules` and the shipped ones); a reload swaps
+    /// them whole.
+    bounce_rules: Arc<ArcSwap<Classifier>>,
 }
 
 /// Supervised task names (see [`Supervisor`]).
 const SCHEDULER: &str = "scheduler";
 const QUEUE_WRITER: &str = "queue writer";
 const FAILLOG_WRITER: &str = "failure log writer";
+const SUPPRESSION_WRITER: &str = "suppression writer";
 const SMTP_LISTENER: &str = "smtp listener";
 const HTTP_LISTENER: &str = "http listener";
 const ADMIN_LISTENER: &str = "admin listener";
@@ -125,6 +135,7 @@ const ADMIN_LISTENER: &str = "admin listener";
 pub fn preflight(config: &Config) -> Result<(), AppError> {
     load_tls(config.smtp.tls.as_ref())?;
     Signers::load(&config.dkim)?;
+    Classifier::load(config.delivery.bounce_rules.as_deref())?;
     Ok(())
 }
 
@@ -207,10 +218,14 @@ impl App {
     pub async fn start(mut config: Config, deps: Deps) -> Result<App, AppError> {
         let tls = load_tls(config.smtp.tls.as_ref())?;
         let signers = Signers::load(&config.dkim)?;
+        let bounce_rules = Classifier::load(config.delivery.bounce_rules.as_deref())?;
         let resolver = deps.resolver.build(&config)?;
         config.admin.token = admin_token(&config)?;
         let supervisor = Supervisor::new();
         let (queue, faillog) = open_stores(&config, &deps.clock, &supervisor)?;
+        let (suppressions, suppression_writer) =
+            Suppressions::open(&config.queue.dir, deps.clock.clone())?;
+        supervisor.watch_thread(SUPPRESSION_WRITER, suppression_writer);
         let listeners = Listeners::bind(&config).await?;
         let dns = Arc::new(MailDns::new(resolver, &config.dns, deps.clock.clone()));
         let campaigns = load_campaigns(&queue).await?;
@@ -229,6 +244,7 @@ impl App {
                 campaigns: campaigns.clone(),
                 clock: deps.clock.clone(),
                 webhooks: disabled_webhooks.clone(),
+                suppressions,
             },
             queue,
             clock: deps.clock,
@@ -258,6 +274,7 @@ impl App {
             resolvers: deps.resolver,
             dns,
             scheduler: Mutex::default(),
+            bounce_rules: Arc::new(ArcSwap::from_pointee(bounce_rules)),
         };
         if delivery_enabled {
             app.start_scheduler();
@@ -336,6 +353,7 @@ impl App {
                 intake.clock.clone(),
             )),
             webhook: self.webhook.clone(),
+            rules: self.bounce_rules.clone(),
         };
         let sink = Arc::new(Reporting {
             inner: intake.clone(),
@@ -449,6 +467,13 @@ impl App {
         // acknowledged is already committed, so do not wait on it forever.
         if !supervisor.join(QUEUE_WRITER, Duration::from_secs(5)).await {
             tracing::warn!("queue writer still held by a delivery; exiting without joining it");
+        }
+        // Entries learnt from the last deliveries are committed before the process ends.
+        if !supervisor
+            .join(SUPPRESSION_WRITER, Duration::from_secs(5))
+            .await
+        {
+            tracing::warn!("suppression writer did not finish in time");
         }
         tracing::info!("stopped");
     }

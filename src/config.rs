@@ -17,6 +17,7 @@ pub mod events;
 pub mod faillog;
 pub mod route;
 pub mod smtp;
+pub mod suppression;
 pub mod token;
 
 pub use delivery::{DeliveryConfig, Rate};
@@ -26,6 +27,7 @@ pub use events::EventsConfig;
 pub use faillog::{FailLogConfig, FailLogMode, GuardAction, GuardConfig};
 pub use route::{Route, TlsMode, Transport};
 pub use smtp::{SmtpConfig, TlsConfig, UserConfig};
+pub use suppression::SuppressionConfig;
 
 /// A refused key, before the file's path and line are attached.
 #[derive(Debug)]
@@ -93,6 +95,8 @@ pub struct Config {
     pub guard: GuardConfig,
     #[serde(default)]
     pub events: EventsConfig,
+    #[serde(default)]
+    pub suppression: SuppressionConfig,
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
     #[serde(default)]
@@ -294,6 +298,14 @@ impl Config {
             self.routes.push(Route::default_mx());
         }
         self.check_delivery()?;
+        if let Some(key) = self.suppression.unknown_reason() {
+            return Err(Refusal::new(
+                "suppression.expire_after",
+                format!(
+                    "`{key}` is not a suppression reason (invalid_recipient, bad_domain, inactive_mailbox, unsubscribed, complaint, manual)"
+                ),
+            ));
+        }
         self.check_routes_and_dkim()
     }
 

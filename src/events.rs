@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::bounce::BounceClass;
 use crate::campaign::Campaigns;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -53,6 +54,9 @@ pub struct Record {
     pub campaign: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+    /// Why the attempt failed (`crate::bounce`); absent for deliveries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<&'static str>,
     pub reply: String,
     #[serde(rename = "at", serialize_with = "ser_time")]
     pub at_ms: i64,
@@ -131,7 +135,14 @@ impl Events {
 
     /// Queues an event without waiting. Cost: one atomic load when events are off; a
     /// few small allocations and a `try_send` when on. Never blocks.
-    pub fn emit(&self, kind: Kind, r: &Claimed, reason: Option<Reason>, reply: &str) {
+    pub fn emit(
+        &self,
+        kind: Kind,
+        r: &Claimed,
+        reason: Option<Reason>,
+        class: Option<BounceClass>,
+        reply: &str,
+    ) {
         if !self.shared.enabled.load(Ordering::Relaxed) {
             return;
         }
@@ -141,6 +152,7 @@ impl Events {
             recipient: r.address.clone(),
             campaign: r.campaign.clone(),
             reason: reason.map(Reason::as_str),
+            class: class.map(BounceClass::as_str),
             reply: reply.to_owned(),
             at_ms: self.shared.clock.now_ms(),
         };
@@ -175,19 +187,21 @@ pub struct Reporting<S> {
 }
 
 impl<S: FailureSink> FailureSink for Reporting<S> {
-    fn relay_failed(&self, r: &Claimed, reason: Reason, reply: &str) {
-        self.inner.relay_failed(r, reason, reply);
-        self.events.emit(Kind::Failed, r, Some(reason), reply);
+    fn relay_failed(&self, r: &Claimed, reason: Reason, class: BounceClass, reply: &str) {
+        self.inner.relay_failed(r, reason, class, reply);
+        self.events
+            .emit(Kind::Failed, r, Some(reason), Some(class), reply);
     }
 
-    fn relay_deferred(&self, r: &Claimed, reply: &str) {
-        self.inner.relay_deferred(r, reply);
-        self.events.emit(Kind::Deferred, r, None, reply);
+    fn relay_deferred(&self, r: &Claimed, class: BounceClass, reply: &str) {
+        self.inner.relay_deferred(r, class, reply);
+        self.events
+            .emit(Kind::Deferred, r, None, Some(class), reply);
     }
 
     fn relay_delivered(&self, r: &Claimed, reply: &str) {
         self.inner.relay_delivered(r, reply);
-        self.events.emit(Kind::Delivered, r, None, reply);
+        self.events.emit(Kind::Delivered, r, None, None, reply);
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 
+use crate::bounce::BounceClass;
 use crate::campaign::Campaigns;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -14,6 +15,7 @@ use crate::faillog::{FailLog, FailureEvent};
 use crate::policy::Policy;
 use crate::queue::{NewMessage, Queue, Remembered};
 use crate::reason::{Reason, Stage};
+use crate::suppression::{self, NewEntry, Scope, Target};
 
 pub struct Intake {
     pub config: Arc<ArcSwap<Config>>,
@@ -41,7 +43,7 @@ impl Intake {
         self.log_failure(
             Some(&counted.name),
             Stage::Intake,
-            reason,
+            (reason, None),
             recipient,
             true,
             || reason.reply().to_string(),
@@ -64,7 +66,7 @@ impl Intake {
             self.log_failure(
                 Some(&counted.name),
                 Stage::Intake,
-                reason,
+                (reason, None),
                 "",
                 false,
                 || reason.reply().to_string(),
@@ -76,7 +78,7 @@ impl Intake {
         &self,
         campaign: Option<&str>,
         stage: Stage,
-        reason: Reason,
+        (reason, class): (Reason, Option<BounceClass>),
         recipient: &str,
         row: bool,
         detail: impl FnOnce() -> String,
@@ -86,6 +88,7 @@ impl Intake {
             campaign: campaign.map(str::to_owned),
             stage,
             reason,
+            class,
             recipient: recipient.to_owned(),
             detail: detail(),
         };
@@ -153,29 +156,69 @@ impl Intake {
     }
 }
 
+impl Intake {
+    /// A permanent refusal that says the mailbox is gone suppresses that recipient (and
+    /// only it: the message's other recipients had their own answers), globally, with
+    /// the message's queue id as the source. A policy block is about the sender and
+    /// never suppresses; an expired recipient only ever had temporary answers.
+    fn suppress_dead_mailbox(&self, r: &crate::queue::Claimed, reason: Reason, class: BounceClass) {
+        if reason != Reason::Rejected {
+            return;
+        }
+        let Some(why) = suppression::Reason::for_bounce(class) else {
+            return;
+        };
+        let Some((local, _)) = r.address.rsplit_once('@') else {
+            return;
+        };
+        let expires_ms = self
+            .config
+            .load()
+            .suppression
+            .expiry(why, self.clock.now_ms());
+        self.policy.suppressions.record(vec![NewEntry {
+            target: Target::for_mailbox(local, &r.domain),
+            scope: Scope::Global,
+            reason: why,
+            source: r.queue_id.clone(),
+            expires_ms,
+        }]);
+    }
+}
+
 impl crate::deliver::FailureSink for Intake {
-    fn relay_failed(&self, r: &crate::queue::Claimed, reason: Reason, reply: &str) {
+    fn relay_failed(
+        &self,
+        r: &crate::queue::Claimed,
+        reason: Reason,
+        class: BounceClass,
+        reply: &str,
+    ) {
         let (campaign, recipient) = (r.campaign.as_deref(), r.address.as_str());
-        let counted = self.policy.campaigns.record_failure(campaign, reason);
+        let counted = self
+            .policy
+            .campaigns
+            .record_attempt(campaign, reason, class);
         self.log_failure(
             Some(&counted.name),
             Stage::Relay,
-            reason,
+            (reason, Some(class)),
             recipient,
             true,
             || reply.to_owned(),
         );
+        self.suppress_dead_mailbox(r, reason, class);
         // Debug, not info: a flood of failures must cost counters, not one log line (and
         // one journald write) each. The failure log and /metrics hold them.
         tracing::debug!(campaign, %reason, recipient, reply, "delivery failed");
     }
 
-    fn relay_deferred(&self, r: &crate::queue::Claimed, reply: &str) {
+    fn relay_deferred(&self, r: &crate::queue::Claimed, class: BounceClass, reply: &str) {
         let (campaign, recipient) = (r.campaign.as_deref(), r.address.as_str());
         self.policy
             .campaigns
-            .record_failure(campaign, Reason::Deferred);
-        tracing::debug!(campaign, recipient, reply, "delivery deferred");
+            .record_attempt(campaign, Reason::Deferred, class);
+        tracing::debug!(campaign, recipient, %class, reply, "delivery deferred");
     }
 
     fn relay_delivered(&self, r: &crate::queue::Claimed, _reply: &str) {

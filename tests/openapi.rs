@@ -203,6 +203,7 @@ fn campaign(purged: Option<u64>) -> CampaignActionResponse {
             failure_ratio: 0.6,
             deferred: 1,
             reasons: [("no_such_domain".to_owned(), 6)].into(),
+            classes: [("invalid_recipient".to_owned(), 2)].into(),
             blocked_until_ms: 1_700_000_000_000,
         },
         purged,
@@ -280,10 +281,18 @@ fn failure_log_types_match_their_schemas() {
         campaign: "spring-sale".into(),
         stage: "intake".into(),
         reason: "no_such_domain".into(),
+        class: None,
         recipient: "a@nx.test".into(),
         detail: "550 5.1.2 Recipient domain does not exist".into(),
     };
-    type_is_documented(&doc, "FailureRow", std::slice::from_ref(&row));
+    let relayed = FailureRow {
+        stage: "relay".into(),
+        reason: "rejected".into(),
+        class: Some("invalid_recipient".into()),
+        detail: "550 5.1.1 no such user".into(),
+        ..row.clone()
+    };
+    type_is_documented(&doc, "FailureRow", &[row.clone(), relayed]);
     type_is_documented(
         &doc,
         "FailuresResponse",

@@ -31,6 +31,9 @@ pub struct DeliveryConfig {
     pub data_timeout: Dur,
     /// How long an idle outbound connection is kept for reuse.
     pub idle_connection: Dur,
+    /// An operator's bounce rules (TOML, as `conf/bounce_rules.toml`), matched before
+    /// the shipped ones; read again at every reload.
+    pub bounce_rules: Option<std::path::PathBuf>,
 }
 
 impl Default for DeliveryConfig {
@@ -52,6 +55,7 @@ impl Default for DeliveryConfig {
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(600),
             idle_connection: Dur::secs(30),
+            bounce_rules: None,
         }
     }
 }

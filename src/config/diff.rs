@@ -50,6 +50,13 @@ impl Config {
         if self.dkim != new.dkim {
             out.push("dkim".to_owned());
         }
+        diff!(
+            out,
+            self.suppression,
+            new.suppression,
+            "suppression",
+            [expire_after]
+        );
         out
     }
 
@@ -145,6 +152,7 @@ impl Config {
                 command_timeout,
                 data_timeout,
                 idle_connection,
+                bounce_rules,
             ]
         );
         diff!(

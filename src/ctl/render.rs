@@ -265,6 +265,7 @@ pub fn failures(v: &FailuresResponse) -> String {
         ("TIME (UTC)", false),
         ("STAGE", false),
         ("REASON", false),
+        ("CLASS", false),
         ("RECIPIENT", false),
         ("DETAIL", false),
     ]);
@@ -273,6 +274,7 @@ pub fn failures(v: &FailuresResponse) -> String {
             utc(r.at_ms),
             r.stage.clone(),
             r.reason.clone(),
+            r.class.clone().unwrap_or_else(|| "-".to_owned()),
             match r.recipient.as_str() {
                 "" => "<>".to_owned(),
                 other => other.to_owned(),
@@ -364,6 +366,7 @@ mod tests {
             } else {
                 BTreeMap::new()
             },
+            classes: BTreeMap::new(),
             blocked_until_ms: 0,
         }
     }

@@ -85,6 +85,9 @@ const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO bodies (message_id, body) SELECT id, body FROM messages WHERE body IS NOT NULL;
     ALTER TABLE messages DROP COLUMN body;",
+    // 7: the bounce class of a recipient's last failed or deferred attempt
+    // (`crate::bounce::BounceClass` names); NULL before any failure and once delivered.
+    "ALTER TABLE recipients ADD COLUMN class TEXT;",
 ];
 
 /// How long a connection waits for a lock held by another connection.
