@@ -447,9 +447,17 @@ async fn every_admin_route_is_served_documented_and_typed() {
         let path = pattern
             .replace("{name}", "openapi")
             .replace("/campaigns/openapi/{action}", "/campaigns/openapi/purge")
-            .replace("{action}", "resume");
-        let body =
-            (*method == "POST" && path.ends_with("/purge") || *method == "PUT").then_some("{}");
+            .replace("{action}", "resume")
+            .replace("{address}", "openapi@example.com");
+        let body = match (*method, path.as_str()) {
+            ("POST", "/admin/v1/suppressions") => Some(r#"{"address": "openapi@example.com"}"#),
+            ("POST", "/admin/v1/suppressions/import") => {
+                Some("{\"address\": \"imported@example.com\"}\nnot json\n")
+            }
+            _ => {
+                (*method == "POST" && path.ends_with("/purge") || *method == "PUT").then_some("{}")
+            }
+        };
         let (status, text) = http(addr, method, &path, Some(TOKEN), body).await;
         assert_eq!(status, 200, "{method} {path}: {text}");
         let op = &doc["paths"][*pattern][method.to_lowercase()];
@@ -463,6 +471,19 @@ async fn every_admin_route_is_served_documented_and_typed() {
         check(&doc, schema, &value, &path, &mut errors);
         assert!(errors.is_empty(), "{method} {path}: {errors:#?}\n{text}");
         match path.as_str() {
+            "/admin/v1/suppressions/openapi@example.com" if *method == "DELETE" => {
+                assert_eq!(value["removed"], true, "{value}");
+                round_trips::<SuppressionRemoved>(&value)
+            }
+            "/admin/v1/suppressions" | "/admin/v1/suppressions/openapi@example.com" => {
+                round_trips::<SuppressionsResponse>(&value)
+            }
+            "/admin/v1/suppressions/import" => {
+                let report: ImportReport = serde_json::from_value(value.clone()).unwrap();
+                assert_eq!((report.lines, report.accepted, report.invalid), (2, 1, 1));
+                assert_eq!(report.errors[0].line, 2, "{value}");
+                round_trips::<ImportReport>(&value)
+            }
             "/admin/v1/status" => round_trips::<StatusResponse>(&value),
             "/admin/v1/campaigns" => {
                 assert!(!value.as_array().unwrap().is_empty());

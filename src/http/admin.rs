@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq;
 use super::{Body, error, json, percent_decode};
 
 mod actions;
+mod suppressions;
 mod views;
 
 pub use super::daemon::Admin;
@@ -40,6 +41,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/v1/queue"),
     ("GET", "/admin/v1/alerts"),
     ("GET", "/admin/v1/webhooks"),
+    ("GET", "/admin/v1/suppressions"),
+    ("POST", "/admin/v1/suppressions"),
+    ("POST", "/admin/v1/suppressions/import"),
+    ("GET", "/admin/v1/suppressions/{address}"),
+    ("DELETE", "/admin/v1/suppressions/{address}"),
 ];
 
 impl Admin {
@@ -85,6 +91,20 @@ impl Admin {
             (Method::GET, ["admin", "v1", "queue"]) => self.queue().await,
             (Method::GET, ["admin", "v1", "alerts"]) => json(StatusCode::OK, &self.alerts()),
             (Method::GET, ["admin", "v1", "webhooks"]) => json(StatusCode::OK, &self.webhooks()),
+            (Method::GET, ["admin", "v1", "suppressions"]) => {
+                self.suppressions_list(req.uri().query()).await
+            }
+            (Method::POST, ["admin", "v1", "suppressions"]) => self.suppression_add(req).await,
+            (Method::POST, ["admin", "v1", "suppressions", "import"]) => {
+                self.suppression_import(req).await
+            }
+            (Method::GET, ["admin", "v1", "suppressions", address]) => {
+                self.suppression_get(address).await
+            }
+            (Method::DELETE, ["admin", "v1", "suppressions", address]) => {
+                let address = address.to_string();
+                self.suppression_remove(&address, req.uri().query()).await
+            }
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
     }
