@@ -103,6 +103,8 @@ pub struct App {
     pub smtp_addrs: Vec<SocketAddr>,
     pub http_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
+    /// The public one-click unsubscribe listener, when enabled.
+    pub unsubscribe_addr: Option<SocketAddr>,
     pub faillog: FailLog,
     pub guard: Arc<Guard>,
     /// Webhook endpoints' state (disabled by 410, circuit breakers).
@@ -130,6 +132,7 @@ const SUPPRESSION_WRITER: &str = "suppression writer";
 const SMTP_LISTENER: &str = "smtp listener";
 const HTTP_LISTENER: &str = "http listener";
 const ADMIN_LISTENER: &str = "admin listener";
+const UNSUBSCRIBE_LISTENER: &str = "unsubscribe listener";
 
 /// Checks what `check-config` can check beyond parsing: TLS material loads.
 pub fn preflight(config: &Config) -> Result<(), AppError> {
@@ -191,6 +194,7 @@ struct Listeners {
     smtp: Vec<TcpListener>,
     http: Option<TcpListener>,
     admin: Option<TcpListener>,
+    unsubscribe: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -208,7 +212,17 @@ impl Listeners {
             Some(addr) => Some(bind(addr, MIN_BACKLOG as usize)?),
             None => None,
         };
-        Ok(Listeners { smtp, http, admin })
+        let u = &config.suppression.unsubscribe;
+        let unsubscribe = match u.listen.filter(|_| u.enabled) {
+            Some(addr) => Some(bind(addr, MIN_BACKLOG as usize)?),
+            None => None,
+        };
+        Ok(Listeners {
+            smtp,
+            http,
+            admin,
+            unsubscribe,
+        })
     }
 }
 
@@ -236,6 +250,7 @@ impl App {
             n => tracing::info!(recipients = n, "released leases of an earlier run"),
         }
         let delivery_enabled = config.delivery.enabled;
+        let unsubscribe = unsubscribe_signer(&config);
         let disabled_webhooks = Arc::new(DisabledEndpoints::default());
         let intake = Arc::new(Intake {
             config: Arc::new(ArcSwap::from_pointee(config)),
@@ -251,6 +266,7 @@ impl App {
             wake: Arc::default(),
             faillog: faillog.clone(),
             signing: Arc::new(Signing::new(signers)),
+            unsubscribe,
         });
         let background = CancellationToken::new();
         let Background {
@@ -262,6 +278,7 @@ impl App {
             smtp_addrs: Vec::new(),
             http_addr: None,
             admin_addr: None,
+            unsubscribe_addr: None,
             faillog,
             guard,
             webhook: Arc::new(WebhookCourier::new(intake.clock.clone(), disabled_webhooks)),
@@ -314,6 +331,9 @@ impl App {
                 ),
             );
         }
+        if let Some(listener) = listeners.unsubscribe {
+            self.serve_unsubscribe(listener);
+        }
         if let Some(listener) = listeners.admin {
             self.admin_addr = listener.local_addr().ok();
             let admin = Arc::new(Admin {
@@ -337,6 +357,29 @@ impl App {
                 ),
             );
         }
+    }
+
+    /// The public unsubscribe listener, on its own address, apart from the admin API.
+    fn serve_unsubscribe(&mut self, listener: TcpListener) {
+        let Some(signer) = self.intake.unsubscribe.clone() else {
+            return;
+        };
+        self.unsubscribe_addr = listener.local_addr().ok();
+        let handler = Arc::new(crate::http::unsubscribe::Unsubscribe {
+            intake: self.intake.clone(),
+            events: self.events.clone(),
+            signer,
+        });
+        tracing::info!(addr = %self.unsubscribe_addr.map(|a| a.to_string()).unwrap_or_default(), "unsubscribe listening");
+        self.supervisor.spawn(
+            UNSUBSCRIBE_LISTENER,
+            crate::http::serve(
+                listener,
+                move |req| handler.clone().handle(req),
+                self.background.clone(),
+                TaskTracker::new(),
+            ),
+        );
     }
 
     /// Starts a scheduler (at start, or when a reload turns delivery on).
@@ -425,7 +468,12 @@ impl App {
         supervisor.stopping();
         self.server.shutdown.cancel();
         self.background.cancel();
-        for listener in [SMTP_LISTENER, HTTP_LISTENER, ADMIN_LISTENER] {
+        for listener in [
+            SMTP_LISTENER,
+            HTTP_LISTENER,
+            ADMIN_LISTENER,
+            UNSUBSCRIBE_LISTENER,
+        ] {
             supervisor.join(listener, Duration::MAX).await;
         }
         self.server.tracker.close();
@@ -556,6 +604,16 @@ impl Background {
             events_task,
         }
     }
+}
+
+/// The token key of `[suppression.unsubscribe]` (checked by the config), when enabled.
+fn unsubscribe_signer(config: &Config) -> Option<Arc<crate::unsubscribe::Signer>> {
+    let u = &config.suppression.unsubscribe;
+    if !u.enabled {
+        return None;
+    }
+    let secret = crate::signing::Secret::parse(&u.secret).ok()?;
+    Some(Arc::new(crate::unsubscribe::Signer::new(secret.key())))
 }
 
 async fn load_campaigns(queue: &Queue) -> Result<Arc<Campaigns>, AppError> {

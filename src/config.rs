@@ -298,6 +298,9 @@ impl Config {
             self.routes.push(Route::default_mx());
         }
         self.check_delivery()?;
+        if let Some((key, why)) = self.suppression.unsubscribe.refusal() {
+            return Err(Refusal::new(key, why));
+        }
         if let Some(key) = self.suppression.unknown_reason() {
             return Err(Refusal::new(
                 "suppression.expire_after",

@@ -42,6 +42,8 @@ pub enum Kind {
     Delivered,
     Deferred,
     Failed,
+    /// A recipient used a message's one-click unsubscribe (RFC 8058).
+    Unsubscribed,
 }
 
 /// One recipient's outcome of one attempt.
@@ -49,6 +51,8 @@ pub enum Kind {
 pub struct Record {
     #[serde(rename = "type")]
     pub kind: Kind,
+    /// Empty (and left out) for an unsubscribe, which names no message.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub queue_id: String,
     pub recipient: String,
     pub campaign: Option<String>,
@@ -154,6 +158,26 @@ impl Events {
             reason: reason.map(Reason::as_str),
             class: class.map(BounceClass::as_str),
             reply: reply.to_owned(),
+            at_ms: self.shared.clock.now_ms(),
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.shared.tx.try_send(record) {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues an `unsubscribed` event, as [`Events::emit`] does.
+    pub fn unsubscribed(&self, recipient: &str, campaign: &str) {
+        if !self.shared.enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        let record = Record {
+            kind: Kind::Unsubscribed,
+            queue_id: String::new(),
+            recipient: recipient.to_owned(),
+            campaign: Some(campaign.to_owned()),
+            reason: None,
+            class: None,
+            reply: String::new(),
             at_ms: self.shared.clock.now_ms(),
         };
         if let Err(mpsc::error::TrySendError::Full(_)) = self.shared.tx.try_send(record) {

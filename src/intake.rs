@@ -16,6 +16,7 @@ use crate::policy::Policy;
 use crate::queue::{NewMessage, Queue, Remembered};
 use crate::reason::{Reason, Stage};
 use crate::suppression::{self, NewEntry, Scope, Target};
+use crate::unsubscribe::Signer;
 
 pub struct Intake {
     pub config: Arc<ArcSwap<Config>>,
@@ -27,6 +28,8 @@ pub struct Intake {
     pub faillog: FailLog,
     /// DKIM keys: every message is signed here, before its commit.
     pub signing: Arc<Signing>,
+    /// The unsubscribe token key, when `[suppression.unsubscribe]` is enabled.
+    pub unsubscribe: Option<Arc<Signer>>,
 }
 
 impl Intake {
@@ -125,6 +128,7 @@ impl Intake {
         mut msg: NewMessage,
         idempotency: Option<(String, Remembered, std::time::Duration)>,
     ) -> Result<Option<Remembered>, Reason> {
+        self.add_unsubscribe(&mut msg);
         msg.body = self.signing.sign(std::mem::take(&mut msg.body)).await;
         let campaign = msg.campaign.clone();
         let recipients: Vec<String> = msg.recipients.iter().map(|r| r.address.clone()).collect();
@@ -157,6 +161,47 @@ impl Intake {
 }
 
 impl Intake {
+    /// Prepends RFC 8058 `List-Unsubscribe` and `List-Unsubscribe-Post` headers to
+    /// campaign mail that `[suppression.unsubscribe]` names, before DKIM signs them. The
+    /// token names one recipient, so a message to several gets none; a message carrying
+    /// its own `List-Unsubscribe` keeps it.
+    fn add_unsubscribe(&self, msg: &mut NewMessage) {
+        let Some(signer) = &self.unsubscribe else {
+            return;
+        };
+        let config = self.config.load();
+        let u = &config.suppression.unsubscribe;
+        let [recipient] = msg.recipients.as_slice() else {
+            return;
+        };
+        let Some(campaign) = msg.campaign.as_deref() else {
+            return;
+        };
+        if !u.applies_to(Some(campaign)) || has_header(&msg.body, b"list-unsubscribe") {
+            return;
+        }
+        let headers = signer.headers(
+            &u.base_url,
+            u.mailto.as_deref(),
+            &recipient.address,
+            campaign,
+        );
+        let mut body = Vec::with_capacity(msg.body.len() + 256);
+        for (name, value) in headers {
+            // Tokens are base64url, the URL and mailto were checked by the config: no
+            // CR, LF or NUL can reach the header.
+            if value.contains(['\r', '\n', '\0']) {
+                return;
+            }
+            body.extend_from_slice(name.as_bytes());
+            body.extend_from_slice(b": ");
+            body.extend_from_slice(value.as_bytes());
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(&msg.body);
+        msg.body = body;
+    }
+
     /// A permanent refusal that says the mailbox is gone suppresses that recipient (and
     /// only it: the message's other recipients had their own answers), globally, with
     /// the message's queue id as the source. A policy block is about the sender and
@@ -184,6 +229,23 @@ impl Intake {
             expires_ms,
         }]);
     }
+}
+
+/// Whether the header section of `message` has a field named `name` (lower case).
+fn has_header(message: &[u8], name: &[u8]) -> bool {
+    for line in message.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            return false;
+        }
+        if let Some(colon) = line.iter().position(|&b| b == b':') {
+            let field = line[..colon].trim_ascii();
+            if field.eq_ignore_ascii_case(name) {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 impl crate::deliver::FailureSink for Intake {

@@ -96,6 +96,15 @@ impl Policy {
         Ok(mailbox)
     }
 
+    /// Whether `mailbox` is on the do-not-contact list, globally or for `campaign`. From
+    /// memory: a few hash lookups, no I/O.
+    pub fn suppressed(&self, mailbox: &Mailbox, campaign: Option<&str>) -> bool {
+        let local = mailbox.address.rsplit_once('@').map_or("", |(l, _)| l);
+        self.suppressions
+            .check(local, &mailbox.domain, campaign)
+            .is_some()
+    }
+
     /// Whether intake is open for `campaign` now: intake not paused, campaign not paused
     /// or blocked.
     pub fn check_open(&self, campaign: Option<&str>) -> Result<(), Reason> {

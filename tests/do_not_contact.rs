@@ -270,3 +270,125 @@ async fn operator_bounce_rules_come_first_and_a_bad_file_keeps_the_old_ones() {
     .await;
     assert_eq!(shipped.class, Some(BounceClass::InvalidRecipient));
 }
+
+/// The token key: `whsec_` + base64 of 32 bytes, as webhook secrets are written.
+const UNSUBSCRIBE_SECRET: &str = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_click_unsubscribe_from_a_delivered_message() {
+    let dns = TestDns::start(zone()).await;
+    let sink = Sink::start().await;
+    let more = format!(
+        r#"
+[suppression.unsubscribe]
+enabled = true
+campaigns = ["spring"]
+base_url = "https://mail.test/u/"
+mailto = "unsubscribe@mail.test"
+secret = "{UNSUBSCRIBE_SECRET}"
+listen = "127.0.0.1:0"
+"#
+    );
+    let t = start(
+        &dns,
+        &relay_config(sink.addr.port(), "", &more),
+        Arc::default(),
+    )
+    .await;
+    let public = t.app.unsubscribe_addr.expect("unsubscribe listener");
+    assert_ne!(Some(public), t.app.admin_addr);
+    let mut c = t.client().await;
+    c.ehlo().await;
+    let spring = "X-Campaign-ID: spring\r\n";
+    c.send_mail(
+        "app@client.test",
+        &["ann@mx.test"],
+        &message("sale", spring),
+    )
+    .await;
+    // Transactional mail (no campaign listed) gets no headers; a message's own are kept.
+    c.send_mail("app@client.test", &["bob@mx.test"], &message("receipt", ""))
+        .await;
+    let own = "X-Campaign-ID: spring\r\nList-Unsubscribe: <https://crm.test/out>\r\n";
+    c.send_mail("app@client.test", &["cy@mx.test"], &message("own", own))
+        .await;
+    let got = sink.wait_for(3, WAIT).await;
+    let body_of = |to: &str| {
+        let r = got.iter().find(|r| r.rcpts == [to]).unwrap();
+        String::from_utf8_lossy(&r.data).into_owned()
+    };
+    let ann = body_of("ann@mx.test");
+    assert!(
+        ann.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"),
+        "{ann}"
+    );
+    assert!(
+        ann.contains("<mailto:unsubscribe@mail.test?subject=unsubscribe%20"),
+        "{ann}"
+    );
+    assert!(!body_of("bob@mx.test").contains("List-Unsubscribe"));
+    let cy = body_of("cy@mx.test");
+    assert_eq!(cy.matches("List-Unsubscribe").count(), 1, "{cy}");
+    assert!(cy.contains("<https://crm.test/out>"), "{cy}");
+
+    // The URL as the mailbox provider reads it from the delivered message.
+    let start_at = ann.find("<https://mail.test/u/").unwrap() + "<https://mail.test".len();
+    let path = &ann[start_at..start_at + ann[start_at..].find('>').unwrap()];
+    let admin_addr = t.app.admin_addr.unwrap();
+    let entry = "/admin/v1/suppressions/ann@mx.test";
+
+    // A link scanner's GET shows a button and unsubscribes nobody.
+    let (status, page) = http(public, "GET", path, None, None).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("<form method=\"post\""), "{page}");
+    assert_eq!(
+        http(admin_addr, "GET", entry, Some(TOKEN), None).await.0,
+        404
+    );
+
+    // Forged tokens are refused and suppress nobody.
+    let mut forged = path.to_owned();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    for bad in [forged.as_str(), "/u/garbage", "/u/"] {
+        let (status, _) = http(
+            public,
+            "POST",
+            bad,
+            None,
+            Some("List-Unsubscribe=One-Click"),
+        )
+        .await;
+        assert_eq!(status, 404, "{bad}");
+    }
+    assert_eq!(
+        http(admin_addr, "GET", entry, Some(TOKEN), None).await.0,
+        404
+    );
+
+    let (status, page) = http(
+        public,
+        "POST",
+        path,
+        None,
+        Some("List-Unsubscribe=One-Click"),
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let listed = admin(admin_addr, "GET", entry, None).await;
+    let e = &listed["suppressions"][0];
+    assert_eq!(e["reason"], "unsubscribed", "{e}");
+    assert_eq!(e["campaign"], "spring", "{e}");
+    assert_eq!(e["source"], "unsubscribe", "{e}");
+
+    // Spring's next message to ann is refused once its campaign header is read; other
+    // campaigns still reach her.
+    let mut c = t.client().await;
+    c.ehlo().await;
+    c.cmd("MAIL FROM:<app@client.test>", "250").await;
+    c.rcpt("ann@mx.test", "250").await;
+    let reply = c.data(&message("again", spring)).await;
+    assert!(reply.starts_with("550 5.7.1"), "{reply}");
+    c.send_mail("app@client.test", &["ann@mx.test"], &message("receipt", ""))
+        .await;
+}
