@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::dns::{TestDns, Zone};
-use common::floodgate::{TOKEN, TestApp, admin, ctl, http, message};
+use common::floodgate::{TOKEN, TestApp, admin, check_config, ctl, http, message};
 use common::relay::{WAIT, relay_config, start, wait_recipient};
 use common::sink::{RcptScript, Sink, SinkConfig};
 use floodgate::bounce::BounceClass;
@@ -391,4 +391,25 @@ listen = "127.0.0.1:0"
     assert!(reply.starts_with("550 5.7.1"), "{reply}");
     c.send_mail("app@client.test", &["ann@mx.test"], &message("receipt", ""))
         .await;
+}
+
+#[test]
+fn check_config_refuses_bad_bounce_rules_and_unsubscribe_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, "[[rule]]\nclass = \"gone\"\npatterns = ['x']\n").unwrap();
+    let (code, out) = check_config(&format!(
+        "[delivery]\nbounce_rules = \"{}\"\n",
+        rules.display()
+    ));
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("unknown class \"gone\""), "{out}");
+    let (code, out) = check_config(
+        "[suppression.unsubscribe]\nenabled = true\ncampaigns = [\"*\"]\nbase_url = \"https://m.test/u/\"\nsecret = \"short\"\n",
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("suppression.unsubscribe.secret"), "{out}");
+    let (code, out) = check_config("[suppression]\nexpire_after = { bounced = \"1d\" }\n");
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("not a suppression reason"), "{out}");
 }
