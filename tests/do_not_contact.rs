@@ -162,7 +162,12 @@ async fn only_the_dead_mailbox_is_suppressed_until_an_operator_lifts_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imports_are_counted_exactly_and_refused_at_the_door() {
     let dns = TestDns::start(zone()).await;
-    let t = TestApp::start("", "", dns.addr).await;
+    let key = "fg_dnc_key_0123456789";
+    let api_key = format!(
+        "[[http.api_keys]]\nname = \"crm\"\nkey_sha256 = \"{}\"\ncampaign = \"spring\"\n",
+        floodgate::http::api::key_hash(key)
+    );
+    let t = TestApp::start("", &api_key, dns.addr).await;
     let admin_addr = t.app.admin_addr.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ndjson = dir.path().join("dnc.ndjson");
@@ -209,6 +214,36 @@ async fn imports_are_counted_exactly_and_refused_at_the_door() {
     assert!(listed.contains("unsubscribed"), "{listed}");
     // A whole domain.
     rcpt(&t, "anyone@whole.test", "550").await;
+
+    // The HTTP door: per recipient, `rejected` with reason `suppressed`; the API key's
+    // campaign is spring, so ann's campaign entry applies there.
+    let bearer = format!("Bearer {key}");
+    let body = serde_json::json!({
+        "from": "news@client.test",
+        "to": ["user7@mx.test", "ann@mx.test", "new@mx.test"],
+        "subject": "spring",
+        "text": "hello",
+    });
+    let (status, _, text) = common::http::request(
+        t.app.http_addr.unwrap(),
+        "POST",
+        "/v1/messages",
+        &[
+            ("Authorization", &bearer),
+            ("Content-Type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+    let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let results = answer["recipients"].as_array().unwrap();
+    for (i, want) in [(0, "suppressed"), (1, "suppressed")] {
+        assert_eq!(results[i]["status"], "rejected", "{answer}");
+        assert_eq!(results[i]["reason"], want, "{answer}");
+        assert_eq!(results[i]["code"], 550, "{answer}");
+    }
+    assert_eq!(results[2]["status"], "accepted", "{answer}");
 
     // Export pages through everything.
     let exported = ctl(admin_addr, &["suppressions", "export"]).await;
