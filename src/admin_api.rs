@@ -52,6 +52,10 @@ pub struct CampaignView {
     pub deferred: u64,
     /// Failures by reason name; reasons without failures are left out.
     pub reasons: BTreeMap<String, u64>,
+    /// Failed and deferred delivery attempts by bounce class; classes without any are
+    /// left out.
+    #[serde(default)]
+    pub classes: BTreeMap<String, u64>,
     /// The end of a purge block (ms since the epoch); in the past when not blocked.
     pub blocked_until_ms: i64,
 }
@@ -189,6 +193,9 @@ pub struct FailureRow {
     pub campaign: String,
     pub stage: String,
     pub reason: String,
+    /// The bounce class of a relay failure; absent for refusals at the door.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
     pub recipient: String,
     pub detail: String,
 }
@@ -351,4 +358,69 @@ pub struct BatchView {
     pub failed_template: u64,
     /// Accepted and not yet delivered or failed.
     pub queued: u64,
+}
+
+/// One do-not-contact entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suppression {
+    pub id: i64,
+    /// A mailbox (`user@example.com`, local part lower-cased) or a whole domain
+    /// (`@example.com`).
+    pub address: String,
+    /// The campaign the entry applies to; absent for a global entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<String>,
+    /// `invalid_recipient`, `bad_domain`, `inactive_mailbox`, `unsubscribed`,
+    /// `complaint` or `manual`.
+    pub reason: String,
+    /// The queue id of the message whose bounce made it, `api`, `import` or `unsubscribe`.
+    pub source: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: Option<i64>,
+}
+
+/// `GET /admin/v1/suppressions`: oldest first; pass `next_cursor` as `cursor` for the
+/// next page (null on the last page).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuppressionsResponse {
+    pub suppressions: Vec<Suppression>,
+    pub next_cursor: Option<i64>,
+}
+
+/// The body of `POST /admin/v1/suppressions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuppressionAdd {
+    /// `user@example.com`, or `@example.com` for a whole domain.
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<String>,
+    /// Default `manual`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Default: `[suppression] expire_after` for the reason, else never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<i64>,
+}
+
+/// What `POST /admin/v1/suppressions/import` did: exact counts, and the first
+/// rejected lines with their numbers (1-based).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportReport {
+    pub lines: u64,
+    pub accepted: u64,
+    pub invalid: u64,
+    pub errors: Vec<ImportError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportError {
+    pub line: u64,
+    pub error: String,
+}
+
+/// `DELETE /admin/v1/suppressions/{address}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuppressionRemoved {
+    pub removed: bool,
 }

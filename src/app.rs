@@ -13,6 +13,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bounce::{Classifier, RulesError};
 use crate::campaign::Campaigns;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, TlsConfig, token};
@@ -33,6 +34,7 @@ use crate::smtp::server::Server;
 use crate::smtp::tls::{self, TlsError};
 use crate::supervise::{Supervisor, Unhealthy};
 use crate::tls_report::TlsReports;
+use crate::suppression::{SuppressionError, Suppressions};
 
 mod reload;
 
@@ -62,6 +64,10 @@ pub enum AppError {
     Dkim(#[from] DkimError),
     #[error("cannot open sts.db: {0}")]
     Sts(#[from] crate::sqlite::OpenError),
+    #[error("bounce rules: {0}")]
+    BounceRules(#[from] RulesError),
+    #[error("cannot open the suppression list: {0}")]
+    Suppressions(#[from] SuppressionError),
 }
 
 /// What the daemon takes from outside; tests pass their own.
@@ -101,6 +107,8 @@ pub struct App {
     pub smtp_addrs: Vec<SocketAddr>,
     pub http_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
+    /// The public one-click unsubscribe listener, when enabled.
+    pub unsubscribe_addr: Option<SocketAddr>,
     pub faillog: FailLog,
     pub guard: Arc<Guard>,
     /// Webhook endpoints' state (disabled by 410, circuit breakers).
@@ -117,21 +125,27 @@ pub struct App {
     scheduler: Mutex<Option<Arc<Scheduler>>>,
     /// MTA-STS policies, TLS-RPT counters and the daily reports.
     pub tls_reports: Arc<TlsReports>,
+    /// The bounce rules (`[delivery] bounce_rules` and the shipped ones); a reload swaps
+    /// them whole.
+    bounce_rules: Arc<ArcSwap<Classifier>>,
 }
 
 /// Supervised task names (see [`Supervisor`]).
 const SCHEDULER: &str = "scheduler";
 const QUEUE_WRITER: &str = "queue writer";
 const FAILLOG_WRITER: &str = "failure log writer";
+const SUPPRESSION_WRITER: &str = "suppression writer";
 const SMTP_LISTENER: &str = "smtp listener";
 const HTTP_LISTENER: &str = "http listener";
 const ADMIN_LISTENER: &str = "admin listener";
 const TLS_REPORTS: &str = "tls reports";
+const UNSUBSCRIBE_LISTENER: &str = "unsubscribe listener";
 
 /// Checks what `check-config` can check beyond parsing: TLS material loads.
 pub fn preflight(config: &Config) -> Result<(), AppError> {
     load_tls(config.smtp.tls.as_ref())?;
     Signers::load(&config.dkim)?;
+    Classifier::load(config.delivery.bounce_rules.as_deref())?;
     Ok(())
 }
 
@@ -187,6 +201,7 @@ struct Listeners {
     smtp: Vec<TcpListener>,
     http: Option<TcpListener>,
     admin: Option<TcpListener>,
+    unsubscribe: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -204,7 +219,17 @@ impl Listeners {
             Some(addr) => Some(bind(addr, MIN_BACKLOG as usize)?),
             None => None,
         };
-        Ok(Listeners { smtp, http, admin })
+        let u = &config.suppression.unsubscribe;
+        let unsubscribe = match u.listen.filter(|_| u.enabled) {
+            Some(addr) => Some(bind(addr, MIN_BACKLOG as usize)?),
+            None => None,
+        };
+        Ok(Listeners {
+            smtp,
+            http,
+            admin,
+            unsubscribe,
+        })
     }
 }
 
@@ -214,10 +239,14 @@ impl App {
     pub async fn start(mut config: Config, deps: Deps) -> Result<App, AppError> {
         let tls = load_tls(config.smtp.tls.as_ref())?;
         let signers = Signers::load(&config.dkim)?;
+        let bounce_rules = Classifier::load(config.delivery.bounce_rules.as_deref())?;
         let resolver = deps.resolver.build(&config)?;
         config.admin.token = admin_token(&config)?;
         let supervisor = Supervisor::new();
         let (queue, faillog) = open_stores(&config, &deps.clock, &supervisor)?;
+        let (suppressions, suppression_writer) =
+            Suppressions::open(&config.queue.dir, deps.clock.clone())?;
+        supervisor.watch_thread(SUPPRESSION_WRITER, suppression_writer);
         let listeners = Listeners::bind(&config).await?;
         let dns = Arc::new(MailDns::new(resolver, &config.dns, deps.clock.clone()));
         let sts = Arc::new(Sts::open(
@@ -233,6 +262,7 @@ impl App {
             n => tracing::info!(recipients = n, "released leases of an earlier run"),
         }
         let delivery_enabled = config.delivery.enabled;
+        let unsubscribe = unsubscribe_signer(&config);
         let disabled_webhooks = Arc::new(DisabledEndpoints::default());
         let intake = Arc::new(Intake {
             config: Arc::new(ArcSwap::from_pointee(config)),
@@ -241,12 +271,14 @@ impl App {
                 campaigns: campaigns.clone(),
                 clock: deps.clock.clone(),
                 webhooks: disabled_webhooks.clone(),
+                suppressions,
             },
             queue,
             clock: deps.clock,
             wake: Arc::default(),
             faillog: faillog.clone(),
             signing: Arc::new(Signing::new(signers)),
+            unsubscribe,
         });
         let background = CancellationToken::new();
         let tls_reports = Arc::new(TlsReports::new(
@@ -267,6 +299,7 @@ impl App {
             smtp_addrs: Vec::new(),
             http_addr: None,
             admin_addr: None,
+            unsubscribe_addr: None,
             faillog,
             guard,
             webhook: Arc::new(WebhookCourier::new(intake.clock.clone(), disabled_webhooks)),
@@ -280,6 +313,7 @@ impl App {
             dns,
             scheduler: Mutex::default(),
             tls_reports,
+            bounce_rules: Arc::new(ArcSwap::from_pointee(bounce_rules)),
         };
         if delivery_enabled {
             app.start_scheduler();
@@ -319,6 +353,9 @@ impl App {
                 ),
             );
         }
+        if let Some(listener) = listeners.unsubscribe {
+            self.serve_unsubscribe(listener);
+        }
         if let Some(listener) = listeners.admin {
             self.admin_addr = listener.local_addr().ok();
             let admin = Arc::new(Admin {
@@ -331,7 +368,6 @@ impl App {
                 smtp: self.server.clone(),
                 tls_reports: self.tls_reports.clone(),
                 started: std::time::Instant::now(),
-                classifier: Arc::new(crate::bounce::Classifier::shipped()),
             });
             tracing::info!(addr = %self.admin_addr.map(|a| a.to_string()).unwrap_or_default(), "admin listening");
             self.supervisor.spawn(
@@ -344,6 +380,29 @@ impl App {
                 ),
             );
         }
+    }
+
+    /// The public unsubscribe listener, on its own address, apart from the admin API.
+    fn serve_unsubscribe(&mut self, listener: TcpListener) {
+        let Some(signer) = self.intake.unsubscribe.clone() else {
+            return;
+        };
+        self.unsubscribe_addr = listener.local_addr().ok();
+        let handler = Arc::new(crate::http::unsubscribe::Unsubscribe {
+            intake: self.intake.clone(),
+            events: self.events.clone(),
+            signer,
+        });
+        tracing::info!(addr = %self.unsubscribe_addr.map(|a| a.to_string()).unwrap_or_default(), "unsubscribe listening");
+        self.supervisor.spawn(
+            UNSUBSCRIBE_LISTENER,
+            crate::http::serve(
+                listener,
+                move |req| handler.clone().handle(req),
+                self.background.clone(),
+                TaskTracker::new(),
+            ),
+        );
     }
 
     /// Starts a scheduler (at start, or when a reload turns delivery on).
@@ -365,6 +424,7 @@ impl App {
                 intake.queue.clone(),
                 intake.config.clone(),
             )),
+            rules: self.bounce_rules.clone(),
         };
         let sink = Arc::new(Reporting {
             inner: intake.clone(),
@@ -436,7 +496,12 @@ impl App {
         supervisor.stopping();
         self.server.shutdown.cancel();
         self.background.cancel();
-        for listener in [SMTP_LISTENER, HTTP_LISTENER, ADMIN_LISTENER] {
+        for listener in [
+            SMTP_LISTENER,
+            HTTP_LISTENER,
+            ADMIN_LISTENER,
+            UNSUBSCRIBE_LISTENER,
+        ] {
             supervisor.join(listener, Duration::MAX).await;
         }
         self.server.tracker.close();
@@ -483,6 +548,13 @@ impl App {
         // acknowledged is already committed, so do not wait on it forever.
         if !supervisor.join(QUEUE_WRITER, Duration::from_secs(5)).await {
             tracing::warn!("queue writer still held by a delivery; exiting without joining it");
+        }
+        // Entries learnt from the last deliveries are committed before the process ends.
+        if !supervisor
+            .join(SUPPRESSION_WRITER, Duration::from_secs(5))
+            .await
+        {
+            tracing::warn!("suppression writer did not finish in time");
         }
         tracing::info!("stopped");
     }
@@ -565,6 +637,16 @@ impl Background {
             events_task,
         }
     }
+}
+
+/// The token key of `[suppression.unsubscribe]` (checked by the config), when enabled.
+fn unsubscribe_signer(config: &Config) -> Option<Arc<crate::unsubscribe::Signer>> {
+    let u = &config.suppression.unsubscribe;
+    if !u.enabled {
+        return None;
+    }
+    let secret = crate::signing::Secret::parse(&u.secret).ok()?;
+    Some(Arc::new(crate::unsubscribe::Signer::new(secret.key())))
 }
 
 async fn load_campaigns(queue: &Queue) -> Result<Arc<Campaigns>, AppError> {

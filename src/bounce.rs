@@ -29,6 +29,8 @@ crate::names::closed_names! {
         Tls => "tls",
         Connection => "connection",
         Throttled => "throttled",
+        // A batch message that did not render for its recipient (never a reply).
+        Template => "template",
         Other => "other",
     }
 }
@@ -352,10 +354,38 @@ mod tests {
                 BounceClass::PolicyBlock,
             ),
             ("554 5.5.0 transaction failed", BounceClass::Other),
+            (
+                "550 5.7.1 Service unavailable; client [127.0.0.1] blocked using bl.test",
+                BounceClass::PolicyBlock,
+            ),
             ("550 Requested action not taken", BounceClass::Other),
         ];
         for (line, want) in table {
             assert_eq!(c.classify_line(line), *want, "{line}");
+        }
+    }
+
+    /// Webhook attempts have no SMTP code: they are classed by their HTTP status before
+    /// any word of a response body.
+    #[test]
+    fn webhook_replies_by_status() {
+        let c = Classifier::shipped();
+        let table: &[(&str, BounceClass)] = &[
+            ("HTTP 429 Too Many Requests", BounceClass::Throttled),
+            (
+                "HTTP 503 Service Unavailable: user unknown",
+                BounceClass::Connection,
+            ),
+            ("HTTP 404 Not Found: no such user", BounceClass::Other),
+            ("HTTP 422 Unprocessable Entity", BounceClass::Content),
+            (
+                "webhook request failed: connection refused",
+                BounceClass::Connection,
+            ),
+            ("webhook TLS setup: bad key", BounceClass::Tls),
+        ];
+        for (text, want) in table {
+            assert_eq!(c.classify(0, None, text), *want, "{text}");
         }
     }
 

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
+use crate::bounce::BounceClass;
 use crate::reason::Reason;
 
 /// Failures with no campaign are counted under this name.
@@ -19,6 +20,7 @@ pub const UNATTRIBUTED: &str = "-";
 pub const OVERFLOW: &str = "_other";
 
 const REASONS: usize = Reason::ALL.len();
+const CLASSES: usize = BounceClass::ALL.len();
 
 #[derive(Debug)]
 pub struct Campaign {
@@ -29,6 +31,8 @@ pub struct Campaign {
     /// The share of `failures` refused at the door (never queued), for the periodic
     /// `intake_rejections` event.
     refusals: [AtomicU64; REASONS],
+    /// Failed and deferred delivery attempts by bounce class.
+    classes: [AtomicU64; CLASSES],
     paused: AtomicBool,
     /// Until when (ms since the epoch) new submissions are refused after a purge.
     blocked_until_ms: AtomicI64,
@@ -42,6 +46,7 @@ impl Campaign {
             delivered: AtomicU64::new(0),
             failures: std::array::from_fn(|_| AtomicU64::new(0)),
             refusals: std::array::from_fn(|_| AtomicU64::new(0)),
+            classes: std::array::from_fn(|_| AtomicU64::new(0)),
             paused: AtomicBool::new(false),
             blocked_until_ms: AtomicI64::new(0),
         }
@@ -49,6 +54,20 @@ impl Campaign {
 
     pub fn failures(&self, reason: Reason) -> u64 {
         self.failures[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// Failed and deferred delivery attempts of `class`.
+    pub fn attempts_of(&self, class: BounceClass) -> u64 {
+        self.classes[class.index()].load(Ordering::Relaxed)
+    }
+
+    /// The class most of this campaign's failed attempts had, if any failed.
+    pub fn top_class(&self) -> Option<(BounceClass, u64)> {
+        BounceClass::ALL
+            .iter()
+            .map(|c| (*c, self.attempts_of(*c)))
+            .filter(|(_, n)| *n > 0)
+            .max_by_key(|(_, n)| *n)
     }
 
     /// Failures for `reason` refused at intake (a subset of [`Campaign::failures`]).
@@ -187,6 +206,19 @@ impl Campaigns {
     pub fn record_failure(&self, campaign: Option<&str>, reason: Reason) -> Arc<Campaign> {
         let c = self.get(campaign);
         c.failures[reason.index()].fetch_add(1, Ordering::Relaxed);
+        c
+    }
+
+    /// As [`Campaigns::record_failure`] for a failed or deferred delivery attempt, which
+    /// also counts its bounce class.
+    pub fn record_attempt(
+        &self,
+        campaign: Option<&str>,
+        reason: Reason,
+        class: BounceClass,
+    ) -> Arc<Campaign> {
+        let c = self.record_failure(campaign, reason);
+        c.classes[class.index()].fetch_add(1, Ordering::Relaxed);
         c
     }
 

@@ -18,6 +18,7 @@ pub mod faillog;
 pub mod route;
 pub mod smtp;
 pub mod tls_report;
+pub mod suppression;
 pub mod token;
 
 pub use delivery::{DeliveryConfig, Rate, StsMode};
@@ -28,6 +29,7 @@ pub use faillog::{FailLogConfig, FailLogMode, GuardAction, GuardConfig};
 pub use route::{Route, TlsMode, Transport};
 pub use smtp::{SmtpConfig, TlsConfig, UserConfig};
 pub use tls_report::TlsReportConfig;
+pub use suppression::SuppressionConfig;
 
 /// A refused key, before the file's path and line are attached.
 #[derive(Debug)]
@@ -95,6 +97,8 @@ pub struct Config {
     pub guard: GuardConfig,
     #[serde(default)]
     pub events: EventsConfig,
+    #[serde(default)]
+    pub suppression: SuppressionConfig,
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
     #[serde(default)]
@@ -311,6 +315,17 @@ impl Config {
             self.routes.push(Route::default_mx());
         }
         self.check_delivery()?;
+        if let Some((key, why)) = self.suppression.unsubscribe.refusal() {
+            return Err(Refusal::new(key, why));
+        }
+        if let Some(key) = self.suppression.unknown_reason() {
+            return Err(Refusal::new(
+                "suppression.expire_after",
+                format!(
+                    "`{key}` is not a suppression reason (invalid_recipient, bad_domain, inactive_mailbox, unsubscribed, complaint, manual)"
+                ),
+            ));
+        }
         self.check_routes_and_dkim()
     }
 

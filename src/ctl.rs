@@ -130,6 +130,57 @@ enum CtlCommand {
     Batches,
     /// One batch send's progress, rejections by reason.
     Batch { id: String },
+    /// The do-not-contact list: recipients refused at the door with 550 5.7.1.
+    Suppressions {
+        #[command(subcommand)]
+        command: SuppressionsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SuppressionsCommand {
+    /// Entries, oldest first, one page (`--cursor` takes the last page's next cursor).
+    List {
+        /// Only this address (or `@domain` for a whole-domain entry).
+        #[arg(long)]
+        address: Option<String>,
+        /// Only entries of this domain (addresses and the domain entry).
+        #[arg(long)]
+        domain: Option<String>,
+        /// Only this reason, e.g. `invalid_recipient`, `unsubscribed`, `manual`.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only entries of this campaign.
+        #[arg(long)]
+        campaign: Option<String>,
+        #[arg(long)]
+        cursor: Option<i64>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Suppress an address (or `@domain`), globally or for one campaign.
+    Add {
+        address: String,
+        #[arg(long)]
+        campaign: Option<String>,
+        /// Default `manual`.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift an entry (the global one, or one campaign's with --campaign).
+    Remove {
+        address: String,
+        #[arg(long)]
+        campaign: Option<String>,
+    },
+    /// Import a file: NDJSON (`{"address": ...}` per line) or CSV (`.csv`, or --csv).
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        csv: bool,
+    },
+    /// Every entry as NDJSON on standard output, read page by page.
+    Export,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -192,6 +243,15 @@ pub fn main(args: CtlArgs) -> ExitCode {
 
 async fn run(args: CtlArgs) -> Result<String, CtlError> {
     let client = connect(&args)?;
+    if let CtlCommand::Suppressions { command } = &args.command {
+        match command {
+            SuppressionsCommand::Import { file, csv } => {
+                return import(&client, file, *csv, args.json).await;
+            }
+            SuppressionsCommand::Export => return export(&client).await,
+            _ => {}
+        }
+    }
     let (answer, (method, path)) = match &args.command {
         CtlCommand::Mail(m) => mail::call(&client, m).await?,
         CtlCommand::Purge {
@@ -331,7 +391,133 @@ fn request(command: &CtlCommand) -> Result<Call, CtlError> {
         CtlCommand::Mail(_) => return Err(CtlError::Usage("runs in ctl::mail".into())),
         CtlCommand::Batches => Call::get("/admin/v1/batches"),
         CtlCommand::Batch { id } => Call::get(format!("/admin/v1/batches/{}", encode(id))),
+        CtlCommand::Suppressions { command } => suppressions_request(command),
     })
+}
+
+fn suppressions_request(command: &SuppressionsCommand) -> Call {
+    match command {
+        SuppressionsCommand::List {
+            address,
+            domain,
+            reason,
+            campaign,
+            cursor,
+            limit,
+        } => {
+            let mut path = format!("/admin/v1/suppressions?limit={limit}");
+            let filters = [
+                ("address", address.as_deref()),
+                ("domain", domain.as_deref()),
+                ("reason", reason.as_deref()),
+                ("campaign", campaign.as_deref()),
+            ];
+            for (key, value) in filters {
+                if let Some(v) = value {
+                    path.push_str(&format!("&{key}={}", encode(v)));
+                }
+            }
+            if let Some(c) = cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            Call::get(path)
+        }
+        SuppressionsCommand::Add {
+            address,
+            campaign,
+            reason,
+        } => Call::with(
+            Method::POST,
+            "/admin/v1/suppressions",
+            Some(api::SuppressionAdd {
+                address: address.clone(),
+                campaign: campaign.clone(),
+                reason: reason.clone(),
+                expires_at_ms: None,
+            }),
+        ),
+        SuppressionsCommand::Remove { address, campaign } => {
+            let mut path = format!("/admin/v1/suppressions/{}", encode(address));
+            if let Some(c) = campaign {
+                path.push_str(&format!("?campaign={}", encode(c)));
+            }
+            Call::with(Method::DELETE, path, None::<()>)
+        }
+        // Handled in `run`: their bodies are not JSON.
+        SuppressionsCommand::Import { .. } | SuppressionsCommand::Export => {
+            Call::get("/admin/v1/suppressions?limit=1")
+        }
+    }
+}
+
+/// Sends `file` as the import's body and reports the counts.
+async fn import(
+    client: &Client,
+    file: &Path,
+    csv: bool,
+    as_json: bool,
+) -> Result<String, CtlError> {
+    let body = std::fs::read(file)
+        .map_err(|e| CtlError::Usage(format!("cannot read {}: {e}", file.display())))?;
+    let csv = csv
+        || file
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let content_type = if csv {
+        "text/csv"
+    } else {
+        "application/x-ndjson"
+    };
+    let path = "/admin/v1/suppressions/import";
+    let answer = client
+        .call_raw(Method::POST, path, content_type, body.into())
+        .await?;
+    if as_json {
+        return Ok(serde_json::to_string_pretty(&answer).unwrap_or_default() + "\n");
+    }
+    let report: api::ImportReport = serde_json::from_value(answer).map_err(|e| CtlError::Api {
+        addr: client.addr.clone(),
+        method: Method::POST,
+        path: path.into(),
+        status: hyper::StatusCode::OK,
+        message: format!("the answer does not match this ctl's admin API: {e}"),
+    })?;
+    Ok(render::import(&report))
+}
+
+/// Pages through the list with its cursor, so that neither side holds the whole list.
+async fn export(client: &Client) -> Result<String, CtlError> {
+    let mut cursor = None;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let mut path = "/admin/v1/suppressions?limit=10000".to_owned();
+        if let Some(c) = cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let answer = client.get(&path).await?;
+        let page: api::SuppressionsResponse =
+            serde_json::from_value(answer).map_err(|e| CtlError::Api {
+                addr: client.addr.clone(),
+                method: Method::GET,
+                path: path.clone(),
+                status: hyper::StatusCode::OK,
+                message: format!("the answer does not match this ctl's admin API: {e}"),
+            })?;
+        for entry in &page.suppressions {
+            let line = serde_json::json!({
+                "address": entry.address,
+                "campaign": entry.campaign,
+                "reason": entry.reason,
+                "expires_at": entry.expires_at_ms,
+            });
+            writeln!(out, "{line}")
+                .map_err(|e| CtlError::Usage(format!("cannot write the export: {e}")))?;
+        }
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return Ok(String::new()),
+        }
+    }
 }
 
 /// The answer to a command, decoded into its admin API type and put in words.
@@ -370,6 +556,13 @@ fn human(command: &CtlCommand, addr: &str, answer: Value) -> Result<String, serd
         CtlCommand::Mail(m) => mail::human(m, answer)?,
         CtlCommand::Batches => render::batches(&decode::<Vec<_>>(answer)?),
         CtlCommand::Batch { .. } => render::batch(&decode(answer)?),
+        CtlCommand::Suppressions { command } => match command {
+            SuppressionsCommand::Remove { address, .. } => {
+                let _: api::SuppressionRemoved = decode(answer)?;
+                format!("{address}: no longer suppressed\n")
+            }
+            _ => render::suppressions(&decode(answer)?),
+        },
     })
 }
 

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::bounce::BounceClass;
 use crate::campaign::Campaigns;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -41,6 +42,8 @@ pub enum Kind {
     Delivered,
     Deferred,
     Failed,
+    /// A recipient used a message's one-click unsubscribe (RFC 8058).
+    Unsubscribed,
 }
 
 /// One recipient's outcome of one attempt.
@@ -48,11 +51,16 @@ pub enum Kind {
 pub struct Record {
     #[serde(rename = "type")]
     pub kind: Kind,
+    /// Empty (and left out) for an unsubscribe, which names no message.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub queue_id: String,
     pub recipient: String,
     pub campaign: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+    /// Why the attempt failed (`crate::bounce`); absent for deliveries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<&'static str>,
     pub reply: String,
     #[serde(rename = "at", serialize_with = "ser_time")]
     pub at_ms: i64,
@@ -131,7 +139,14 @@ impl Events {
 
     /// Queues an event without waiting. Cost: one atomic load when events are off; a
     /// few small allocations and a `try_send` when on. Never blocks.
-    pub fn emit(&self, kind: Kind, r: &Claimed, reason: Option<Reason>, reply: &str) {
+    pub fn emit(
+        &self,
+        kind: Kind,
+        r: &Claimed,
+        reason: Option<Reason>,
+        class: Option<BounceClass>,
+        reply: &str,
+    ) {
         if !self.shared.enabled.load(Ordering::Relaxed) {
             return;
         }
@@ -141,7 +156,28 @@ impl Events {
             recipient: r.address.clone(),
             campaign: r.campaign.clone(),
             reason: reason.map(Reason::as_str),
+            class: class.map(BounceClass::as_str),
             reply: reply.to_owned(),
+            at_ms: self.shared.clock.now_ms(),
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.shared.tx.try_send(record) {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues an `unsubscribed` event, as [`Events::emit`] does.
+    pub fn unsubscribed(&self, recipient: &str, campaign: &str) {
+        if !self.shared.enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        let record = Record {
+            kind: Kind::Unsubscribed,
+            queue_id: String::new(),
+            recipient: recipient.to_owned(),
+            campaign: Some(campaign.to_owned()),
+            reason: None,
+            class: None,
+            reply: String::new(),
             at_ms: self.shared.clock.now_ms(),
         };
         if let Err(mpsc::error::TrySendError::Full(_)) = self.shared.tx.try_send(record) {
@@ -175,19 +211,21 @@ pub struct Reporting<S> {
 }
 
 impl<S: FailureSink> FailureSink for Reporting<S> {
-    fn relay_failed(&self, r: &Claimed, reason: Reason, reply: &str) {
-        self.inner.relay_failed(r, reason, reply);
-        self.events.emit(Kind::Failed, r, Some(reason), reply);
+    fn relay_failed(&self, r: &Claimed, reason: Reason, class: BounceClass, reply: &str) {
+        self.inner.relay_failed(r, reason, class, reply);
+        self.events
+            .emit(Kind::Failed, r, Some(reason), Some(class), reply);
     }
 
-    fn relay_deferred(&self, r: &Claimed, reply: &str) {
-        self.inner.relay_deferred(r, reply);
-        self.events.emit(Kind::Deferred, r, None, reply);
+    fn relay_deferred(&self, r: &Claimed, class: BounceClass, reply: &str) {
+        self.inner.relay_deferred(r, class, reply);
+        self.events
+            .emit(Kind::Deferred, r, None, Some(class), reply);
     }
 
     fn relay_delivered(&self, r: &Claimed, reply: &str) {
         self.inner.relay_delivered(r, reply);
-        self.events.emit(Kind::Delivered, r, None, reply);
+        self.events.emit(Kind::Delivered, r, None, None, reply);
     }
 }
 

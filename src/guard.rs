@@ -274,9 +274,13 @@ impl Guard {
             kind: "campaign_failure_ratio",
             campaign: Some(c.name.to_string()),
             message: format!(
-                "{df} of {total} recipients failed in the last {} ({:.0}%)",
+                "{df} of {total} recipients failed in the last {} ({:.0}%){}",
                 rule.window,
-                ratio * 100.0
+                ratio * 100.0,
+                match c.top_class() {
+                    Some((class, n)) => format!("; most delivery failures {class} ({n})"),
+                    None => String::new(),
+                }
             ),
             action: Some(action),
         });

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 
+use crate::bounce::BounceClass;
 use crate::campaign::Campaigns;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -14,6 +15,8 @@ use crate::faillog::{FailLog, FailureEvent};
 use crate::policy::Policy;
 use crate::queue::{NewMessage, Queue, Remembered};
 use crate::reason::{Reason, Stage};
+use crate::suppression::{self, NewEntry, Scope, Target};
+use crate::unsubscribe::Signer;
 
 pub struct Intake {
     pub config: Arc<ArcSwap<Config>>,
@@ -25,6 +28,8 @@ pub struct Intake {
     pub faillog: FailLog,
     /// DKIM keys: every message is signed here, before its commit.
     pub signing: Arc<Signing>,
+    /// The unsubscribe token key, when `[suppression.unsubscribe]` is enabled.
+    pub unsubscribe: Option<Arc<Signer>>,
 }
 
 impl Intake {
@@ -41,7 +46,7 @@ impl Intake {
         self.log_failure(
             Some(&counted.name),
             Stage::Intake,
-            reason,
+            (reason, None),
             recipient,
             true,
             || reason.reply().to_string(),
@@ -64,7 +69,7 @@ impl Intake {
             self.log_failure(
                 Some(&counted.name),
                 Stage::Intake,
-                reason,
+                (reason, None),
                 "",
                 false,
                 || reason.reply().to_string(),
@@ -76,7 +81,7 @@ impl Intake {
         &self,
         campaign: Option<&str>,
         stage: Stage,
-        reason: Reason,
+        (reason, class): (Reason, Option<BounceClass>),
         recipient: &str,
         row: bool,
         detail: impl FnOnce() -> String,
@@ -86,6 +91,7 @@ impl Intake {
             campaign: campaign.map(str::to_owned),
             stage,
             reason,
+            class,
             recipient: recipient.to_owned(),
             detail: detail(),
         };
@@ -122,6 +128,7 @@ impl Intake {
         mut msg: NewMessage,
         idempotency: Option<(String, Remembered, std::time::Duration)>,
     ) -> Result<Option<Remembered>, Reason> {
+        self.add_unsubscribe(&mut msg);
         msg.body = self.signing.sign(std::mem::take(&mut msg.body)).await;
         let campaign = msg.campaign.clone();
         let recipients: Vec<String> = msg.recipients.iter().map(|r| r.address.clone()).collect();
@@ -153,29 +160,127 @@ impl Intake {
     }
 }
 
+impl Intake {
+    /// Prepends RFC 8058 `List-Unsubscribe` and `List-Unsubscribe-Post` headers to
+    /// campaign mail that `[suppression.unsubscribe]` names, before DKIM signs them. The
+    /// token names one recipient, so a message to several gets none; a message carrying
+    /// its own `List-Unsubscribe` keeps it.
+    fn add_unsubscribe(&self, msg: &mut NewMessage) {
+        let Some(signer) = &self.unsubscribe else {
+            return;
+        };
+        let config = self.config.load();
+        let u = &config.suppression.unsubscribe;
+        let [recipient] = msg.recipients.as_slice() else {
+            return;
+        };
+        let Some(campaign) = msg.campaign.as_deref() else {
+            return;
+        };
+        if !u.applies_to(Some(campaign)) || has_header(&msg.body, b"list-unsubscribe") {
+            return;
+        }
+        let headers = signer.headers(
+            &u.base_url,
+            u.mailto.as_deref(),
+            &recipient.address,
+            campaign,
+        );
+        let mut body = Vec::with_capacity(msg.body.len() + 256);
+        for (name, value) in headers {
+            // Tokens are base64url, the URL and mailto were checked by the config: no
+            // CR, LF or NUL can reach the header.
+            if value.contains(['\r', '\n', '\0']) {
+                return;
+            }
+            body.extend_from_slice(name.as_bytes());
+            body.extend_from_slice(b": ");
+            body.extend_from_slice(value.as_bytes());
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(&msg.body);
+        msg.body = body;
+    }
+
+    /// A permanent refusal that says the mailbox is gone suppresses that recipient (and
+    /// only it: the message's other recipients had their own answers), globally, with
+    /// the message's queue id as the source. A policy block is about the sender and
+    /// never suppresses; an expired recipient only ever had temporary answers.
+    fn suppress_dead_mailbox(&self, r: &crate::queue::Claimed, reason: Reason, class: BounceClass) {
+        if reason != Reason::Rejected {
+            return;
+        }
+        let Some(why) = suppression::Reason::for_bounce(class) else {
+            return;
+        };
+        let Some((local, _)) = r.address.rsplit_once('@') else {
+            return;
+        };
+        let expires_ms = self
+            .config
+            .load()
+            .suppression
+            .expiry(why, self.clock.now_ms());
+        self.policy.suppressions.record(vec![NewEntry {
+            target: Target::for_mailbox(local, &r.domain),
+            scope: Scope::Global,
+            reason: why,
+            source: r.queue_id.clone(),
+            expires_ms,
+        }]);
+    }
+}
+
+/// Whether the header section of `message` has a field named `name` (lower case).
+fn has_header(message: &[u8], name: &[u8]) -> bool {
+    for line in message.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            return false;
+        }
+        if let Some(colon) = line.iter().position(|&b| b == b':') {
+            let field = line[..colon].trim_ascii();
+            if field.eq_ignore_ascii_case(name) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 impl crate::deliver::FailureSink for Intake {
-    fn relay_failed(&self, r: &crate::queue::Claimed, reason: Reason, reply: &str) {
+    fn relay_failed(
+        &self,
+        r: &crate::queue::Claimed,
+        reason: Reason,
+        class: BounceClass,
+        reply: &str,
+    ) {
         let (campaign, recipient) = (r.campaign.as_deref(), r.address.as_str());
-        let counted = self.policy.campaigns.record_failure(campaign, reason);
+        let counted = self
+            .policy
+            .campaigns
+            .record_attempt(campaign, reason, class);
         self.log_failure(
             Some(&counted.name),
             Stage::Relay,
-            reason,
+            (reason, Some(class)),
             recipient,
             true,
             || reply.to_owned(),
         );
+        self.suppress_dead_mailbox(r, reason, class);
         // Debug, not info: a flood of failures must cost counters, not one log line (and
         // one journald write) each. The failure log and /metrics hold them.
         tracing::debug!(campaign, %reason, recipient, reply, "delivery failed");
     }
 
-    fn relay_deferred(&self, r: &crate::queue::Claimed, reply: &str) {
+    fn relay_deferred(&self, r: &crate::queue::Claimed, class: BounceClass, reply: &str) {
         let (campaign, recipient) = (r.campaign.as_deref(), r.address.as_str());
         self.policy
             .campaigns
-            .record_failure(campaign, Reason::Deferred);
-        tracing::debug!(campaign, recipient, reply, "delivery deferred");
+            .record_attempt(campaign, Reason::Deferred, class);
+        tracing::debug!(campaign, recipient, %class, reply, "delivery deferred");
     }
 
     fn relay_delivered(&self, r: &crate::queue::Claimed, _reply: &str) {

@@ -20,6 +20,11 @@ macro_rules! closed_names {
             pub fn parse(text: &str) -> Option<$name> {
                 match text { $($text => Some($name::$variant),)* _ => None }
             }
+
+            /// Dense index for per-name counter arrays.
+            pub fn index(self) -> usize {
+                self as usize
+            }
         }
 
         impl std::fmt::Display for $name {

@@ -1,5 +1,6 @@
-//! The door: for each recipient, in order of cost, relay access, limits, syntax, pause
-//! switches, route (and whether its webhook endpoint is enabled) and DNS, ending in an accepted mailbox or a typed refusal.
+//! The door: for each recipient, in order of cost, relay access, limits, syntax, the
+//! suppression list (memory), pause switches, route (and whether its webhook endpoint is
+//! enabled) and DNS, ending in an accepted mailbox or a typed refusal.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use crate::config::{Config, Transport};
 use crate::deliver::webhook::DisabledEndpoints;
 use crate::dns::{MailDns, Verdict};
 use crate::reason::Reason;
+use crate::suppression::Suppressions;
 
 /// What the door knows about who is submitting.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +34,8 @@ pub struct Policy {
     pub clock: Arc<dyn Clock>,
     /// Webhook endpoints disabled by `410 Gone`: their domains wait at the door.
     pub webhooks: Arc<DisabledEndpoints>,
+    /// The do-not-contact list, answered from memory.
+    pub suppressions: Arc<Suppressions>,
 }
 
 impl Policy {
@@ -60,6 +64,14 @@ impl Policy {
             return Err(Reason::TooManyRecipients);
         }
         let mailbox = address::parse(address)?;
+        let local = mailbox.address.rsplit_once('@').map_or("", |(l, _)| l);
+        if self
+            .suppressions
+            .check(local, &mailbox.domain, campaign)
+            .is_some()
+        {
+            return Err(Reason::Suppressed);
+        }
         self.check_open(campaign)?;
         let route = config.route_for(&mailbox.domain).ok_or(Reason::NoRoute)?;
         // Accepting mail for a disabled endpoint would only fail it later; a temporary
@@ -82,6 +94,15 @@ impl Policy {
             }
         }
         Ok(mailbox)
+    }
+
+    /// Whether `mailbox` is on the do-not-contact list, globally or for `campaign`. From
+    /// memory: a few hash lookups, no I/O.
+    pub fn suppressed(&self, mailbox: &Mailbox, campaign: Option<&str>) -> bool {
+        let local = mailbox.address.rsplit_once('@').map_or("", |(l, _)| l);
+        self.suppressions
+            .check(local, &mailbox.domain, campaign)
+            .is_some()
     }
 
     /// Whether intake is open for `campaign` now: intake not paused, campaign not paused

@@ -60,6 +60,7 @@ reasons! {
     NoMailHost => "no_mail_host", false;
     NullMx => "null_mx", false;
     DnsTempfail => "dns_tempfail", true;
+    Suppressed => "suppressed", false;
     NoRoute => "no_route", false;
     DestinationDisabled => "destination_disabled", true;
     RelayDenied => "relay_denied", false;
@@ -125,6 +126,11 @@ impl Reason {
                 451,
                 [4, 4, 3],
                 "DNS lookup of recipient domain failed, try again later",
+            ),
+            Suppressed => (
+                550,
+                [5, 7, 1],
+                "Recipient is suppressed (on the do-not-contact list)",
             ),
             NoRoute => (550, [5, 7, 1], "No route for recipient domain"),
             DestinationDisabled => (

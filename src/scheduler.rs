@@ -17,6 +17,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bounce::{BounceClass, Classifier};
 use crate::campaign::Campaigns;
 use crate::config::{Config, DeliveryConfig, Rate, Transport};
 use crate::deliver::{Courier, Destination, Enhanced, FailureSink, Job, Outcome, Reply};
@@ -50,12 +51,14 @@ pub struct Progress {
     pub in_flight: usize,
 }
 
-/// The couriers by transport.
+/// The couriers by transport, and the bounce rules that read their replies (swapped
+/// whole by a reload).
 pub struct Couriers {
     pub smtp: Arc<dyn Courier>,
     pub webhook: Arc<dyn Courier>,
     /// Renders each batch recipient's message before its courier takes it.
     pub render: Arc<dyn Render>,
+    pub rules: Arc<ArcSwap<Classifier>>,
 }
 
 /// The wait before retry number `attempt` (1-based): the schedule's entry, the last one
@@ -495,6 +498,7 @@ impl Scheduler {
         job: Option<&Job>,
     ) {
         let delivery = &config.delivery;
+        let rules = self.couriers.rules.load();
         let mut updates = Vec::with_capacity(recipients.len());
         let mut failed = Vec::new();
         for (r, outcome) in recipients.iter().zip(outcomes) {
@@ -505,9 +509,10 @@ impl Scheduler {
                     Update::Delivered { reply }
                 }
                 Outcome::Transient { reply, retry_after } => {
+                    let class = reply.class(&rules);
                     let reply = reply.to_string();
                     if now - r.received_at >= delivery.max_age.0.as_millis() as i64 {
-                        self.sink.relay_failed(r, Reason::Expired, &reply);
+                        self.sink.relay_failed(r, Reason::Expired, class, &reply);
                         // Given up on: a permanent failure in the notification (RFC 3463 4.4.7).
                         let given_up = Reply {
                             code: Some(550),
@@ -517,26 +522,34 @@ impl Scheduler {
                         failed.push((r.address.clone(), given_up));
                         Update::Failed {
                             reason: Reason::Expired.as_str().into(),
+                            class,
                             reply,
                         }
                     } else {
-                        self.sink.relay_deferred(r, &reply);
+                        self.sink.relay_deferred(r, class, &reply);
                         let schedule: Vec<Duration> =
                             delivery.backoff.iter().map(|d| d.0).collect();
                         let wait = backoff(&schedule, r.attempts + 1, rand::random::<f64>())
                             .max(retry_after.unwrap_or_default());
                         Update::Retry {
                             next_attempt: now + wait.as_millis() as i64,
+                            class,
                             reply,
                         }
                     }
                 }
                 Outcome::Permanent { reason, reply } => {
+                    // A render failure is ours, not the receiver's: no rule reads it.
+                    let class = match reason {
+                        Reason::Template => BounceClass::Template,
+                        _ => reply.class(&rules),
+                    };
                     let shown = reply.to_string();
-                    self.sink.relay_failed(r, reason, &shown);
+                    self.sink.relay_failed(r, reason, class, &shown);
                     failed.push((r.address.clone(), reply));
                     Update::Failed {
                         reason: reason.as_str().into(),
+                        class,
                         reply: shown,
                     }
                 }

@@ -37,6 +37,11 @@ impl Secret {
         Ok(Secret(key))
     }
 
+    /// The key's bytes, for another HMAC keyed the same way (unsubscribe tokens).
+    pub fn key(&self) -> &[u8] {
+        &self.0
+    }
+
     fn mac(&self, id: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key size");
         mac.update(id.as_bytes());

@@ -46,6 +46,7 @@ fn ev(campaign: &str, i: usize, detail: &str) -> FailureEvent {
         campaign: Some(campaign.to_owned()),
         stage: Stage::Intake,
         reason: REASONS[i % REASONS.len()],
+        class: None,
         recipient: format!("user{i}@nx.test"),
         detail: detail.to_owned(),
     }

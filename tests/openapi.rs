@@ -206,6 +206,7 @@ fn campaign(purged: Option<u64>) -> CampaignActionResponse {
             failure_ratio: 0.6,
             deferred: 1,
             reasons: [("no_such_domain".to_owned(), 6)].into(),
+            classes: [("invalid_recipient".to_owned(), 2)].into(),
             blocked_until_ms: 1_700_000_000_000,
         },
         purged,
@@ -284,10 +285,18 @@ fn failure_log_types_match_their_schemas() {
         campaign: "spring-sale".into(),
         stage: "intake".into(),
         reason: "no_such_domain".into(),
+        class: None,
         recipient: "a@nx.test".into(),
         detail: "550 5.1.2 Recipient domain does not exist".into(),
     };
-    type_is_documented(&doc, "FailureRow", std::slice::from_ref(&row));
+    let relayed = FailureRow {
+        stage: "relay".into(),
+        reason: "rejected".into(),
+        class: Some("invalid_recipient".into()),
+        detail: "550 5.1.1 no such user".into(),
+        ..row.clone()
+    };
+    type_is_documented(&doc, "FailureRow", &[row.clone(), relayed]);
     type_is_documented(
         &doc,
         "FailuresResponse",
@@ -679,11 +688,20 @@ async fn every_admin_route_is_served_documented_and_typed() {
                 "/admin/v1/backup".into(),
                 Some(r#"{"name": "openapi", "failures": true}"#),
             ),
+            ("POST", "/admin/v1/suppressions") => (
+                "/admin/v1/suppressions".into(),
+                Some(r#"{"address": "openapi@example.com"}"#),
+            ),
+            ("POST", "/admin/v1/suppressions/import") => (
+                "/admin/v1/suppressions/import".into(),
+                Some("{\"address\": \"imported@example.com\"}\nnot json\n"),
+            ),
             _ => {
                 let path = pattern
                     .replace("{name}", "openapi")
                     .replace("/campaigns/openapi/{action}", "/campaigns/openapi/purge")
-                    .replace("{action}", "resume");
+                    .replace("{action}", "resume")
+                    .replace("{address}", "openapi@example.com");
                 let body = (*method == "POST" && path.ends_with("/purge") || *method == "PUT")
                     .then_some("{}");
                 (path, body)
@@ -702,6 +720,19 @@ async fn every_admin_route_is_served_documented_and_typed() {
         check(&doc, schema, &value, &path, &mut errors);
         assert!(errors.is_empty(), "{method} {path}: {errors:#?}\n{text}");
         match path.as_str() {
+            "/admin/v1/suppressions/openapi@example.com" if *method == "DELETE" => {
+                assert_eq!(value["removed"], true, "{value}");
+                round_trips::<SuppressionRemoved>(&value)
+            }
+            "/admin/v1/suppressions" | "/admin/v1/suppressions/openapi@example.com" => {
+                round_trips::<SuppressionsResponse>(&value)
+            }
+            "/admin/v1/suppressions/import" => {
+                let report: ImportReport = serde_json::from_value(value.clone()).unwrap();
+                assert_eq!((report.lines, report.accepted, report.invalid), (2, 1, 1));
+                assert_eq!(report.errors[0].line, 2, "{value}");
+                round_trips::<ImportReport>(&value)
+            }
             "/admin/v1/status" => round_trips::<StatusResponse>(&value),
             "/admin/v1/campaigns" => {
                 assert!(!value.as_array().unwrap().is_empty());

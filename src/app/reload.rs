@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::{App, AppError, admin_token, load_tls};
+use crate::bounce::Classifier;
 use crate::config::Config;
 use crate::config::diff::RESTART_ONLY;
 use crate::dkim::Signers;
@@ -55,11 +56,15 @@ impl App {
         } else {
             None
         };
+        // Read at every reload, changed path or not: the operator edits the file and
+        // sends SIGHUP. A file that does not compile refuses the reload.
+        let bounce_rules = Classifier::load(new.delivery.bounce_rules.as_deref())?;
         // Nothing can fail from here on: apply.
         self.server.tls.store(tls.map(Arc::new));
         if let Some(signers) = signers {
             self.intake.signing.replace(signers);
         }
+        self.bounce_rules.store(Arc::new(bounce_rules));
         if changed("faillog") {
             self.faillog.set_config(&new.faillog);
         }

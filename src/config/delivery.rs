@@ -37,6 +37,9 @@ pub struct DeliveryConfig {
     /// the standard's and the only sensible value in production; tests serve policies
     /// from a loopback port.
     pub mta_sts_port: u16,
+    /// An operator's bounce rules (TOML, as `conf/bounce_rules.toml`), matched before
+    /// the shipped ones; read again at every reload.
+    pub bounce_rules: Option<std::path::PathBuf>,
 }
 
 /// What Floodgate does with a receiving domain's MTA-STS policy.
@@ -86,6 +89,7 @@ impl Default for DeliveryConfig {
             idle_connection: Dur::secs(30),
             mta_sts: StsMode::default(),
             mta_sts_port: 443,
+            bounce_rules: None,
         }
     }
 }

@@ -18,6 +18,8 @@ pub const RESTART_ONLY: &[&str] = &[
     "smtp.auth_queue",
     "smtp.auth_fail_burst",
     "smtp.auth_fail_interval",
+    // The public listener and the token key are set up once, at start.
+    "suppression.unsubscribe",
 ];
 
 /// Pushes `section.field` for every listed field that differs; if the section differs
@@ -56,6 +58,13 @@ impl Config {
             new.tls_report,
             "tls_report",
             [enabled, organization, contact, from, retention]
+        );
+        diff!(
+            out,
+            self.suppression,
+            new.suppression,
+            "suppression",
+            [expire_after]
         );
         out
     }
@@ -162,6 +171,7 @@ impl Config {
                 idle_connection,
                 mta_sts,
                 mta_sts_port,
+                bounce_rules,
             ]
         );
         diff!(
@@ -229,6 +239,7 @@ impl Config {
         self.smtp.auth_workers = running.smtp.auth_workers;
         self.smtp.auth_queue = running.smtp.auth_queue;
         self.smtp.auth_fail_burst = running.smtp.auth_fail_burst;
+        self.suppression.unsubscribe = running.suppression.unsubscribe.clone();
         self.smtp.auth_fail_interval = running.smtp.auth_fail_interval;
     }
 }

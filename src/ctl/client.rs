@@ -91,7 +91,21 @@ impl Client {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<serde_json::Value, CtlError> {
-        let (status, bytes) = self.exchange(method.clone(), path, body).await?;
+        let body = Bytes::from(body.map(|b| b.to_string()).unwrap_or_default());
+        self.call_raw(method, path, "application/json", body).await
+    }
+
+    /// As [`Client::call`] with a body that is not JSON (an import file).
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Bytes,
+    ) -> Result<serde_json::Value, CtlError> {
+        let (status, bytes) = self
+            .exchange(method.clone(), path, content_type, body)
+            .await?;
         if status == StatusCode::UNAUTHORIZED {
             return Err(CtlError::Unauthorized {
                 addr: self.addr.clone(),
@@ -126,7 +140,8 @@ impl Client {
         &self,
         method: Method,
         path: &str,
-        body: Option<serde_json::Value>,
+        content_type: &str,
+        body: Bytes,
     ) -> Result<(StatusCode, Bytes), CtlError> {
         // `host:port` only, as a socket address is: a URL would quietly default a missing
         // port to 80. The connection's time limit covers finding the host.
@@ -135,15 +150,14 @@ impl Client {
             .map_err(|_| self.unreachable(format!("no connection within {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| self.unreachable(io_reason(&e)))?;
         let url = format!("http://{}{path}", self.addr);
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
         let headers = [
             ("authorization", format!("Bearer {}", self.token)),
-            ("content-type", "application/json".to_owned()),
+            ("content-type", content_type.to_owned()),
             ("user-agent", "floodgate-ctl".to_owned()),
         ];
         let result = self
             .http
-            .request(method, &url, &headers, Bytes::from(body), REQUEST_TIMEOUT)
+            .request(method, &url, &headers, body, REQUEST_TIMEOUT)
             .await;
         let response = result.map_err(|e| match e {
             HttpError::InvalidUrl(_) | HttpError::InvalidHeader(_) => {

@@ -6,8 +6,9 @@ use std::fmt::Write as _;
 use std::collections::BTreeMap;
 
 use crate::admin_api::{
-    Alert, BatchView, CampaignState, CampaignView, FailLogView, FailuresResponse, QueueResponse,
-    StatusResponse, TlsReportResponse, TlsReportSendResponse, WebhooksResponse,
+    Alert, BatchView, CampaignState, CampaignView, FailLogView, FailuresResponse, ImportReport,
+    QueueResponse, StatusResponse, SuppressionsResponse, TlsReportResponse, TlsReportSendResponse,
+    WebhooksResponse,
 };
 
 /// Columns aligned by width; a column whose header is right-aligned holds numbers.
@@ -265,6 +266,7 @@ pub fn failures(v: &FailuresResponse) -> String {
         ("TIME (UTC)", false),
         ("STAGE", false),
         ("REASON", false),
+        ("CLASS", false),
         ("RECIPIENT", false),
         ("DETAIL", false),
     ]);
@@ -273,6 +275,7 @@ pub fn failures(v: &FailuresResponse) -> String {
             utc(r.at_ms),
             r.stage.clone(),
             r.reason.clone(),
+            r.class.clone().unwrap_or_else(|| "-".to_owned()),
             match r.recipient.as_str() {
                 "" => "<>".to_owned(),
                 other => other.to_owned(),
@@ -281,6 +284,48 @@ pub fn failures(v: &FailuresResponse) -> String {
         ]);
     }
     t.render()
+}
+
+/// `GET /admin/v1/suppressions` (and the answer of an add).
+pub fn suppressions(v: &SuppressionsResponse) -> String {
+    if v.suppressions.is_empty() {
+        return "no suppressions\n".into();
+    }
+    let mut t = Table::new(&[
+        ("ADDRESS", false),
+        ("CAMPAIGN", false),
+        ("REASON", false),
+        ("SOURCE", false),
+        ("CREATED (UTC)", false),
+        ("EXPIRES (UTC)", false),
+    ]);
+    for e in &v.suppressions {
+        t.row(vec![
+            e.address.clone(),
+            e.campaign.clone().unwrap_or_else(|| "(all)".to_owned()),
+            e.reason.clone(),
+            e.source.clone(),
+            utc(e.created_at_ms),
+            e.expires_at_ms.map_or_else(|| "never".to_owned(), utc),
+        ]);
+    }
+    let mut out = t.render();
+    if let Some(c) = v.next_cursor {
+        out.push_str(&format!("more: --cursor {c}\n"));
+    }
+    out
+}
+
+/// What an import did.
+pub fn import(r: &ImportReport) -> String {
+    let mut out = format!(
+        "{} lines: {} suppressions imported, {} rejected\n",
+        r.lines, r.accepted, r.invalid
+    );
+    for e in &r.errors {
+        out.push_str(&format!("  line {}: {}\n", e.line, e.error));
+    }
+    out
 }
 
 /// `GET /admin/v1/webhooks`: one row per endpoint the courier has used.
@@ -489,6 +534,7 @@ mod tests {
             } else {
                 BTreeMap::new()
             },
+            classes: BTreeMap::new(),
             blocked_until_ms: 0,
         }
     }

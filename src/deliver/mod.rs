@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::bounce::{BounceClass, Classifier};
 use crate::config::{Route, Transport};
 use crate::future::BoxFuture;
 use crate::queue::Claimed;
@@ -116,6 +117,17 @@ impl Outcome {
     }
 }
 
+impl Reply {
+    /// This reply's bounce class under `rules`. A reply without an SMTP code (a webhook's,
+    /// or why no request went out) is read as code 0, which the shipped rules know.
+    pub fn class(&self, rules: &Classifier) -> BounceClass {
+        let enhanced = self
+            .enhanced
+            .map(|e| [u16::from(e.class), e.subject, e.detail]);
+        rules.classify(self.code.unwrap_or(0), enhanced, &self.text)
+    }
+}
+
 /// A transport. `deliver` returns one outcome per recipient of the job, in order.
 pub trait Courier: Send + Sync + 'static {
     fn deliver<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Vec<Outcome>>;
@@ -123,9 +135,10 @@ pub trait Courier: Send + Sync + 'static {
 
 /// Where relay outcomes are reported (counters, failure log, delivery events). Called
 /// once per recipient and attempt: must be cheap and never block.
+/// `class` names why the attempt failed ([`crate::bounce`]).
 pub trait FailureSink: Send + Sync + 'static {
-    fn relay_failed(&self, recipient: &Claimed, reason: Reason, reply: &str);
-    fn relay_deferred(&self, recipient: &Claimed, reply: &str);
+    fn relay_failed(&self, recipient: &Claimed, reason: Reason, class: BounceClass, reply: &str);
+    fn relay_deferred(&self, recipient: &Claimed, class: BounceClass, reply: &str);
     fn relay_delivered(&self, recipient: &Claimed, reply: &str);
 }
 

@@ -11,6 +11,7 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use parking_lot::Mutex;
 
 use super::{AggKey, FailLogSettings, FailureEvent};
+use crate::bounce::BounceClass;
 use crate::config::FailLogMode;
 use crate::reason::{Reason, Stage};
 
@@ -95,7 +96,7 @@ impl Gate {
 
 #[derive(Default)]
 struct CampaignTally {
-    counts: HashMap<(i64, Stage, Reason), u64>,
+    counts: HashMap<(i64, Stage, Reason, Option<BounceClass>), u64>,
     /// Events of this campaign since it was first seen: the sampling phase.
     seen: u64,
 }
@@ -138,7 +139,7 @@ impl Tally {
         };
         *tally
             .counts
-            .entry((ev.at_ms.div_euclid(60_000), ev.stage, ev.reason))
+            .entry((ev.at_ms.div_euclid(60_000), ev.stage, ev.reason, ev.class))
             .or_insert(0) += 1;
         let seen = tally.seen;
         tally.seen += 1;
@@ -154,13 +155,14 @@ impl Tally {
                 shard.retain(|_, t| !t.counts.is_empty());
             }
             for (campaign, tally) in shard.iter_mut() {
-                for ((minute, stage, reason), n) in tally.counts.drain() {
+                for ((minute, stage, reason, class), n) in tally.counts.drain() {
                     out.push((
                         AggKey {
                             minute,
                             campaign: campaign.clone(),
                             stage,
                             reason,
+                            class,
                         },
                         n,
                     ));
@@ -178,7 +180,7 @@ impl Tally {
                 .entry(key.campaign)
                 .or_default()
                 .counts
-                .entry((key.minute, key.stage, key.reason))
+                .entry((key.minute, key.stage, key.reason, key.class))
                 .or_insert(0) += n;
         }
     }
@@ -216,6 +218,7 @@ mod tests {
             campaign: campaign.map(str::to_owned),
             stage: Stage::Intake,
             reason,
+            class: None,
             recipient: "x@nx.test".into(),
             detail: "550 5.1.2".into(),
         }

@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::{Serialize, Serializer};
 
+use crate::bounce::BounceClass;
 use crate::clock::Clock;
 use crate::config::{FailLogConfig, FailLogMode};
 use crate::reason::{Reason, Stage};
@@ -39,6 +40,8 @@ pub struct FailureEvent {
     pub campaign: Option<String>,
     pub stage: Stage,
     pub reason: Reason,
+    /// The bounce class of a relay failure; `None` for refusals at the door.
+    pub class: Option<BounceClass>,
     pub recipient: String,
     /// The reply given or received, e.g. "550 5.1.2 Recipient domain does not exist".
     pub detail: String,
@@ -74,6 +77,7 @@ pub struct AggKey {
     pub campaign: Option<String>,
     pub stage: Stage,
     pub reason: Reason,
+    pub class: Option<BounceClass>,
 }
 
 /// Filter and page for [`FailLog::failures`].
@@ -98,6 +102,8 @@ pub struct FailureRow {
     pub stage: Stage,
     #[serde(serialize_with = "reason_name")]
     pub reason: Reason,
+    #[serde(serialize_with = "class_name")]
+    pub class: Option<BounceClass>,
     pub recipient: String,
     pub detail: String,
 }
@@ -111,11 +117,20 @@ pub struct StatRow {
     pub stage: Stage,
     #[serde(serialize_with = "reason_name")]
     pub reason: Reason,
+    #[serde(serialize_with = "class_name")]
+    pub class: Option<BounceClass>,
     pub count: u64,
 }
 
 fn stage_name<S: Serializer>(stage: &Stage, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(stage.as_str())
+}
+
+fn class_name<S: Serializer>(class: &Option<BounceClass>, s: S) -> Result<S::Ok, S::Error> {
+    match class {
+        Some(c) => s.serialize_str(c.as_str()),
+        None => s.serialize_none(),
+    }
 }
 
 fn reason_name<S: Serializer>(reason: &Reason, s: S) -> Result<S::Ok, S::Error> {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, TransactionBehavior, params_from_iter};
 
 use super::{AggKey, FailLogError, FailureEvent, FailureQuery, FailureRow, StatRow};
+use crate::bounce::BounceClass;
 use crate::campaign::UNATTRIBUTED;
 use crate::reason::{Reason, Stage};
 use crate::sqlite::{self, OpenError, Spec};
@@ -36,6 +37,23 @@ const MIGRATIONS: &[&str] = &[
         count INTEGER NOT NULL,
         PRIMARY KEY (minute, campaign, stage, reason)
     );",
+    // 2: the bounce class of relay failures (`crate::bounce`), a column of event rows and
+    // one more dimension of the aggregates ('' for refusals at the door, so that the
+    // primary key's upsert still works). The key changes, so the table is rebuilt.
+    "ALTER TABLE failures ADD COLUMN class TEXT NOT NULL DEFAULT '';
+    CREATE TABLE failure_stats_v2 (
+        minute INTEGER NOT NULL,
+        campaign TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        class TEXT NOT NULL DEFAULT '',
+        count INTEGER NOT NULL,
+        PRIMARY KEY (minute, campaign, stage, reason, class)
+    );
+    INSERT INTO failure_stats_v2 (minute, campaign, stage, reason, class, count)
+        SELECT minute, campaign, stage, reason, '', count FROM failure_stats;
+    DROP TABLE failure_stats;
+    ALTER TABLE failure_stats_v2 RENAME TO failure_stats;",
 ];
 
 /// The writer never waits long for a lock: a busy failures.db costs a failed (counted)
@@ -87,6 +105,15 @@ pub fn migrate(conn: &Connection) -> Result<(), FailLogError> {
     Ok(sqlite::migrate(conn, &spec(0))?)
 }
 
+/// Stored as '' when there is none (a refusal at the door): a key column cannot be NULL.
+fn class_name(class: Option<BounceClass>) -> &'static str {
+    class.map_or("", BounceClass::as_str)
+}
+
+fn parse_class(name: &str) -> Option<BounceClass> {
+    BounceClass::parse(name)
+}
+
 fn campaign_name(campaign: &Option<String>) -> &str {
     campaign.as_deref().unwrap_or(UNATTRIBUTED)
 }
@@ -103,8 +130,8 @@ pub fn write_batch(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO failures (at_ms, campaign, stage, reason, recipient, detail)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO failures (at_ms, campaign, stage, reason, recipient, detail, class)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
         for ev in rows {
             insert.execute((
@@ -114,12 +141,14 @@ pub fn write_batch(
                 ev.reason.as_str(),
                 &ev.recipient,
                 &ev.detail,
+                class_name(ev.class),
             ))?;
         }
         let mut upsert = tx.prepare_cached(
-            "INSERT INTO failure_stats (minute, campaign, stage, reason, count)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (minute, campaign, stage, reason) DO UPDATE SET count = count + excluded.count",
+            "INSERT INTO failure_stats (minute, campaign, stage, reason, class, count)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (minute, campaign, stage, reason, class)
+             DO UPDATE SET count = count + excluded.count",
         )?;
         for (key, count) in aggs {
             upsert.execute((
@@ -127,6 +156,7 @@ pub fn write_batch(
                 campaign_name(&key.campaign),
                 key.stage.as_str(),
                 key.reason.as_str(),
+                class_name(key.class),
                 *count as i64,
             ))?;
         }
@@ -230,7 +260,7 @@ pub fn query_failures(
     q: &FailureQuery,
 ) -> Result<Vec<FailureRow>, FailLogError> {
     let mut sql = String::from(
-        "SELECT id, at_ms, campaign, stage, reason, recipient, detail FROM failures WHERE 1",
+        "SELECT id, at_ms, campaign, stage, reason, recipient, detail, class FROM failures WHERE 1",
     );
     let mut args: Vec<rusqlite::types::Value> = Vec::new();
     if let Some(c) = &q.campaign {
@@ -266,6 +296,7 @@ pub fn query_failures(
             reason: parse_reason(&reason)?,
             recipient: r.get(5)?,
             detail: r.get(6)?,
+            class: parse_class(&r.get::<_, String>(7)?),
         });
     }
     Ok(out)
@@ -274,8 +305,8 @@ pub fn query_failures(
 /// Aggregate rows from `since_minute` on, oldest minute first.
 pub fn query_stats(conn: &Connection, since_minute: i64) -> Result<Vec<StatRow>, FailLogError> {
     let mut stmt = conn.prepare(
-        "SELECT minute, campaign, stage, reason, count FROM failure_stats
-         WHERE minute >= ?1 ORDER BY minute, campaign, stage, reason",
+        "SELECT minute, campaign, stage, reason, count, class FROM failure_stats
+         WHERE minute >= ?1 ORDER BY minute, campaign, stage, reason, class",
     )?;
     let mut rows = stmt.query([since_minute])?;
     let mut out = Vec::new();
@@ -288,6 +319,7 @@ pub fn query_stats(conn: &Connection, since_minute: i64) -> Result<Vec<StatRow>,
             campaign: r.get(1)?,
             stage: parse_stage(&stage)?,
             reason: parse_reason(&reason)?,
+            class: parse_class(&r.get::<_, String>(5)?),
             count: count.max(0) as u64,
         });
     }

@@ -403,6 +403,7 @@ mod tests {
             campaign: Some("c".into()),
             stage: Stage::Relay,
             reason: Reason::Rejected,
+            class: None,
             recipient: format!("{i}@x.test"),
             detail: "550 no".into(),
         }

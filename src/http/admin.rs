@@ -17,6 +17,7 @@ use super::{Body, error, json, percent_decode};
 
 mod actions;
 mod mail;
+mod suppressions;
 pub(crate) mod views;
 
 pub use super::daemon::Admin;
@@ -53,6 +54,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/v1/backup"),
     ("GET", "/admin/v1/batches"),
     ("GET", "/admin/v1/batches/{id}"),
+    ("GET", "/admin/v1/suppressions"),
+    ("POST", "/admin/v1/suppressions"),
+    ("POST", "/admin/v1/suppressions/import"),
+    ("GET", "/admin/v1/suppressions/{address}"),
+    ("DELETE", "/admin/v1/suppressions/{address}"),
 ];
 
 impl Admin {
@@ -119,6 +125,20 @@ impl Admin {
             (Method::POST, ["admin", "v1", "backup"]) => self.backup(req).await,
             (Method::GET, ["admin", "v1", "batches"]) => self.batches().await,
             (Method::GET, ["admin", "v1", "batches", id]) => self.batch(id).await,
+            (Method::GET, ["admin", "v1", "suppressions"]) => {
+                self.suppressions_list(req.uri().query()).await
+            }
+            (Method::POST, ["admin", "v1", "suppressions"]) => self.suppression_add(req).await,
+            (Method::POST, ["admin", "v1", "suppressions", "import"]) => {
+                self.suppression_import(req).await
+            }
+            (Method::GET, ["admin", "v1", "suppressions", address]) => {
+                self.suppression_get(address).await
+            }
+            (Method::DELETE, ["admin", "v1", "suppressions", address]) => {
+                let address = address.to_string();
+                self.suppression_remove(&address, req.uri().query()).await
+            }
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
     }

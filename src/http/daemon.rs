@@ -21,6 +21,4 @@ pub struct Admin {
     /// Supervised tasks: `/readyz` fails once one has died.
     pub supervisor: crate::supervise::Supervisor,
     pub started: std::time::Instant,
-    /// Classes the last reply a message trace shows (`http/admin/mail.rs`).
-    pub classifier: Arc<crate::bounce::Classifier>,
 }

@@ -121,6 +121,10 @@ fn smtp(snap: &Snapshot, f: impl Fn(&crate::smtp::server::Server) -> u64) -> Sam
     Some(vec![unlabeled(f(&snap.admin.smtp))])
 }
 
+fn suppressions<'a>(snap: &'a Snapshot) -> &'a crate::suppression::Suppressions {
+    &snap.admin.intake.policy.suppressions
+}
+
 /// Every series, in the order of the scrape.
 const METRICS: &[Metric] = &[
     Metric {
@@ -503,6 +507,36 @@ const METRICS: &[Metric] = &[
         kind: Kind::Counter,
         help: "TLS report deliveries that failed (HTTPS error or refusal, queueing failed).",
         samples: |s| one(load(&s.admin.tls_reports.stats.failed)),
+    },
+    Metric {
+        name: "floodgate_suppressions",
+        kind: Kind::Gauge,
+        help: "Do-not-contact entries held in memory for the door.",
+        samples: |s| one(suppressions(s).in_memory().0 as u64),
+    },
+    Metric {
+        name: "floodgate_suppression_memory_bytes",
+        kind: Kind::Gauge,
+        help: "Bytes the in-memory suppression index takes.",
+        samples: |s| one(suppressions(s).in_memory().1 as u64),
+    },
+    Metric {
+        name: "floodgate_suppression_door_hits_total",
+        kind: Kind::Counter,
+        help: "Recipients refused at the door because they are suppressed.",
+        samples: |s| one(load(&suppressions(s).stats.door_hits)),
+    },
+    Metric {
+        name: "floodgate_suppression_added_total",
+        kind: Kind::Counter,
+        help: "Suppression entries written to suppressions.db.",
+        samples: |s| one(load(&suppressions(s).stats.added)),
+    },
+    Metric {
+        name: "floodgate_suppression_unpersisted_total",
+        kind: Kind::Counter,
+        help: "Entries learnt from bounces that found the writer's channel full (in memory only).",
+        samples: |s| one(load(&suppressions(s).stats.unpersisted)),
     },
 ];
 

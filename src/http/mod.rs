@@ -23,6 +23,7 @@ pub mod api;
 pub mod daemon;
 pub mod dashboard;
 pub mod metrics;
+pub mod unsubscribe;
 
 pub type Body = Full<Bytes>;
 

@@ -378,6 +378,7 @@ mod tests {
         assert_eq!(claimed[0].vars.as_deref(), Some(r#"{"n":1}"#));
         let failed = store::Update::Failed {
             reason: "template".into(),
+            class: crate::bounce::BounceClass::Template,
             reply: "554 5.6.0 x".into(),
         };
         store::apply(&conn, &[(claimed[0].id, failed)], 2).unwrap();

@@ -127,6 +127,9 @@ const MIGRATIONS: &[&str] = &[
         response TEXT,
         PRIMARY KEY (message_id, key)
     ) WITHOUT ROWID;",
+    // 10: the bounce class of a recipient's last failed or deferred attempt
+    // (`crate::bounce::BounceClass` names); NULL before any failure and once delivered.
+    "ALTER TABLE recipients ADD COLUMN class TEXT;",
 ];
 
 /// How long a connection waits for a lock held by another connection.

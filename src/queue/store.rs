@@ -8,6 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::batch::Moved;
 pub use super::schema::{open_reader, open_writer, set_max_size};
 use super::{NewMessage, QueueError, RecipientState, Remembered};
+use crate::bounce::BounceClass;
 
 /// Inserts one message and its recipients. Runs inside the writer's batch transaction.
 pub fn insert_message(conn: &Connection, msg: &NewMessage, now_ms: i64) -> Result<(), QueueError> {
@@ -65,6 +66,8 @@ pub struct StoredRecipient {
     pub attempts: u32,
     pub last_reply: Option<String>,
     pub reason: Option<String>,
+    /// The bounce class of the last failed or deferred attempt.
+    pub class: Option<BounceClass>,
 }
 
 pub fn read_message(
@@ -94,7 +97,7 @@ pub fn read_message(
         return Ok(None);
     };
     let mut stmt = conn.prepare_cached(
-        "SELECT address, state, attempts, last_reply, reason FROM recipients
+        "SELECT address, state, attempts, last_reply, reason, class FROM recipients
          WHERE message_id = ?1 ORDER BY id",
     )?;
     msg.recipients = stmt
@@ -105,6 +108,10 @@ pub fn read_message(
                 attempts: r.get(2)?,
                 last_reply: r.get(3)?,
                 reason: r.get(4)?,
+                class: r
+                    .get::<_, Option<String>>(5)?
+                    .as_deref()
+                    .and_then(BounceClass::parse),
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -206,9 +213,19 @@ pub fn next_due(conn: &Connection) -> Result<Option<i64>, QueueError> {
 /// A recipient's new state after a delivery attempt.
 #[derive(Debug, Clone)]
 pub enum Update {
-    Delivered { reply: String },
-    Retry { next_attempt: i64, reply: String },
-    Failed { reason: String, reply: String },
+    Delivered {
+        reply: String,
+    },
+    Retry {
+        next_attempt: i64,
+        class: BounceClass,
+        reply: String,
+    },
+    Failed {
+        reason: String,
+        class: BounceClass,
+        reply: String,
+    },
 }
 
 /// Applies attempt outcomes, moves the lifetime totals with them, and frees the bodies
@@ -222,21 +239,36 @@ pub fn apply(conn: &Connection, updates: &[(i64, Update)], now_ms: i64) -> Resul
     let mut stmt = conn.prepare_cached(
         // Which outcome may replace which state is `supersedes`' decision.
         "UPDATE recipients SET state = ?2, attempts = attempts + 1, next_attempt = ?3,
-             last_reply = ?4, reason = ?5, lease_until = NULL, updated_at = ?6
+             last_reply = ?4, reason = ?5, lease_until = NULL, updated_at = ?6, class = ?7
          WHERE id = ?1 RETURNING message_id",
     )?;
     let mut messages = std::collections::BTreeSet::new();
     let mut batches: std::collections::BTreeMap<i64, Moved> = Default::default();
     for (id, update) in updates {
-        let (state, next, reply, reason) = match update {
-            Update::Delivered { reply } => (RecipientState::Delivered, now_ms, reply, None),
+        let (state, next, reply, reason, class) = match update {
+            Update::Delivered { reply } => (RecipientState::Delivered, now_ms, reply, None, None),
             Update::Retry {
                 next_attempt,
+                class,
                 reply,
-            } => (RecipientState::Scheduled, *next_attempt, reply, None),
-            Update::Failed { reason, reply } => {
-                (RecipientState::Failed, now_ms, reply, Some(reason))
-            }
+            } => (
+                RecipientState::Scheduled,
+                *next_attempt,
+                reply,
+                None,
+                Some(class.as_str()),
+            ),
+            Update::Failed {
+                reason,
+                class,
+                reply,
+            } => (
+                RecipientState::Failed,
+                now_ms,
+                reply,
+                Some(reason),
+                Some(class.as_str()),
+            ),
         };
         let Some(old) = before
             .query_row([id], |r| r.get::<_, i64>(0))
@@ -250,7 +282,7 @@ pub fn apply(conn: &Connection, updates: &[(i64, Update)], now_ms: i64) -> Resul
         }
         let message: Option<i64> = stmt
             .query_row(
-                params![id, state.as_i64(), next, reply, reason, now_ms],
+                params![id, state.as_i64(), next, reply, reason, now_ms, class],
                 |r| r.get(0),
             )
             .optional()?;
@@ -560,6 +592,7 @@ mod tests {
         // The courier's 451 for the purged recipient arrives after the purge.
         let retry = Update::Retry {
             next_attempt: 10,
+            class: BounceClass::Other,
             reply: "451 4.3.0 later".into(),
         };
         apply(&conn, &[(claimed[0].id, retry)], 2).unwrap();

@@ -13,8 +13,8 @@ use crate::admin_api as api;
 /// Most recipients one search page returns.
 pub const MAX_PAGE: usize = 1000;
 
-/// A message's trace; recipients in the order they were given, without bounce classes
-/// (the caller classes the replies).
+/// A message's trace; recipients in the order they were given, each with the bounce class
+/// of its last failed or deferred attempt (stored with the outcome).
 pub fn message(conn: &Connection, queue_id: &str) -> Result<Option<api::MessageTrace>, QueueError> {
     let row = conn
         .prepare_cached(
@@ -44,7 +44,7 @@ pub fn message(conn: &Connection, queue_id: &str) -> Result<Option<api::MessageT
         return Ok(None);
     };
     let mut stmt = conn.prepare_cached(
-        "SELECT address, state, attempts, last_reply, reason, next_attempt, updated_at
+        "SELECT address, state, attempts, last_reply, reason, next_attempt, updated_at, class
          FROM recipients WHERE message_id = ?1 ORDER BY id",
     )?;
     trace.recipients = stmt
@@ -58,7 +58,7 @@ pub fn message(conn: &Connection, queue_id: &str) -> Result<Option<api::MessageT
                 state: state.as_str().to_owned(),
                 attempts: r.get(2)?,
                 last_reply: last.as_deref().map(split_reply),
-                class: None,
+                class: r.get(7)?,
                 reason: r.get(4)?,
                 next_attempt_ms: waiting(state).then_some(next),
                 delivered_at_ms: (state == RecipientState::Delivered).then_some(updated),

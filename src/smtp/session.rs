@@ -319,6 +319,21 @@ impl Session {
         if let Err(reason) = self.intake.policy.check_open(campaign.as_deref()) {
             return self.refuse_all(&envelope, campaign.as_deref(), reason);
         }
+        // A campaign named by a header is known only now: recipients suppressed for it
+        // are left out (SMTP has no per-recipient answer after DATA) and counted.
+        if campaign != envelope.campaign {
+            let intake = &self.intake;
+            envelope.recipients.retain(|m| {
+                let suppressed = intake.policy.suppressed(m, campaign.as_deref());
+                if suppressed {
+                    intake.refused(campaign.as_deref(), Reason::Suppressed, &m.address);
+                }
+                !suppressed
+            });
+            if envelope.recipients.is_empty() {
+                return reply::for_reason(Reason::Suppressed);
+            }
+        }
         let now_us = self.intake.clock.now_us();
         let queue_id = QueueId::generate(now_us);
         let trace = message::received_header(&message::Trace {

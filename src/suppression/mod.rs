@@ -32,6 +32,8 @@ const BATCH: usize = 10_000;
 /// How often expired entries are pruned, and how many at most per pass.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const PRUNE_BATCH: usize = 5_000;
+/// Entries hashed into the index at a time while loading at start.
+const LOAD_CHUNK: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SuppressionError {
@@ -263,19 +265,23 @@ impl Suppressions {
             },
         )?;
         let index = Arc::new(Index::new());
-        let mut batch: Vec<(Scope, Target, Option<i64>)> = Vec::new();
+        // Hashed into the index in chunks as rows are read: a million entries at start
+        // never sit in memory as strings.
+        let mut chunk: Vec<(Scope, String, Option<i64>)> = Vec::with_capacity(LOAD_CHUNK);
+        let flush = |chunk: &mut Vec<(Scope, String, Option<i64>)>| {
+            index.insert_many(chunk.iter().map(|(s, t, e)| (s, t.as_str(), *e)));
+            chunk.clear();
+        };
         let now = clock.now_ms();
         store::for_each_live(&conn, now, |scope, target, expires| {
-            if let Some(t) = Target::from_column(target) {
-                batch.push((Scope::from_column(scope), t, expires));
+            if Target::from_column(target).is_some() {
+                chunk.push((Scope::from_column(scope), target.to_owned(), expires));
+                if chunk.len() == LOAD_CHUNK {
+                    flush(&mut chunk);
+                }
             }
         })?;
-        let columns: Vec<(Scope, String, Option<i64>)> = batch
-            .into_iter()
-            .map(|(s, t, e)| (s, t.as_column(), e))
-            .collect();
-        index.insert_many(columns.iter().map(|(s, t, e)| (s, t.as_str(), *e)));
-        drop(columns);
+        flush(&mut chunk);
         let (tx, rx) = mpsc::sync_channel(CHANNEL);
         let stats = Arc::new(Stats::default());
         let writer = WriterLoop {

@@ -8,7 +8,6 @@ use hyper::{Request, Response, StatusCode};
 
 use super::Admin;
 use crate::admin_api as api;
-use crate::bounce::Classifier;
 use crate::config::duration;
 use crate::deliver::Reply;
 use crate::http::{Body, error, json, query_pairs, read_body};
@@ -18,24 +17,6 @@ use crate::queue::{Claimed, OPS_BATCH, QueueError, QueueId, RecipientState, Targ
 
 /// The largest `POST /admin/v1/requeue` body (ctl sends a file in pieces below it).
 pub const MAX_REQUEUE_BODY: usize = 16 * 1024 * 1024;
-
-/// The bounce class a trace shows for a recipient's last reply: none for a success or
-/// no reply yet. One function, so that the class can come from a stored column instead.
-pub fn trace_class(classifier: &Classifier, r: &api::RecipientTrace) -> Option<String> {
-    let reply = r.last_reply.as_ref()?;
-    if r.state == RecipientState::Delivered.as_str() || reply.code.is_some_and(|c| c < 400) {
-        return None;
-    }
-    let class = classifier.classify(
-        reply.code.unwrap_or(0),
-        reply
-            .enhanced
-            .as_deref()
-            .and_then(crate::bounce::parse_enhanced),
-        &reply.text,
-    );
-    Some(class.as_str().to_owned())
-}
 
 fn unavailable(e: QueueError) -> Response<Body> {
     error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
@@ -124,12 +105,7 @@ fn check_saved(m: &api::SavedMessage) -> Result<(), String> {
 impl Admin {
     pub(super) async fn message_trace(&self, queue_id: &str) -> Response<Body> {
         match self.intake.queue.trace(queue_id).await {
-            Ok(Some(mut t)) => {
-                for r in &mut t.recipients {
-                    r.class = trace_class(&self.classifier, r);
-                }
-                json(StatusCode::OK, &t)
-            }
+            Ok(Some(t)) => json(StatusCode::OK, &t),
             Ok(None) => error(
                 StatusCode::NOT_FOUND,
                 "no such message (or retention deleted it)",
@@ -446,25 +422,5 @@ mod tests {
                 proptest::prop_assert!(!address.chars().any(char::is_control));
             }
         }
-    }
-
-    #[test]
-    fn classes_are_shown_for_failures_only() {
-        let c = Classifier::shipped();
-        let mut r = api::RecipientTrace {
-            address: "u@d.test".into(),
-            state: "failed".into(),
-            attempts: 1,
-            last_reply: Some(trace::split_reply("550 5.1.1 no such user")),
-            class: None,
-            reason: Some("rejected".into()),
-            next_attempt_ms: None,
-            delivered_at_ms: None,
-            failed_at_ms: Some(1),
-        };
-        assert_eq!(trace_class(&c, &r).as_deref(), Some("invalid_recipient"));
-        r.state = "delivered".into();
-        r.last_reply = Some(trace::split_reply("250 2.0.0 ok"));
-        assert_eq!(trace_class(&c, &r), None);
     }
 }

@@ -8,6 +8,7 @@ use hyper::{Response, StatusCode};
 
 use super::Admin;
 use crate::admin_api as api;
+use crate::bounce::BounceClass;
 use crate::campaign::Campaign;
 use crate::deliver::sts::store;
 use crate::faillog::{FailureQuery, FailureRow};
@@ -45,6 +46,11 @@ pub fn campaign_view(c: &Campaign, now_ms: i64) -> api::CampaignView {
         failure_ratio: tally.ratio(),
         deferred: c.failures(Reason::Deferred),
         reasons,
+        classes: BounceClass::ALL
+            .iter()
+            .map(|k| (k.as_str().to_owned(), c.attempts_of(*k)))
+            .filter(|(_, n)| *n > 0)
+            .collect(),
         blocked_until_ms: c.blocked_until(),
     }
 }
@@ -56,6 +62,7 @@ fn failure_row(r: FailureRow) -> api::FailureRow {
         campaign: r.campaign,
         stage: r.stage.as_str().to_owned(),
         reason: r.reason.as_str().to_owned(),
+        class: r.class.map(|c| c.as_str().to_owned()),
         recipient: r.recipient,
         detail: r.detail,
     }

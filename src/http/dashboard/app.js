@@ -341,6 +341,14 @@ function updateRow(row, c) {
     .slice(0, 3)
     .map(([reason, n]) => `${reason} ${fmt(n)}`)
     .join(" · ") || "—";
+  // Bounce classes of failed and deferred deliveries: why the destinations refused.
+  const classes = Object.entries(c.classes || {})
+    .sort((a, b) => b[1] - a[1])
+    .slice(0, 2)
+    .map(([klass, n]) => `${klass} ${fmt(n)}`)
+    .join(" · ");
+  cell("reasons").title = classes ? "bounce classes: " + classes : "";
+  if (classes) cell("reasons").textContent += " (" + classes + ")";
   row.querySelector('button[data-action="pause"]').disabled = c.state === "paused";
   row.querySelector('button[data-action="resume"]').disabled = c.state === "active";
 }
