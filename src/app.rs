@@ -423,6 +423,7 @@ impl App {
             render: Arc::new(crate::http::api::batch::Renderer::new(
                 intake.queue.clone(),
                 intake.config.clone(),
+                intake.unsubscribe.clone(),
             )),
             rules: self.bounce_rules.clone(),
         };

@@ -161,45 +161,20 @@ impl Intake {
 }
 
 impl Intake {
-    /// Prepends RFC 8058 `List-Unsubscribe` and `List-Unsubscribe-Post` headers to
-    /// campaign mail that `[suppression.unsubscribe]` names, before DKIM signs them. The
-    /// token names one recipient, so a message to several gets none; a message carrying
-    /// its own `List-Unsubscribe` keeps it.
+    /// See [`with_unsubscribe`]; a message to several recipients gets none (the token
+    /// names one).
     fn add_unsubscribe(&self, msg: &mut NewMessage) {
-        let Some(signer) = &self.unsubscribe else {
-            return;
-        };
-        let config = self.config.load();
-        let u = &config.suppression.unsubscribe;
         let [recipient] = msg.recipients.as_slice() else {
             return;
         };
-        let Some(campaign) = msg.campaign.as_deref() else {
-            return;
-        };
-        if !u.applies_to(Some(campaign)) || has_header(&msg.body, b"list-unsubscribe") {
-            return;
-        }
-        let headers = signer.headers(
-            &u.base_url,
-            u.mailto.as_deref(),
+        let config = self.config.load();
+        msg.body = with_unsubscribe(
+            self.unsubscribe.as_deref(),
+            &config,
             &recipient.address,
-            campaign,
+            msg.campaign.as_deref(),
+            std::mem::take(&mut msg.body),
         );
-        let mut body = Vec::with_capacity(msg.body.len() + 256);
-        for (name, value) in headers {
-            // Tokens are base64url, the URL and mailto were checked by the config: no
-            // CR, LF or NUL can reach the header.
-            if value.contains(['\r', '\n', '\0']) {
-                return;
-            }
-            body.extend_from_slice(name.as_bytes());
-            body.extend_from_slice(b": ");
-            body.extend_from_slice(value.as_bytes());
-            body.extend_from_slice(b"\r\n");
-        }
-        body.extend_from_slice(&msg.body);
-        msg.body = body;
     }
 
     /// A permanent refusal that says the mailbox is gone suppresses that recipient (and
@@ -229,6 +204,41 @@ impl Intake {
             expires_ms,
         }]);
     }
+}
+
+/// Prepends RFC 8058 `List-Unsubscribe` and `List-Unsubscribe-Post` headers for one
+/// recipient to campaign mail that `[suppression.unsubscribe]` names, before DKIM signs
+/// it: both doors' messages (through `Intake::store`) and batch messages (rendered at
+/// delivery). A message carrying its own `List-Unsubscribe` keeps it.
+pub fn with_unsubscribe(
+    signer: Option<&Signer>,
+    config: &Config,
+    recipient: &str,
+    campaign: Option<&str>,
+    message: Vec<u8>,
+) -> Vec<u8> {
+    let (Some(signer), Some(campaign)) = (signer, campaign) else {
+        return message;
+    };
+    let u = &config.suppression.unsubscribe;
+    if !u.applies_to(Some(campaign)) || has_header(&message, b"list-unsubscribe") {
+        return message;
+    }
+    let headers = signer.headers(&u.base_url, u.mailto.as_deref(), recipient, campaign);
+    let mut body = Vec::with_capacity(message.len() + 256);
+    for (name, value) in headers {
+        // Tokens are base64url, the URL and mailto were checked by the config: no CR, LF
+        // or NUL can reach the header.
+        if value.contains(['\r', '\n', '\0']) {
+            return message;
+        }
+        body.extend_from_slice(name.as_bytes());
+        body.extend_from_slice(b": ");
+        body.extend_from_slice(value.as_bytes());
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(&message);
+    body
 }
 
 /// Whether the header section of `message` has a field named `name` (lower case).

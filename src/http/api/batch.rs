@@ -545,14 +545,22 @@ struct Compiled {
 pub struct Renderer {
     queue: Queue,
     config: Arc<ArcSwap<Config>>,
+    /// The one-click unsubscribe key: batch mail is campaign mail, so its rendered
+    /// messages get `List-Unsubscribe` as the doors' messages do.
+    unsubscribe: Option<Arc<crate::unsubscribe::Signer>>,
     cache: Mutex<HashMap<i64, Arc<Compiled>>>,
 }
 
 impl Renderer {
-    pub fn new(queue: Queue, config: Arc<ArcSwap<Config>>) -> Renderer {
+    pub fn new(
+        queue: Queue,
+        config: Arc<ArcSwap<Config>>,
+        unsubscribe: Option<Arc<crate::unsubscribe::Signer>>,
+    ) -> Renderer {
         Renderer {
             queue,
             config,
+            unsubscribe,
             cache: Mutex::default(),
         }
     }
@@ -591,9 +599,18 @@ impl Render for Renderer {
             let config = self.config.load_full();
             let vars = r.vars.clone().unwrap_or_default();
             let address = r.address.clone();
+            let campaign = r.campaign.clone();
             let now_us = self.queue.clock().now_us();
+            let unsubscribe = self.unsubscribe.clone();
             tokio::task::spawn_blocking(move || {
-                render_one(&compiled, &config, &address, &vars, now_us)
+                let body = render_one(&compiled, &config, &address, &vars, now_us)?;
+                Ok(crate::intake::with_unsubscribe(
+                    unsubscribe.as_deref(),
+                    &config,
+                    &address,
+                    campaign.as_deref(),
+                    body,
+                ))
             })
             .await
             .map_err(|e| RenderFailure::Unavailable(e.to_string()))?
