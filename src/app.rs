@@ -33,8 +33,8 @@ use crate::scheduler::{Couriers, Scheduler};
 use crate::smtp::server::Server;
 use crate::smtp::tls::{self, TlsError};
 use crate::supervise::{Supervisor, Unhealthy};
-use crate::tls_report::TlsReports;
 use crate::suppression::{SuppressionError, Suppressions};
+use crate::tls_report::TlsReports;
 
 mod reload;
 

@@ -17,8 +17,8 @@ pub mod events;
 pub mod faillog;
 pub mod route;
 pub mod smtp;
-pub mod tls_report;
 pub mod suppression;
+pub mod tls_report;
 pub mod token;
 
 pub use delivery::{DeliveryConfig, Rate, StsMode};
@@ -28,8 +28,8 @@ pub use events::EventsConfig;
 pub use faillog::{FailLogConfig, FailLogMode, GuardAction, GuardConfig};
 pub use route::{Route, TlsMode, Transport};
 pub use smtp::{SmtpConfig, TlsConfig, UserConfig};
-pub use tls_report::TlsReportConfig;
 pub use suppression::SuppressionConfig;
+pub use tls_report::TlsReportConfig;
 
 /// A refused key, before the file's path and line are attached.
 #[derive(Debug)]
@@ -317,6 +317,14 @@ impl Config {
         self.check_delivery()?;
         if let Some((key, why)) = self.suppression.unsubscribe.refusal() {
             return Err(Refusal::new(key, why));
+        }
+        if let Some(name) = (self.suppression.unsubscribe.api_keys.iter())
+            .find(|n| !self.http.api_keys.iter().any(|k| &k.name == *n))
+        {
+            return Err(Refusal::new(
+                "suppression.unsubscribe.api_keys",
+                format!("no [[http.api_keys]] is named `{name}`"),
+            ));
         }
         if let Some(key) = self.suppression.unknown_reason() {
             return Err(Refusal::new(

@@ -168,11 +168,16 @@ impl Intake {
             return;
         };
         let config = self.config.load();
+        // The identity of an HTTP message is its API key's name (of SMTP, an AUTH user).
+        let api_key = (msg.source == crate::queue::Source::Http)
+            .then_some(msg.identity.as_deref())
+            .flatten();
         msg.body = with_unsubscribe(
             self.unsubscribe.as_deref(),
             &config,
             &recipient.address,
             msg.campaign.as_deref(),
+            api_key,
             std::mem::take(&mut msg.body),
         );
     }
@@ -209,21 +214,26 @@ impl Intake {
 /// Prepends RFC 8058 `List-Unsubscribe` and `List-Unsubscribe-Post` headers for one
 /// recipient to campaign mail that `[suppression.unsubscribe]` names, before DKIM signs
 /// it: both doors' messages (through `Intake::store`) and batch messages (rendered at
-/// delivery). A message carrying its own `List-Unsubscribe` keeps it.
+/// delivery), and mail of the API keys it names whatever the campaign (a token without
+/// a campaign unsubscribes from everything). A message carrying its own
+/// `List-Unsubscribe` keeps it.
 pub fn with_unsubscribe(
     signer: Option<&Signer>,
     config: &Config,
     recipient: &str,
     campaign: Option<&str>,
+    api_key: Option<&str>,
     message: Vec<u8>,
 ) -> Vec<u8> {
-    let (Some(signer), Some(campaign)) = (signer, campaign) else {
+    let Some(signer) = signer else {
         return message;
     };
     let u = &config.suppression.unsubscribe;
-    if !u.applies_to(Some(campaign)) || has_header(&message, b"list-unsubscribe") {
+    let applies = u.applies_to(campaign) || u.applies_to_key(api_key);
+    if !applies || has_header(&message, b"list-unsubscribe") {
         return message;
     }
+    let campaign = campaign.unwrap_or("");
     let headers = signer.headers(&u.base_url, u.mailto.as_deref(), recipient, campaign);
     let mut body = Vec::with_capacity(message.len() + 256);
     for (name, value) in headers {

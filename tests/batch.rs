@@ -622,3 +622,92 @@ async fn two_part_upload_keyed(
     let (status, _, text) = read_response(&mut stream).await;
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
+
+/// Batch mail is campaign mail: each rendered message carries its recipient's one-click
+/// unsubscribe link (added before signing, as for the doors' messages), and once the
+/// recipient used it, the next chunk's row for them is refused at the door as suppressed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_mail_carries_one_click_unsubscribe_and_the_door_then_refuses_the_row() {
+    let sink = Sink::start().await;
+    let unsubscribe = r#"
+[guard]
+enabled = false
+
+[suppression.unsubscribe]
+enabled = true
+campaigns = ["spring"]
+base_url = "https://mail.test/u/"
+secret = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+listen = "127.0.0.1:0"
+"#;
+    let (_dns, t) = start(sink.addr.port(), unsubscribe).await;
+    let addr = http(&t);
+    let public = t.app.unsubscribe_addr.expect("unsubscribe listener");
+    let id = create(
+        addr,
+        json!({"from": "app@client.test", "campaign": "spring",
+               "subject": "Hi {{ name }}", "text": "Sale."}),
+    )
+    .await;
+    let rows = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| json!({"to": format!("{n}@mx.test"), "vars": {"name": n}}).to_string() + "\n")
+            .collect::<String>()
+    };
+    let path = format!("/v1/batches/{id}/recipients");
+    let nd = "application/x-ndjson";
+    let (code, r) = call(
+        addr,
+        "POST",
+        &path,
+        nd,
+        &[],
+        rows(&["ann", "bob"]).as_bytes(),
+    )
+    .await;
+    assert_eq!((code, &r["accepted"]), (200, &json!(2)), "{r}");
+
+    let got = sink.wait_for(2, Duration::from_secs(60)).await;
+    let ann = got.iter().find(|m| m.rcpts == ["ann@mx.test"]).unwrap();
+    let ann = String::from_utf8_lossy(&ann.data).into_owned();
+    assert!(
+        ann.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"),
+        "{ann}"
+    );
+    let at = ann
+        .find("<https://mail.test/u/")
+        .expect("List-Unsubscribe URL")
+        + 18;
+    let token_path = &ann[at..at + ann[at..].find('>').unwrap()];
+    let bob = got.iter().find(|m| m.rcpts == ["bob@mx.test"]).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&bob.data).contains(token_path),
+        "each recipient has a token of their own"
+    );
+
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let (status, _, page) = request(
+        public,
+        "POST",
+        token_path,
+        &form,
+        b"List-Unsubscribe=One-Click",
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+
+    // The next chunk: ann is refused (suppressed for spring), bob goes on.
+    let (code, r) = call(
+        addr,
+        "POST",
+        &path,
+        nd,
+        &[],
+        rows(&["ann", "bob"]).as_bytes(),
+    )
+    .await;
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["accepted"], 1, "{r}");
+    assert_eq!(r["rejected"], json!({"suppressed": 1}), "{r}");
+}

@@ -444,7 +444,83 @@ fn check_config_refuses_bad_bounce_rules_and_unsubscribe_settings() {
     );
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("suppression.unsubscribe.secret"), "{out}");
+    let (code, out) = check_config(&format!(
+        "[suppression.unsubscribe]\nenabled = true\napi_keys = [\"nobody\"]\nbase_url = \"https://m.test/u/\"\nsecret = \"{UNSUBSCRIBE_SECRET}\"\n"
+    ));
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("no [[http.api_keys]] is named `nobody`"),
+        "{out}"
+    );
     let (code, out) = check_config("[suppression]\nexpire_after = { bounced = \"1d\" }\n");
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("not a suppression reason"), "{out}");
+}
+
+/// `[suppression.unsubscribe] api_keys`: mail of a listed key carries the link whatever its
+/// campaign; another key's mail (a campaign not listed) does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribe_links_by_api_key() {
+    let dns = TestDns::start(zone()).await;
+    let sink = Sink::start().await;
+    let (newsletter, billing) = ("fg_news_key_0123456789", "fg_bill_key_0123456789");
+    let more = format!(
+        r#"
+[[http.api_keys]]
+name = "newsletter"
+key_sha256 = "{}"
+
+[[http.api_keys]]
+name = "billing"
+key_sha256 = "{}"
+
+[suppression.unsubscribe]
+enabled = true
+api_keys = ["newsletter"]
+base_url = "https://mail.test/u/"
+secret = "{UNSUBSCRIBE_SECRET}"
+listen = "127.0.0.1:0"
+"#,
+        floodgate::http::api::key_hash(newsletter),
+        floodgate::http::api::key_hash(billing),
+    );
+    let t = start(
+        &dns,
+        &relay_config(sink.addr.port(), "", &more),
+        Arc::default(),
+    )
+    .await;
+    for (key, to) in [(newsletter, "ann@mx.test"), (billing, "bob@mx.test")] {
+        let bearer = format!("Bearer {key}");
+        let body = serde_json::json!({
+            "from": "app@client.test", "to": [to], "subject": "hi", "text": "hello",
+        });
+        let (status, _, text) = common::http::request(
+            t.app.http_addr.unwrap(),
+            "POST",
+            "/v1/messages",
+            &[
+                ("Authorization", &bearer),
+                ("Content-Type", "application/json"),
+            ],
+            body.to_string().as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 202, "{text}");
+    }
+    let got = sink.wait_for(2, WAIT).await;
+    let body_of = |to: &str| {
+        let r = got.iter().find(|r| r.rcpts == [to]).unwrap();
+        String::from_utf8_lossy(&r.data).into_owned()
+    };
+    let ann = body_of("ann@mx.test");
+    assert!(
+        ann.contains("List-Unsubscribe: <https://mail.test/u/"),
+        "{ann}"
+    );
+    assert!(
+        ann.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click"),
+        "{ann}"
+    );
+    assert!(!body_of("bob@mx.test").contains("List-Unsubscribe"));
 }

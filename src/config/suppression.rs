@@ -28,6 +28,9 @@ pub struct UnsubscribeConfig {
     /// The campaigns whose mail carries `List-Unsubscribe`; `"*"` for every attributed
     /// campaign.
     pub campaigns: Vec<String>,
+    /// Names of `[[http.api_keys]]` whose mail (`POST /v1/messages`) carries it whatever
+    /// its campaign; without a campaign the link unsubscribes from everything.
+    pub api_keys: Vec<String>,
     /// The public URL the token is appended to, e.g. `https://mail.example.com/u/`.
     pub base_url: String,
     /// An address for the `mailto:` alternative, if any.
@@ -55,6 +58,7 @@ impl Default for UnsubscribeConfig {
         UnsubscribeConfig {
             enabled: false,
             campaigns: Vec::new(),
+            api_keys: Vec::new(),
             base_url: String::new(),
             mailto: None,
             secret: String::new(),
@@ -71,6 +75,11 @@ impl UnsubscribeConfig {
             return false;
         };
         self.enabled && self.campaigns.iter().any(|c| c == "*" || c == campaign)
+    }
+
+    /// Whether mail submitted with the API key named `key` gets the headers.
+    pub fn applies_to_key(&self, key: Option<&str>) -> bool {
+        self.enabled && key.is_some_and(|k| self.api_keys.iter().any(|n| n == k))
     }
 
     /// Why the table cannot be used, if it cannot.

@@ -72,7 +72,11 @@ impl Unsubscribe {
         };
         let config = self.intake.config.load();
         let scope = match config.suppression.unsubscribe.scope {
-            UnsubscribeScope::Campaign => Scope::Campaign(campaign.to_owned()),
+            // A token without a campaign came from an API key's unattributed mail.
+            UnsubscribeScope::Campaign if !campaign.is_empty() => {
+                Scope::Campaign(campaign.to_owned())
+            }
+            UnsubscribeScope::Campaign => Scope::Global,
             UnsubscribeScope::Global => Scope::Global,
         };
         let entry = NewEntry {

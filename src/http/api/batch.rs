@@ -609,6 +609,9 @@ impl Render for Renderer {
                     &config,
                     &address,
                     campaign.as_deref(),
+                    // Batches are matched by their campaign (every batch has one or its
+                    // key's), not by key.
+                    None,
                     body,
                 ))
             })
