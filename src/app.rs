@@ -28,6 +28,7 @@ use crate::http::admin::Admin;
 use crate::intake::Intake;
 use crate::policy::Policy;
 use crate::queue::{Queue, QueueError};
+use crate::scheduler::outcome_log::OutcomeLog;
 use crate::scheduler::{Couriers, Scheduler};
 use crate::smtp::server::Server;
 use crate::smtp::tls::{self, TlsError};
@@ -117,6 +118,9 @@ pub struct App {
     scheduler: Mutex<Option<Arc<Scheduler>>>,
     /// MTA-STS policies, TLS-RPT counters and the daily reports.
     pub tls_reports: Arc<TlsReports>,
+    /// Delivery outcome lines, governed per campaign; outlives a scheduler restarted by
+    /// a reload, so that the budget and the skipped counts carry over.
+    outcomes: Arc<OutcomeLog>,
 }
 
 /// Supervised task names (see [`Supervisor`]).
@@ -127,6 +131,7 @@ const SMTP_LISTENER: &str = "smtp listener";
 const HTTP_LISTENER: &str = "http listener";
 const ADMIN_LISTENER: &str = "admin listener";
 const TLS_REPORTS: &str = "tls reports";
+const OUTCOME_LOG: &str = "outcome log summary";
 
 /// Checks what `check-config` can check beyond parsing: TLS material loads.
 pub fn preflight(config: &Config) -> Result<(), AppError> {
@@ -258,6 +263,13 @@ impl App {
             intake.wake.clone(),
         ));
         supervisor.spawn(TLS_REPORTS, tls_reports.clone().run(background.clone()));
+        let outcomes = Arc::new(OutcomeLog::new(&intake.config.load().log));
+        supervisor.spawn(
+            OUTCOME_LOG,
+            outcomes
+                .clone()
+                .run(intake.config.clone(), background.clone()),
+        );
         let Background {
             guard,
             events,
@@ -280,6 +292,7 @@ impl App {
             dns,
             scheduler: Mutex::default(),
             tls_reports,
+            outcomes,
         };
         if delivery_enabled {
             app.start_scheduler();
@@ -370,15 +383,18 @@ impl App {
             inner: intake.clone(),
             events: self.events.clone(),
         });
-        let scheduler = Arc::new(Scheduler::new(
-            intake.queue.clone(),
-            intake.config.clone(),
-            intake.campaigns().clone(),
-            couriers,
-            sink,
-            intake.wake.clone(),
-            intake.signing.clone(),
-        ));
+        let scheduler = Arc::new(
+            Scheduler::new(
+                intake.queue.clone(),
+                intake.config.clone(),
+                intake.campaigns().clone(),
+                couriers,
+                sink,
+                intake.wake.clone(),
+                intake.signing.clone(),
+            )
+            .with_outcomes(self.outcomes.clone()),
+        );
         self.supervisor.spawn(SCHEDULER, scheduler.clone().run());
         *running = Some(scheduler);
     }
@@ -460,6 +476,8 @@ impl App {
             tracing::warn!("deliveries still under way at shutdown; they will be retried");
             supervisor.abort(SCHEDULER);
         }
+        // The skipped counts of the last deliveries (the summary task stopped before them).
+        self.outcomes.summarize();
         // The TLS-RPT counters of the last deliveries (the reporter's own last flush ran
         // when the background tasks were cancelled, before deliveries finished).
         if let Err(e) = self.tls_reports.sts.flush().await {

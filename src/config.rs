@@ -15,6 +15,7 @@ pub mod dkim;
 pub mod duration;
 pub mod events;
 pub mod faillog;
+pub mod log;
 pub mod route;
 pub mod smtp;
 pub mod tls_report;
@@ -25,6 +26,7 @@ pub use dkim::{DkimAlgorithm, DkimConfig};
 pub use duration::Dur;
 pub use events::EventsConfig;
 pub use faillog::{FailLogConfig, FailLogMode, GuardAction, GuardConfig};
+pub use log::{LogConfig, LogFormat};
 pub use route::{Route, TlsMode, Transport};
 pub use smtp::{SmtpConfig, TlsConfig, UserConfig};
 pub use tls_report::TlsReportConfig;
@@ -95,6 +97,8 @@ pub struct Config {
     pub guard: GuardConfig,
     #[serde(default)]
     pub events: EventsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
     #[serde(default)]
@@ -385,6 +389,9 @@ impl Config {
                 "failure_ratio must be within 0..=1 and window above 0",
             ));
         }
+        self.log
+            .validate()
+            .map_err(|why| Refusal::new("log", why))?;
         self.events
             .validate()
             .map_err(|why| Refusal::new("events", why))

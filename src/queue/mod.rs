@@ -11,8 +11,8 @@ use rusqlite::Connection;
 use rusqlite::ffi::ErrorCode;
 
 pub mod backup;
-pub mod ops;
 pub mod batch;
+pub mod ops;
 pub mod retention;
 pub mod schema;
 pub mod status;
@@ -20,8 +20,8 @@ pub mod store;
 pub mod trace;
 pub mod writer;
 
-pub use ops::{Cancelled, Target};
 pub use batch::{Append, BatchRecord, BatchRow, ChunkProgress};
+pub use ops::{Cancelled, Target};
 pub use retention::Pruned;
 pub use status::{QueueSummary, Totals};
 pub use store::{CampaignState, Claimed, Holding, StoredMessage, StoredRecipient, Update};
