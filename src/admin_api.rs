@@ -352,3 +352,36 @@ pub struct BatchView {
     /// Accepted and not yet delivered or failed.
     pub queued: u64,
 }
+
+/// `POST /admin/v1/probe` (and each scheduled canary probe): one probe's result and the
+/// time of each stage, in milliseconds after it was submitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    pub address: String,
+    /// Empty when no message was queued (`busy`, or intake refused it).
+    pub queue_id: String,
+    /// `delivered`, `failed`, `timeout` (not delivered in time; cancelled, never
+    /// retried), `refused` (intake did not queue it) or `busy` (one already in flight).
+    pub result: String,
+    /// Delivered, but slower than `[canary] slow`.
+    pub slow: bool,
+    pub started_at_ms: i64,
+    pub stages: Vec<ProbeStage>,
+    /// The receiver's last reply, if one came.
+    pub reply: Option<String>,
+}
+
+impl ProbeReport {
+    /// Delivered in time.
+    pub fn healthy(&self) -> bool {
+        self.result == "delivered" && !self.slow
+    }
+}
+
+/// One stage a probe reached: `committed` (queued, on disk), `attempted` (the scheduler
+/// claimed it and a courier tried it), `delivered` or `failed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeStage {
+    pub stage: String,
+    pub after_ms: i64,
+}

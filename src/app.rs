@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::campaign::Campaigns;
+use crate::canary::Canary;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, TlsConfig, token};
 use crate::deliver::smtp::SmtpCourier;
@@ -121,6 +122,8 @@ pub struct App {
     /// Delivery outcome lines, governed per campaign; outlives a scheduler restarted by
     /// a reload, so that the budget and the skipped counts carry over.
     outcomes: Arc<OutcomeLog>,
+    /// The end-to-end canary (idle unless `[canary] enabled`).
+    canary: Arc<Canary>,
 }
 
 /// Supervised task names (see [`Supervisor`]).
@@ -132,6 +135,7 @@ const HTTP_LISTENER: &str = "http listener";
 const ADMIN_LISTENER: &str = "admin listener";
 const TLS_REPORTS: &str = "tls reports";
 const OUTCOME_LOG: &str = "outcome log summary";
+const CANARY: &str = "canary";
 
 /// Checks what `check-config` can check beyond parsing: TLS material loads.
 pub fn preflight(config: &Config) -> Result<(), AppError> {
@@ -275,6 +279,8 @@ impl App {
             events,
             events_task,
         } = Background::start(&intake, campaigns, &faillog, &background, &supervisor);
+        let canary = Arc::new(Canary::new(intake.clone()));
+        supervisor.spawn(CANARY, canary.clone().run(background.clone()));
         let mut app = App {
             smtp_addrs: Vec::new(),
             http_addr: None,
@@ -293,6 +299,7 @@ impl App {
             scheduler: Mutex::default(),
             tls_reports,
             outcomes,
+            canary,
         };
         if delivery_enabled {
             app.start_scheduler();
@@ -345,6 +352,7 @@ impl App {
                 tls_reports: self.tls_reports.clone(),
                 started: std::time::Instant::now(),
                 classifier: Arc::new(crate::bounce::Classifier::shipped()),
+                canary: self.canary.clone(),
             });
             tracing::info!(addr = %self.admin_addr.map(|a| a.to_string()).unwrap_or_default(), "admin listening");
             self.supervisor.spawn(

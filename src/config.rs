@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod canary;
 pub mod delivery;
 pub mod diff;
 pub mod dkim;
@@ -21,6 +22,7 @@ pub mod smtp;
 pub mod tls_report;
 pub mod token;
 
+pub use canary::CanaryConfig;
 pub use delivery::{DeliveryConfig, Rate, StsMode};
 pub use dkim::{DkimAlgorithm, DkimConfig};
 pub use duration::Dur;
@@ -99,6 +101,8 @@ pub struct Config {
     pub events: EventsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub canary: CanaryConfig,
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
     #[serde(default)]
@@ -392,6 +396,9 @@ impl Config {
         self.log
             .validate()
             .map_err(|why| Refusal::new("log", why))?;
+        self.canary
+            .validate()
+            .map_err(|why| Refusal::new("canary", why))?;
         self.events
             .validate()
             .map_err(|why| Refusal::new("events", why))

@@ -130,6 +130,13 @@ enum CtlCommand {
     Batches,
     /// One batch send's progress, rejections by reason.
     Batch { id: String },
+    /// Send a canary probe now through the whole path (door, queue, scheduler, courier)
+    /// and print each stage's time: to confirm recovery after an incident.
+    Probe {
+        /// This address (its domain picks the route); default: every `[canary] probes`.
+        #[arg(long)]
+        address: Option<String>,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -331,6 +338,14 @@ fn request(command: &CtlCommand) -> Result<Call, CtlError> {
         CtlCommand::Mail(_) => return Err(CtlError::Usage("runs in ctl::mail".into())),
         CtlCommand::Batches => Call::get("/admin/v1/batches"),
         CtlCommand::Batch { id } => Call::get(format!("/admin/v1/batches/{}", encode(id))),
+        CtlCommand::Probe { address } => Call::with(
+            Method::POST,
+            match address {
+                Some(a) => format!("/admin/v1/probe?address={}", encode(a)),
+                None => "/admin/v1/probe".to_owned(),
+            },
+            NONE,
+        ),
     })
 }
 
@@ -370,6 +385,7 @@ fn human(command: &CtlCommand, addr: &str, answer: Value) -> Result<String, serd
         CtlCommand::Mail(m) => mail::human(m, answer)?,
         CtlCommand::Batches => render::batches(&decode::<Vec<_>>(answer)?),
         CtlCommand::Batch { .. } => render::batch(&decode(answer)?),
+        CtlCommand::Probe { .. } => render::probes(&decode::<Vec<_>>(answer)?),
     })
 }
 

@@ -132,7 +132,10 @@ impl Events {
     /// Queues an event without waiting. Cost: one atomic load when events are off; a
     /// few small allocations and a `try_send` when on. Never blocks.
     pub fn emit(&self, kind: Kind, r: &Claimed, reason: Option<Reason>, reply: &str) {
-        if !self.shared.enabled.load(Ordering::Relaxed) {
+        // Canary probes are Floodgate's own, not a customer's delivery.
+        if !self.shared.enabled.load(Ordering::Relaxed)
+            || crate::campaign::is_canary(r.campaign.as_deref())
+        {
             return;
         }
         let record = Record {

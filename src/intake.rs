@@ -136,9 +136,11 @@ impl Intake {
         match stored {
             Ok(Some(earlier)) => Ok(Some(earlier)),
             Ok(None) => {
-                self.policy
-                    .campaigns
-                    .record_accepted(campaign.as_deref(), recipients.len() as u64);
+                if !crate::campaign::is_canary(campaign.as_deref()) {
+                    self.policy
+                        .campaigns
+                        .record_accepted(campaign.as_deref(), recipients.len() as u64);
+                }
                 self.wake.notify_one();
                 Ok(None)
             }
@@ -155,6 +157,9 @@ impl Intake {
 
 impl crate::deliver::FailureSink for Intake {
     fn relay_failed(&self, r: &crate::queue::Claimed, reason: Reason, reply: &str) {
+        if crate::campaign::is_canary(r.campaign.as_deref()) {
+            return;
+        }
         let (campaign, recipient) = (r.campaign.as_deref(), r.address.as_str());
         let counted = self.policy.campaigns.record_failure(campaign, reason);
         self.log_failure(
@@ -171,6 +176,9 @@ impl crate::deliver::FailureSink for Intake {
     }
 
     fn relay_deferred(&self, r: &crate::queue::Claimed, reply: &str) {
+        if crate::campaign::is_canary(r.campaign.as_deref()) {
+            return;
+        }
         let (campaign, recipient) = (r.campaign.as_deref(), r.address.as_str());
         self.policy
             .campaigns
@@ -179,6 +187,9 @@ impl crate::deliver::FailureSink for Intake {
     }
 
     fn relay_delivered(&self, r: &crate::queue::Claimed, _reply: &str) {
+        if crate::campaign::is_canary(r.campaign.as_deref()) {
+            return;
+        }
         self.policy
             .campaigns
             .get(r.campaign.as_deref())

@@ -66,6 +66,13 @@ impl Config {
             "log",
             [format, outcomes_per_sec, outcomes_burst, summary_interval]
         );
+        diff!(
+            out,
+            self.canary,
+            new.canary,
+            "canary",
+            [enabled, interval, timeout, slow, probes]
+        );
         out
     }
 

@@ -416,6 +416,31 @@ pub fn alerts(list: &[Alert]) -> String {
 }
 
 /// `GET /admin/v1/batches`: one row per batch, newest first.
+/// Each probe: its result, then one line per stage with its time after submission.
+pub fn probes(v: &[crate::admin_api::ProbeReport]) -> String {
+    let mut out = String::new();
+    for p in v {
+        let slow = if p.slow { " (slow)" } else { "" };
+        let _ = writeln!(
+            out,
+            "{}: {}{slow}  queue id {}",
+            p.address, p.result, p.queue_id
+        );
+        for s in &p.stages {
+            let _ = writeln!(out, "  {:<10} {:>8} ms", s.stage, s.after_ms);
+        }
+        if let Some(reply) = &p.reply {
+            // The receiver's words: no control character reaches the terminal.
+            let reply: String = reply
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            let _ = writeln!(out, "  last reply: {reply}");
+        }
+    }
+    out
+}
+
 pub fn batches(v: &[BatchView]) -> String {
     let mut t = Table::new(&[
         ("BATCH", false),

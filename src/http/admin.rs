@@ -53,6 +53,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/v1/backup"),
     ("GET", "/admin/v1/batches"),
     ("GET", "/admin/v1/batches/{id}"),
+    ("POST", "/admin/v1/probe"),
 ];
 
 impl Admin {
@@ -119,6 +120,7 @@ impl Admin {
             (Method::POST, ["admin", "v1", "backup"]) => self.backup(req).await,
             (Method::GET, ["admin", "v1", "batches"]) => self.batches().await,
             (Method::GET, ["admin", "v1", "batches", id]) => self.batch(id).await,
+            (Method::POST, ["admin", "v1", "probe"]) => self.probe(req.uri().query()).await,
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
     }
@@ -140,7 +142,15 @@ impl Admin {
             .check(&self.intake.queue, Duration::from_secs(2))
             .await
         {
-            Ok(()) => super::text(StatusCode::OK, "text/plain", "ready\n"),
+            // Alive but not delivering: a failing or slow canary.
+            Ok(()) => match self.canary.degraded() {
+                None => super::text(StatusCode::OK, "text/plain", "ready\n"),
+                Some(why) => super::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("{why}\n"),
+                ),
+            },
             Err(e) => super::text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",

@@ -23,4 +23,6 @@ pub struct Admin {
     pub started: std::time::Instant,
     /// Classes the last reply a message trace shows (`http/admin/mail.rs`).
     pub classifier: Arc<crate::bounce::Classifier>,
+    /// The end-to-end canary: `/readyz` degraded, `/metrics`, `POST /admin/v1/probe`.
+    pub canary: Arc<crate::canary::Canary>,
 }
