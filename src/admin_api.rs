@@ -279,6 +279,9 @@ pub struct StatusResponse {
     pub faillog: FailLogView,
     /// How many alerts are kept.
     pub alerts: u64,
+    /// The last canary probe of each address probed, by address.
+    #[serde(default)]
+    pub canary: Vec<ProbeReport>,
 }
 
 /// One TLS-RPT counter: sessions of one result with one MX host on one UTC day.

@@ -279,7 +279,7 @@ impl App {
             events,
             events_task,
         } = Background::start(&intake, campaigns, &faillog, &background, &supervisor);
-        let canary = Arc::new(Canary::new(intake.clone()));
+        let canary = Arc::new(Canary::new(intake.clone(), guard.clone()));
         supervisor.spawn(CANARY, canary.clone().run(background.clone()));
         let mut app = App {
             smtp_addrs: Vec::new(),

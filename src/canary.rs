@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin_api::{ProbeReport, ProbeStage};
+use crate::guard::Guard;
 use crate::intake::Intake;
 use crate::queue::{NewMessage, NewRecipient, QueueId, Source, Target};
 
@@ -59,14 +60,17 @@ impl ProbeStats {
 
 pub struct Canary {
     intake: Arc<Intake>,
+    /// Raises the alert of a failing or slow probe.
+    guard: Arc<Guard>,
     stats: Mutex<HashMap<String, ProbeStats>>,
     in_flight: Mutex<HashSet<String>>,
 }
 
 impl Canary {
-    pub fn new(intake: Arc<Intake>) -> Canary {
+    pub fn new(intake: Arc<Intake>, guard: Arc<Guard>) -> Canary {
         Canary {
             intake,
+            guard,
             stats: Mutex::default(),
             in_flight: Mutex::default(),
         }
@@ -144,13 +148,20 @@ impl Canary {
             .entry(address.to_owned())
             .or_default()
             .record(&out);
-        match out.healthy() {
-            true => {
-                tracing::info!(address, result = %out.result, queue_id = %out.queue_id, "canary probe")
-            }
-            false => {
-                tracing::warn!(address, result = %out.result, slow = out.slow, queue_id = %out.queue_id, "canary probe")
-            }
+        if out.healthy() {
+            tracing::info!(address, queue_id = %out.queue_id, "canary probe delivered");
+        } else {
+            let what = match out.slow {
+                true => "slow",
+                false => out.result.as_str(),
+            };
+            self.guard.canary_alert(
+                self.intake.clock.now_ms(),
+                format!(
+                    "canary probe to {address}: {what} (queue id {})",
+                    out.queue_id
+                ),
+            );
         }
         out
     }

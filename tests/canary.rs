@@ -132,6 +132,16 @@ async fn probes_through_an_smtp_and_a_webhook_route_are_delivered_and_measured()
     let out = ctl(addr, &["probe", "--address", "probe@mx.test", "--json"]).await;
     let json: Value = serde_json::from_str(&out).expect("ctl probe --json");
     assert_eq!(json[0]["result"], "delivered", "{json}");
+    // `ctl status` shows the last probe of each address.
+    let out = ctl(addr, &["status"]).await;
+    assert!(
+        out.contains("canary        probe@mx.test: delivered in "),
+        "{out}"
+    );
+    assert!(
+        out.contains("canary        probe@hooks.test: delivered in "),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,6 +166,20 @@ async fn with_the_receiver_down_the_probe_fails_once_and_readyz_is_degraded() {
     assert!(
         text.contains("canary degraded") && text.contains("probe@mx.test: timeout"),
         "{text}"
+    );
+
+    // The guard raised an alert.
+    let alerts = admin(addr, "GET", "/admin/v1/alerts", None).await;
+    let canary_alert = |a: &Value| {
+        a["kind"] == "canary"
+            && a["message"]
+                .as_str()
+                .unwrap()
+                .contains("probe@mx.test: timeout")
+    };
+    assert!(
+        alerts.as_array().unwrap().iter().any(canary_alert),
+        "{alerts}"
     );
 
     // A probe run now fails the same way; its message is cancelled, not left to retry.

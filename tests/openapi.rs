@@ -376,6 +376,24 @@ fn queue_alert_webhook_and_status_types_match_their_schemas() {
         paused_campaigns: vec!["spring-sale".into()],
         faillog,
         alerts: 0,
+        canary: vec![floodgate::admin_api::ProbeReport {
+            address: "probe@mx.test".into(),
+            queue_id: "18C2F0A1B2C3D4E5F6".into(),
+            result: "delivered".into(),
+            slow: false,
+            started_at_ms: 1_700_000_000_000,
+            stages: vec![
+                floodgate::admin_api::ProbeStage {
+                    stage: "committed".into(),
+                    after_ms: 3,
+                },
+                floodgate::admin_api::ProbeStage {
+                    stage: "delivered".into(),
+                    after_ms: 41,
+                },
+            ],
+            reply: Some("2.0.0 OK".into()),
+        }],
     };
     type_is_documented(
         &doc,

@@ -186,6 +186,15 @@ pub fn status(addr: &str, v: &StatusResponse) -> String {
     let _ = writeln!(out, "campaigns     {}, {held}", v.campaigns);
     let _ = writeln!(out, "failure log   {}", faillog_line(&v.faillog));
     let _ = writeln!(out, "alerts        {} (floodgate ctl alerts)", v.alerts);
+    for p in &v.canary {
+        let took = p.stages.last().map(|s| s.after_ms).unwrap_or(0);
+        let slow = if p.slow { ", slow" } else { "" };
+        let _ = writeln!(
+            out,
+            "canary        {}: {} in {took} ms{slow} (floodgate ctl probe)",
+            p.address, p.result
+        );
+    }
     out
 }
 
