@@ -477,6 +477,7 @@ impl Session {
             }
         }
         .filter(|c| !c.is_empty())
+        .map(crate::campaign::unreserved)
     }
 }
 
