@@ -22,6 +22,10 @@ pub use crate::campaign::CANARY as CAMPAIGN;
 /// Latency histogram bounds, in milliseconds (exported in seconds).
 pub const BUCKETS_MS: [u64; 10] = [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000];
 
+/// Addresses whose counters are kept: every configured one, and ad-hoc ones (`ctl probe
+/// --address`) only while fewer than this are kept, so `/metrics` stays bounded.
+const MAX_ADDRESSES: usize = 64;
+
 /// How often a probe's message is looked at while it travels: a point read by queue id.
 const POLL: Duration = Duration::from_millis(25);
 
@@ -143,11 +147,19 @@ impl Canary {
         }
         let out = self.travel(address, started_at_ms).await;
         self.in_flight.lock().remove(address);
-        self.stats
-            .lock()
-            .entry(address.to_owned())
-            .or_default()
-            .record(&out);
+        let configured = self
+            .intake
+            .config
+            .load()
+            .canary
+            .probes
+            .iter()
+            .any(|p| p == address);
+        let mut stats = self.stats.lock();
+        if configured || stats.contains_key(address) || stats.len() < MAX_ADDRESSES {
+            stats.entry(address.to_owned()).or_default().record(&out);
+        }
+        drop(stats);
         if out.healthy() {
             tracing::info!(address, queue_id = %out.queue_id, "canary probe delivered");
         } else {
