@@ -286,6 +286,9 @@ pub struct StatusResponse {
     pub faillog: FailLogView,
     /// How many alerts are kept.
     pub alerts: u64,
+    /// The last canary probe of each address probed, by address.
+    #[serde(default)]
+    pub canary: Vec<ProbeReport>,
 }
 
 /// One TLS-RPT counter: sessions of one result with one MX host on one UTC day.
@@ -423,4 +426,37 @@ pub struct ImportError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SuppressionRemoved {
     pub removed: bool,
+}
+
+/// `POST /admin/v1/probe` (and each scheduled canary probe): one probe's result and the
+/// time of each stage, in milliseconds after it was submitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    pub address: String,
+    /// Empty when no message was queued (`busy`, or intake refused it).
+    pub queue_id: String,
+    /// `delivered`, `failed`, `timeout` (not delivered in time; cancelled, never
+    /// retried), `refused` (intake did not queue it) or `busy` (one already in flight).
+    pub result: String,
+    /// Delivered, but slower than `[canary] slow`.
+    pub slow: bool,
+    pub started_at_ms: i64,
+    pub stages: Vec<ProbeStage>,
+    /// The receiver's last reply, if one came.
+    pub reply: Option<String>,
+}
+
+impl ProbeReport {
+    /// Delivered in time.
+    pub fn healthy(&self) -> bool {
+        self.result == "delivered" && !self.slow
+    }
+}
+
+/// One stage a probe reached: `committed` (queued, on disk), `attempted` (the scheduler
+/// claimed it and a courier tried it), `delivered` or `failed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeStage {
+    pub stage: String,
+    pub after_ms: i64,
 }

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::bounce::{Classifier, RulesError};
 use crate::campaign::Campaigns;
+use crate::canary::Canary;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, TlsConfig, token};
 use crate::deliver::smtp::SmtpCourier;
@@ -29,6 +30,7 @@ use crate::http::admin::Admin;
 use crate::intake::Intake;
 use crate::policy::Policy;
 use crate::queue::{Queue, QueueError};
+use crate::scheduler::outcome_log::OutcomeLog;
 use crate::scheduler::{Couriers, Scheduler};
 use crate::smtp::server::Server;
 use crate::smtp::tls::{self, TlsError};
@@ -128,6 +130,11 @@ pub struct App {
     /// The bounce rules (`[delivery] bounce_rules` and the shipped ones); a reload swaps
     /// them whole.
     bounce_rules: Arc<ArcSwap<Classifier>>,
+    /// Delivery outcome lines, governed per campaign; outlives a scheduler restarted by
+    /// a reload, so that the budget and the skipped counts carry over.
+    outcomes: Arc<OutcomeLog>,
+    /// The end-to-end canary (idle unless `[canary] enabled`).
+    canary: Arc<Canary>,
 }
 
 /// Supervised task names (see [`Supervisor`]).
@@ -140,6 +147,8 @@ const HTTP_LISTENER: &str = "http listener";
 const ADMIN_LISTENER: &str = "admin listener";
 const TLS_REPORTS: &str = "tls reports";
 const UNSUBSCRIBE_LISTENER: &str = "unsubscribe listener";
+const OUTCOME_LOG: &str = "outcome log summary";
+const CANARY: &str = "canary";
 
 /// Checks what `check-config` can check beyond parsing: TLS material loads.
 pub fn preflight(config: &Config) -> Result<(), AppError> {
@@ -290,11 +299,20 @@ impl App {
             intake.wake.clone(),
         ));
         supervisor.spawn(TLS_REPORTS, tls_reports.clone().run(background.clone()));
+        let outcomes = Arc::new(OutcomeLog::new(&intake.config.load().log));
+        supervisor.spawn(
+            OUTCOME_LOG,
+            outcomes
+                .clone()
+                .run(intake.config.clone(), background.clone()),
+        );
         let Background {
             guard,
             events,
             events_task,
         } = Background::start(&intake, campaigns, &faillog, &background, &supervisor);
+        let canary = Arc::new(Canary::new(intake.clone(), guard.clone()));
+        supervisor.spawn(CANARY, canary.clone().run(background.clone()));
         let mut app = App {
             smtp_addrs: Vec::new(),
             http_addr: None,
@@ -314,6 +332,8 @@ impl App {
             scheduler: Mutex::default(),
             tls_reports,
             bounce_rules: Arc::new(ArcSwap::from_pointee(bounce_rules)),
+            outcomes,
+            canary,
         };
         if delivery_enabled {
             app.start_scheduler();
@@ -368,6 +388,7 @@ impl App {
                 smtp: self.server.clone(),
                 tls_reports: self.tls_reports.clone(),
                 started: std::time::Instant::now(),
+                canary: self.canary.clone(),
             });
             tracing::info!(addr = %self.admin_addr.map(|a| a.to_string()).unwrap_or_default(), "admin listening");
             self.supervisor.spawn(
@@ -431,15 +452,18 @@ impl App {
             inner: intake.clone(),
             events: self.events.clone(),
         });
-        let scheduler = Arc::new(Scheduler::new(
-            intake.queue.clone(),
-            intake.config.clone(),
-            intake.campaigns().clone(),
-            couriers,
-            sink,
-            intake.wake.clone(),
-            intake.signing.clone(),
-        ));
+        let scheduler = Arc::new(
+            Scheduler::new(
+                intake.queue.clone(),
+                intake.config.clone(),
+                intake.campaigns().clone(),
+                couriers,
+                sink,
+                intake.wake.clone(),
+                intake.signing.clone(),
+            )
+            .with_outcomes(self.outcomes.clone()),
+        );
         self.supervisor.spawn(SCHEDULER, scheduler.clone().run());
         *running = Some(scheduler);
     }
@@ -526,6 +550,8 @@ impl App {
             tracing::warn!("deliveries still under way at shutdown; they will be retried");
             supervisor.abort(SCHEDULER);
         }
+        // The skipped counts of the last deliveries (the summary task stopped before them).
+        self.outcomes.summarize();
         // The TLS-RPT counters of the last deliveries (the reporter's own last flush ran
         // when the background tasks were cancelled, before deliveries finished).
         if let Err(e) = self.tls_reports.sts.flush().await {

@@ -18,6 +18,23 @@ pub const UNATTRIBUTED: &str = "-";
 /// Campaigns beyond the cap are counted together under this name, so that a client
 /// inventing a new campaign per message cannot exhaust memory.
 pub const OVERFLOW: &str = "_other";
+/// The canary's probes carry this campaign, so that nothing counts them as mail: intake
+/// and the delivery reports skip it (see `canary`).
+pub const CANARY: &str = "floodgate-canary";
+
+/// Whether `campaign` is the canary's, whose messages count in no statistic.
+pub fn is_canary(campaign: Option<&str>) -> bool {
+    campaign == Some(CANARY)
+}
+
+/// A campaign a client named, kept off the canary's reserved name: a client claiming it
+/// would otherwise escape every statistic, and with them the guard.
+pub fn unreserved(name: String) -> String {
+    match name == CANARY {
+        true => format!("{CANARY}-client"),
+        false => name,
+    }
+}
 
 const REASONS: usize = Reason::ALL.len();
 const CLASSES: usize = BounceClass::ALL.len();

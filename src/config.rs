@@ -9,23 +9,27 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod canary;
 pub mod delivery;
 pub mod diff;
 pub mod dkim;
 pub mod duration;
 pub mod events;
 pub mod faillog;
+pub mod log;
 pub mod route;
 pub mod smtp;
 pub mod suppression;
 pub mod tls_report;
 pub mod token;
 
+pub use canary::CanaryConfig;
 pub use delivery::{DeliveryConfig, Rate, StsMode};
 pub use dkim::{DkimAlgorithm, DkimConfig};
 pub use duration::Dur;
 pub use events::EventsConfig;
 pub use faillog::{FailLogConfig, FailLogMode, GuardAction, GuardConfig};
+pub use log::{LogConfig, LogFormat};
 pub use route::{Route, TlsMode, Transport};
 pub use smtp::{SmtpConfig, TlsConfig, UserConfig};
 pub use suppression::SuppressionConfig;
@@ -99,6 +103,9 @@ pub struct Config {
     pub events: EventsConfig,
     #[serde(default)]
     pub suppression: SuppressionConfig,
+    pub log: LogConfig,
+    #[serde(default)]
+    pub canary: CanaryConfig,
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
     #[serde(default)]
@@ -408,6 +415,12 @@ impl Config {
                 "failure_ratio must be within 0..=1 and window above 0",
             ));
         }
+        self.log
+            .validate()
+            .map_err(|why| Refusal::new("log", why))?;
+        self.canary
+            .validate()
+            .map_err(|why| Refusal::new("canary", why))?;
         self.events
             .validate()
             .map_err(|why| Refusal::new("events", why))

@@ -135,6 +135,13 @@ enum CtlCommand {
         #[command(subcommand)]
         command: SuppressionsCommand,
     },
+    /// Send a canary probe now through the whole path (door, queue, scheduler, courier)
+    /// and print each stage's time: to confirm recovery after an incident.
+    Probe {
+        /// This address (its domain picks the route); default: every `[canary] probes`.
+        #[arg(long)]
+        address: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -392,6 +399,14 @@ fn request(command: &CtlCommand) -> Result<Call, CtlError> {
         CtlCommand::Batches => Call::get("/admin/v1/batches"),
         CtlCommand::Batch { id } => Call::get(format!("/admin/v1/batches/{}", encode(id))),
         CtlCommand::Suppressions { command } => suppressions_request(command),
+        CtlCommand::Probe { address } => Call::with(
+            Method::POST,
+            match address {
+                Some(a) => format!("/admin/v1/probe?address={}", encode(a)),
+                None => "/admin/v1/probe".to_owned(),
+            },
+            NONE,
+        ),
     })
 }
 
@@ -563,6 +578,7 @@ fn human(command: &CtlCommand, addr: &str, answer: Value) -> Result<String, serd
             }
             _ => render::suppressions(&decode(answer)?),
         },
+        CtlCommand::Probe { .. } => render::probes(&decode::<Vec<_>>(answer)?),
     })
 }
 

@@ -147,7 +147,10 @@ impl Events {
         class: Option<BounceClass>,
         reply: &str,
     ) {
-        if !self.shared.enabled.load(Ordering::Relaxed) {
+        // Canary probes are Floodgate's own, not a customer's delivery.
+        if !self.shared.enabled.load(Ordering::Relaxed)
+            || crate::campaign::is_canary(r.campaign.as_deref())
+        {
             return;
         }
         let record = Record {

@@ -320,7 +320,7 @@ impl Guard {
             return;
         }
         last.insert(kind, now_ms);
-        tracing::warn!(kind, %message, "failure log alert");
+        tracing::warn!(kind, %message, "guard alert");
         self.alert(Alert {
             at_ms: now_ms,
             kind,
@@ -328,6 +328,12 @@ impl Guard {
             message,
             action: None,
         });
+    }
+
+    /// A canary probe failed or was slow (`canary` calls it): an alert like the others,
+    /// at most one a minute however many probes fail.
+    pub fn canary_alert(&self, now_ms: i64, message: String) {
+        self.system_alert(now_ms, "canary", message);
     }
 
     fn alert(&self, alert: Alert) {

@@ -143,9 +143,11 @@ impl Intake {
         match stored {
             Ok(Some(earlier)) => Ok(Some(earlier)),
             Ok(None) => {
-                self.policy
-                    .campaigns
-                    .record_accepted(campaign.as_deref(), recipients.len() as u64);
+                if !crate::campaign::is_canary(campaign.as_deref()) {
+                    self.policy
+                        .campaigns
+                        .record_accepted(campaign.as_deref(), recipients.len() as u64);
+                }
                 self.wake.notify_one();
                 Ok(None)
             }
@@ -276,6 +278,9 @@ impl crate::deliver::FailureSink for Intake {
         class: BounceClass,
         reply: &str,
     ) {
+        if crate::campaign::is_canary(r.campaign.as_deref()) {
+            return;
+        }
         let (campaign, recipient) = (r.campaign.as_deref(), r.address.as_str());
         let counted = self
             .policy
@@ -296,6 +301,9 @@ impl crate::deliver::FailureSink for Intake {
     }
 
     fn relay_deferred(&self, r: &crate::queue::Claimed, class: BounceClass, reply: &str) {
+        if crate::campaign::is_canary(r.campaign.as_deref()) {
+            return;
+        }
         let (campaign, recipient) = (r.campaign.as_deref(), r.address.as_str());
         self.policy
             .campaigns
@@ -304,6 +312,9 @@ impl crate::deliver::FailureSink for Intake {
     }
 
     fn relay_delivered(&self, r: &crate::queue::Claimed, _reply: &str) {
+        if crate::campaign::is_canary(r.campaign.as_deref()) {
+            return;
+        }
         self.policy
             .campaigns
             .get(r.campaign.as_deref())

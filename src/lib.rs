@@ -7,6 +7,7 @@ pub mod admin_api;
 pub mod app;
 pub mod bounce;
 pub mod campaign;
+pub mod canary;
 pub mod clock;
 pub mod config;
 pub mod ctl;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use floodgate::app::{self, App, Deps};
-use floodgate::config::Config;
+use floodgate::config::{Config, LogFormat};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -78,18 +78,25 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Installs the subscriber for `[log] format`; once, so the format needs a restart.
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    // journald stamps every line itself; a second timestamp is noise.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
-    } else {
-        builder.init();
+        .with_writer(std::io::stderr);
+    match format {
+        // One object per line, with its own timestamp: shippers parse it, not journald.
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+        LogFormat::Text => {
+            let builder = builder.with_ansi(std::io::stderr().is_terminal());
+            // journald stamps every line itself; a second timestamp is noise.
+            if std::env::var_os("JOURNAL_STREAM").is_some() {
+                builder.without_time().init();
+            } else {
+                builder.init();
+            }
+        }
     }
 }
 
@@ -177,11 +184,13 @@ fn dkim_keygen(
 }
 
 fn serve(path: &Path) -> ExitCode {
-    init_logging();
+    // Read before the subscriber exists: a config that does not load is reported on
+    // standard error by `load` itself.
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    init_logging(config.log.format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -26,6 +26,9 @@ use crate::queue::{Claimed, Queue, QueueId, Update};
 use crate::reason::Reason;
 
 pub(crate) mod bounce;
+pub mod outcome_log;
+
+use outcome_log::{Kind, OutcomeLog};
 
 /// Longest sleep between two passes. Everything that makes work due at once rings
 /// `wake` (intake, resume, release, a lane with room again, a reload; tests after moving
@@ -188,6 +191,8 @@ pub struct Scheduler {
     pub campaigns: Arc<Campaigns>,
     pub couriers: Couriers,
     pub sink: Arc<dyn FailureSink>,
+    /// Every outcome's log line, governed per campaign.
+    pub outcomes: Arc<OutcomeLog>,
     /// Rung by intake after each enqueue and by operators' resume: work may be due.
     pub wake: Arc<Notify>,
     /// DKIM keys: the DSNs the scheduler writes are signed like every other message.
@@ -212,12 +217,14 @@ impl Scheduler {
         signing: Arc<Signing>,
     ) -> Scheduler {
         let max = config.load().delivery.max_concurrency;
+        let outcomes = Arc::new(OutcomeLog::new(&config.load().log));
         Scheduler {
             queue,
             config,
             campaigns,
             couriers,
             sink,
+            outcomes,
             wake,
             signing,
             lanes: Mutex::default(),
@@ -228,6 +235,13 @@ impl Scheduler {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         }
+    }
+
+    /// Logs outcomes through `outcomes` (the daemon's, which outlives a scheduler that a
+    /// reload stops and starts again) instead of a log of its own.
+    pub fn with_outcomes(mut self, outcomes: Arc<OutcomeLog>) -> Scheduler {
+        self.outcomes = outcomes;
+        self
     }
 
     /// Stops claiming; lanes drop the jobs they have not started (they stay leased and
@@ -504,14 +518,23 @@ impl Scheduler {
         for (r, outcome) in recipients.iter().zip(outcomes) {
             let update = match outcome {
                 Outcome::Delivered { reply } => {
+                    self.outcomes
+                        .record(&config.log, r, Kind::Delivered, None, &reply);
                     let reply = reply.to_string();
                     self.sink.relay_delivered(r, &reply);
                     Update::Delivered { reply }
                 }
                 Outcome::Transient { reply, retry_after } => {
                     let class = reply.class(&rules);
+                    let expired = now - r.received_at >= delivery.max_age.0.as_millis() as i64;
+                    let kind = match expired {
+                        true => Kind::Failed(Reason::Expired),
+                        false => Kind::Deferred,
+                    };
+                    self.outcomes
+                        .record(&config.log, r, kind, Some(class), &reply);
                     let reply = reply.to_string();
-                    if now - r.received_at >= delivery.max_age.0.as_millis() as i64 {
+                    if expired {
                         self.sink.relay_failed(r, Reason::Expired, class, &reply);
                         // Given up on: a permanent failure in the notification (RFC 3463 4.4.7).
                         let given_up = Reply {
@@ -544,6 +567,8 @@ impl Scheduler {
                         Reason::Template => BounceClass::Template,
                         _ => reply.class(&rules),
                     };
+                    self.outcomes
+                        .record(&config.log, r, Kind::Failed(reason), Some(class), &reply);
                     let shown = reply.to_string();
                     self.sink.relay_failed(r, reason, class, &shown);
                     failed.push((r.address.clone(), reply));

@@ -12,6 +12,8 @@ pub const RESTART_ONLY: &[&str] = &[
     "queue.synchronous",
     // Channel capacities are fixed when the channels are made.
     "faillog.channel_capacity",
+    // The log subscriber is installed once, before the config's other parts start.
+    "log.format",
     "events.max_pending",
     // The AUTH pool and its failure limiter are built once, at start.
     "smtp.auth_workers",
@@ -65,6 +67,20 @@ impl Config {
             new.suppression,
             "suppression",
             [expire_after]
+        );
+        diff!(
+            out,
+            self.log,
+            new.log,
+            "log",
+            [format, outcomes_per_sec, outcomes_burst, summary_interval]
+        );
+        diff!(
+            out,
+            self.canary,
+            new.canary,
+            "canary",
+            [enabled, interval, timeout, slow, probes]
         );
         out
     }
@@ -241,6 +257,7 @@ impl Config {
         self.smtp.auth_fail_burst = running.smtp.auth_fail_burst;
         self.suppression.unsubscribe = running.suppression.unsubscribe.clone();
         self.smtp.auth_fail_interval = running.smtp.auth_fail_interval;
+        self.log.format = running.log.format;
     }
 }
 
@@ -279,5 +296,15 @@ mod tests {
         assert!(changed.iter().any(|k| k == "queue.dir"), "{changed:?}");
         b.keep_restart_only(&a);
         assert_eq!(a.changed_keys(&b), ["queue.max_batch"]);
+    }
+
+    #[test]
+    fn the_log_format_needs_a_restart_and_its_budget_does_not() {
+        let a = parse("[log]\nformat = \"text\"\n");
+        let mut b = parse("[log]\nformat = \"json\"\noutcomes_per_sec = 5\n");
+        assert_eq!(a.changed_keys(&b), ["log.format", "log.outcomes_per_sec"]);
+        assert!(RESTART_ONLY.contains(&"log.format"));
+        b.keep_restart_only(&a);
+        assert_eq!(a.changed_keys(&b), ["log.outcomes_per_sec"]);
     }
 }

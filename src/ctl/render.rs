@@ -187,6 +187,15 @@ pub fn status(addr: &str, v: &StatusResponse) -> String {
     let _ = writeln!(out, "campaigns     {}, {held}", v.campaigns);
     let _ = writeln!(out, "failure log   {}", faillog_line(&v.faillog));
     let _ = writeln!(out, "alerts        {} (floodgate ctl alerts)", v.alerts);
+    for p in &v.canary {
+        let took = p.stages.last().map(|s| s.after_ms).unwrap_or(0);
+        let slow = if p.slow { ", slow" } else { "" };
+        let _ = writeln!(
+            out,
+            "canary        {}: {} in {took} ms{slow} (floodgate ctl probe)",
+            p.address, p.result
+        );
+    }
     out
 }
 
@@ -461,6 +470,31 @@ pub fn alerts(list: &[Alert]) -> String {
 }
 
 /// `GET /admin/v1/batches`: one row per batch, newest first.
+/// Each probe: its result, then one line per stage with its time after submission.
+pub fn probes(v: &[crate::admin_api::ProbeReport]) -> String {
+    let mut out = String::new();
+    for p in v {
+        let slow = if p.slow { " (slow)" } else { "" };
+        let _ = writeln!(
+            out,
+            "{}: {}{slow}  queue id {}",
+            p.address, p.result, p.queue_id
+        );
+        for s in &p.stages {
+            let _ = writeln!(out, "  {:<10} {:>8} ms", s.stage, s.after_ms);
+        }
+        if let Some(reply) = &p.reply {
+            // The receiver's words: no control character reaches the terminal.
+            let reply: String = reply
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            let _ = writeln!(out, "  last reply: {reply}");
+        }
+    }
+    out
+}
+
 pub fn batches(v: &[BatchView]) -> String {
     let mut t = Table::new(&[
         ("BATCH", false),

@@ -59,6 +59,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/v1/suppressions/import"),
     ("GET", "/admin/v1/suppressions/{address}"),
     ("DELETE", "/admin/v1/suppressions/{address}"),
+    ("POST", "/admin/v1/probe"),
 ];
 
 impl Admin {
@@ -139,6 +140,7 @@ impl Admin {
                 let address = address.to_string();
                 self.suppression_remove(&address, req.uri().query()).await
             }
+            (Method::POST, ["admin", "v1", "probe"]) => self.probe(req.uri().query()).await,
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
     }
@@ -160,7 +162,15 @@ impl Admin {
             .check(&self.intake.queue, Duration::from_secs(2))
             .await
         {
-            Ok(()) => super::text(StatusCode::OK, "text/plain", "ready\n"),
+            // Alive but not delivering: a failing or slow canary.
+            Ok(()) => match self.canary.degraded() {
+                None => super::text(StatusCode::OK, "text/plain", "ready\n"),
+                Some(why) => super::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("{why}\n"),
+                ),
+            },
             Err(e) => super::text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",

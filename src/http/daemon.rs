@@ -21,4 +21,6 @@ pub struct Admin {
     /// Supervised tasks: `/readyz` fails once one has died.
     pub supervisor: crate::supervise::Supervisor,
     pub started: std::time::Instant,
+    /// The end-to-end canary: `/readyz` degraded, `/metrics`, `POST /admin/v1/probe`.
+    pub canary: Arc<crate::canary::Canary>,
 }

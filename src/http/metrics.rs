@@ -15,6 +15,7 @@ use hyper::{Response, StatusCode};
 use super::Body;
 use super::daemon::Admin;
 use crate::campaign::Campaign;
+use crate::canary::{BUCKETS_MS, ProbeStats};
 use crate::config::FailLogMode;
 use crate::deliver::sts::{StsStats, TlsResult};
 use crate::deliver::webhook::EndpointStatus;
@@ -31,6 +32,8 @@ const TOP_CAMPAIGNS: usize = 50;
 enum Kind {
     Counter,
     Gauge,
+    /// Samples are `_bucket` (with `le`), `_sum` and `_count` lines.
+    Histogram,
 }
 
 impl Kind {
@@ -38,6 +41,7 @@ impl Kind {
         match self {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
         }
     }
 }
@@ -46,6 +50,10 @@ impl Kind {
 struct Sample {
     label: Option<(&'static str, String)>,
     value: u64,
+    /// A histogram's line: `_bucket`, `_sum` or `_count` after the name; empty otherwise.
+    suffix: &'static str,
+    /// A second label: a histogram bucket's `le`, or another dimension.
+    second: Option<(&'static str, String)>,
 }
 
 /// The samples of a series; `None` leaves the series out entirely (its part of the daemon
@@ -67,6 +75,7 @@ struct Snapshot<'a> {
     totals: Option<Totals>,
     faillog: (FailLogCounters, FailLogMode),
     webhooks: Vec<EndpointStatus>,
+    canary: Vec<(String, ProbeStats)>,
 }
 
 impl Snapshot<'_> {
@@ -98,14 +107,52 @@ impl Snapshot<'_> {
 }
 
 fn unlabeled(value: u64) -> Sample {
-    Sample { label: None, value }
+    Sample {
+        label: None,
+        value,
+        suffix: "",
+        second: None,
+    }
 }
 
 fn labeled(key: &'static str, label: String, value: u64) -> Sample {
     Sample {
         label: Some((key, label)),
         value,
+        suffix: "",
+        second: None,
     }
+}
+
+/// One histogram's lines for `label`: cumulative buckets per bound of `bounds` and
+/// `+Inf`, from per-bucket counts (one more than `bounds`), then `_sum` and `_count`.
+fn histogram(
+    key: &'static str,
+    label: &str,
+    bounds: &[u64],
+    counts: &[u64],
+    sum: u64,
+) -> Vec<Sample> {
+    let mut out = Vec::with_capacity(bounds.len() + 3);
+    let mut total = 0;
+    for (i, n) in counts.iter().enumerate() {
+        total += n;
+        let le = bounds.get(i).map_or("+Inf".to_owned(), u64::to_string);
+        out.push(Sample {
+            suffix: "_bucket",
+            second: Some(("le", le)),
+            ..labeled(key, label.to_owned(), total)
+        });
+    }
+    out.push(Sample {
+        suffix: "_sum",
+        ..labeled(key, label.to_owned(), sum)
+    });
+    out.push(Sample {
+        suffix: "_count",
+        ..labeled(key, label.to_owned(), total)
+    });
+    out
 }
 
 fn one(value: u64) -> Samples {
@@ -503,6 +550,44 @@ const METRICS: &[Metric] = &[
         samples: |s| one(load(&s.admin.tls_reports.stats.sent)),
     },
     Metric {
+        name: "floodgate_canary_latency_milliseconds",
+        kind: Kind::Histogram,
+        help: "End-to-end latency of delivered canary probes, submission to delivery, per probe address.",
+        samples: |s| {
+            Some(
+                s.canary
+                    .iter()
+                    .flat_map(|(a, p)| {
+                        histogram("probe", a, &BUCKETS_MS, &p.buckets, p.latency_sum_ms)
+                    })
+                    .collect(),
+            )
+        },
+    },
+    Metric {
+        name: "floodgate_canary_probes_total",
+        kind: Kind::Counter,
+        help: "Canary probes finished, per probe address and result (delivered, slow, failed: failed, timed out or refused; slow ones also count as delivered).",
+        samples: |s| {
+            Some(
+                s.canary
+                    .iter()
+                    .flat_map(|(a, p)| {
+                        [
+                            ("delivered", p.delivered),
+                            ("slow", p.slow),
+                            ("failed", p.failed),
+                        ]
+                        .map(|(result, n)| Sample {
+                            second: Some(("result", result.to_owned())),
+                            ..labeled("probe", a.clone(), n)
+                        })
+                    })
+                    .collect(),
+            )
+        },
+    },
+    Metric {
         name: "floodgate_tls_reports_failed_total",
         kind: Kind::Counter,
         help: "TLS report deliveries that failed (HTTPS error or refusal, queueing failed).",
@@ -554,6 +639,7 @@ pub async fn render(admin: &Admin) -> Response<Body> {
         totals: admin.intake.queue.totals().await.ok(),
         faillog: (admin.faillog.counters(), admin.faillog.settings().mode),
         webhooks: admin.webhook.status(),
+        canary: admin.canary.stats(),
     };
     super::text(
         StatusCode::OK,
@@ -576,11 +662,17 @@ fn write(metrics: &[Metric], snapshot: &Snapshot) -> String {
             m.kind.as_str()
         );
         for s in samples {
-            let _ = match &s.label {
-                Some((key, value)) => {
-                    writeln!(out, "{name}{{{key}=\"{}\"}} {}", escape(value), s.value)
-                }
-                None => writeln!(out, "{name} {}", s.value),
+            let mut labels: Vec<String> = Vec::new();
+            if let Some((key, value)) = &s.label {
+                labels.push(format!("{key}=\"{}\"", escape(value)));
+            }
+            if let Some((key, value)) = &s.second {
+                labels.push(format!("{key}=\"{}\"", escape(value)));
+            }
+            let suffix = s.suffix;
+            let _ = match labels.is_empty() {
+                true => writeln!(out, "{name}{suffix} {}", s.value),
+                false => writeln!(out, "{name}{suffix}{{{}}} {}", labels.join(","), s.value),
             };
         }
     }

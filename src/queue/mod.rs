@@ -92,6 +92,8 @@ pub enum Source {
     Bounce,
     /// A TLS report (RFC 8460) Floodgate wrote itself.
     Report,
+    /// A canary probe Floodgate sent through its own door.
+    Canary,
 }
 
 impl Source {
@@ -101,6 +103,7 @@ impl Source {
             Source::Http => "http",
             Source::Bounce => "bounce",
             Source::Report => "tls-report",
+            Source::Canary => "canary",
         }
     }
 }

@@ -50,17 +50,29 @@ pub fn received_header(t: &Trace<'_>) -> String {
 pub use crate::wire::header_value;
 
 /// A campaign name as stored and shown: printable, trimmed, at most 128 characters.
+/// Never the canary's reserved name.
 pub fn campaign_name(raw: &str) -> String {
-    raw.trim()
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(128)
-        .collect()
+    crate::campaign::unreserved(
+        raw.trim()
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(128)
+            .collect(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_cannot_claim_the_canary_campaign() {
+        assert_eq!(
+            campaign_name(" floodgate-canary "),
+            "floodgate-canary-client"
+        );
+        assert_eq!(campaign_name("spring"), "spring");
+    }
 
     #[test]
     fn header_lookup_unfolds_and_stops_at_body() {

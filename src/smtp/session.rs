@@ -492,6 +492,7 @@ impl Session {
             }
         }
         .filter(|c| !c.is_empty())
+        .map(crate::campaign::unreserved)
     }
 }
 

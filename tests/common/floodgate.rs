@@ -341,8 +341,8 @@ impl Daemon {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("smtp listening addr=").nth(1) {
-                    let _ = tx.send(addr.trim().parse::<SocketAddr>().expect("address"));
+                if let Some(addr) = smtp_listening(&line) {
+                    let _ = tx.send(addr);
                 }
                 sink.lock().push(line);
             }
@@ -386,6 +386,18 @@ impl Daemon {
         }
         panic!("no log line with {needle:?}: {:?}", self.log.lock());
     }
+}
+
+/// The address of a "smtp listening" line, in the text or the JSON log format.
+fn smtp_listening(line: &str) -> Option<SocketAddr> {
+    if let Some(addr) = line.split("smtp listening addr=").nth(1) {
+        return Some(addr.trim().parse().expect("address"));
+    }
+    let json: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = json.get("fields")?;
+    (fields.get("message")?.as_str()? == "smtp listening")
+        .then(|| fields.get("addr")?.as_str()?.parse().ok())
+        .flatten()
 }
 
 impl Drop for Daemon {

@@ -174,6 +174,42 @@ impl Admin {
 
 impl Admin {
     /// Sends the TLS reports due now (what the minute's pass would do next).
+    /// `POST /admin/v1/probe[?address=A]`: one canary probe now, to `address` or to every
+    /// configured probe address at once; answers when each has a result.
+    pub(super) async fn probe(&self, query: Option<&str>) -> Response<Body> {
+        let addresses: Vec<String> = match crate::http::query_pairs(query)
+            .into_iter()
+            .find(|(k, _)| k == "address")
+        {
+            Some((_, a)) => vec![a],
+            None => self.intake.config.load().canary.probes.clone(),
+        };
+        if !self.intake.config.load().delivery.enabled {
+            return error(
+                StatusCode::CONFLICT,
+                "delivery is off ([delivery] enabled = false): a probe cannot pass",
+            );
+        }
+        if addresses.is_empty() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "no probe address: give ?address= or set [canary] probes",
+            );
+        }
+        if let Some(bad) = addresses.iter().find(|a| crate::address::parse(a).is_err()) {
+            return error(StatusCode::BAD_REQUEST, &format!("not an address: {bad}"));
+        }
+        let mut probes = tokio::task::JoinSet::new();
+        for (i, a) in addresses.into_iter().enumerate() {
+            let canary = self.canary.clone();
+            probes.spawn(async move { (i, canary.probe(&a).await) });
+        }
+        let mut reports: Vec<(usize, api::ProbeReport)> = probes.join_all().await;
+        reports.sort_by_key(|(i, _)| *i);
+        let reports: Vec<api::ProbeReport> = reports.into_iter().map(|(_, r)| r).collect();
+        json(StatusCode::OK, &reports)
+    }
+
     pub(super) async fn tls_report_send(&self) -> Response<Body> {
         let now = self.intake.clock.now_ms();
         let sent = self

@@ -268,6 +268,12 @@ impl Admin {
                 .collect(),
             faillog: self.faillog_view(),
             alerts: self.guard.alerts().len() as u64,
+            canary: self
+                .canary
+                .stats()
+                .into_iter()
+                .filter_map(|(_, s)| s.last)
+                .collect(),
         }
     }
 }

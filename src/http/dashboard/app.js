@@ -224,6 +224,7 @@ function render(status, campaigns, alerts, queue) {
   renderCampaigns(campaigns);
   renderPaused(campaigns);
   renderFailLog(status.faillog);
+  renderCanary(status.canary || []);
   renderQueueStates(status.queue || {});
   if (queue) {
     renderDomains(queue.by_domain || []);
@@ -389,6 +390,28 @@ function renderWebhooks(endpoints) {
     list.appendChild(li);
   }
   $("webhooks-disabled-empty").hidden = disabled.length > 0;
+}
+
+function renderCanary(probes) {
+  const rows = $("canary-rows");
+  rows.replaceChildren();
+  for (const p of probes) {
+    const tr = document.createElement("tr");
+    const last = p.stages.length ? p.stages[p.stages.length - 1].after_ms : 0;
+    const healthy = p.result === "delivered" && !p.slow;
+    const state = document.createElement("span");
+    state.className = "state";
+    state.dataset.state = healthy ? "active" : p.slow ? "paused" : "blocked";
+    state.textContent = p.slow ? "SLOW" : p.result.toUpperCase();
+    const cells = [p.address, state, `${last} ms`];
+    for (const v of cells) {
+      const td = document.createElement("td");
+      td.append(v);
+      tr.appendChild(td);
+    }
+    rows.appendChild(tr);
+  }
+  $("canary-empty").hidden = probes.length > 0;
 }
 
 function renderBatches(batches) {
