@@ -103,6 +103,7 @@ pub struct Config {
     pub events: EventsConfig,
     #[serde(default)]
     pub suppression: SuppressionConfig,
+    #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
     pub canary: CanaryConfig,
