@@ -115,9 +115,6 @@ impl OutcomeLog {
         governed.limiter.check_key(campaign).is_ok()
     }
 
-    /// The bounce class of a deferral or failure. One function, so that the class can
-    /// come from the recipient's stored column once outcomes carry it.
-
     /// One line per campaign that had lines skipped since the last summary, saying how
     /// many; returns how many were skipped in all.
     pub fn summarize(&self) -> u64 {
