@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::dns::{TestDns, Zone};
 use common::floodgate::{TestApp, message};
-use common::relay::{WAIT, relay_config, start, wait_recipient};
+use common::relay::{WAIT, partial_sink, relay_config, start, wait_recipient};
 use common::sink::{RcptScript, Sink, SinkConfig, self_signed};
 use floodgate::clock::ShiftedClock;
 use floodgate::queue::RecipientState;
@@ -108,15 +108,7 @@ async fn delivers_to_mx_with_envelope_and_body_in_one_transaction() {
 #[tokio::test]
 async fn partial_acceptance_gives_per_recipient_outcomes() {
     let dns = TestDns::start(zone()).await;
-    let sink = Sink::start_with(SinkConfig {
-        rcpt: Box::new(|r| match r {
-            "gone@mx.test" => RcptScript::Reply(550, "5.1.1 no such user"),
-            "busy@mx.test" => RcptScript::Reply(450, "4.2.1 mailbox busy"),
-            _ => RcptScript::Accept,
-        }),
-        ..Default::default()
-    })
-    .await;
+    let sink = partial_sink().await;
     let t = start(
         &dns,
         &relay_config(sink.addr.port(), "", ""),

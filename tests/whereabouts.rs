@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::dns::{TestDns, Zone};
 use common::floodgate::{TestApp, admin, config_text_with_queue, ctl, message, parse_config};
-use common::relay::{WAIT, relay_config, start, wait_recipient};
+use common::relay::{WAIT, partial_sink, relay_config, start, wait_recipient};
 use common::sink::{RcptScript, Sink, SinkConfig};
 use floodgate::app::{App, Deps};
 use floodgate::queue::{NewMessage, NewRecipient, QueueId, RecipientState, Source};
@@ -54,15 +54,7 @@ async fn wait_state(t: &TestApp, id: &str, address: &str, want: RecipientState) 
 #[tokio::test]
 async fn trace_after_partial_acceptance_shows_each_recipient() {
     let dns = TestDns::start(zone()).await;
-    let sink = Sink::start_with(SinkConfig {
-        rcpt: Box::new(|r| match r {
-            "gone@mx.test" => RcptScript::Reply(550, "5.1.1 no such user"),
-            "busy@mx.test" => RcptScript::Reply(450, "4.2.1 mailbox busy"),
-            _ => RcptScript::Accept,
-        }),
-        ..Default::default()
-    })
-    .await;
+    let sink = partial_sink().await;
     let t = start(
         &dns,
         &relay_config(sink.addr.port(), "", ""),

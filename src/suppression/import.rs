@@ -198,13 +198,8 @@ impl Rows {
             None => Reason::Manual,
             Some(r) => Reason::parse(r).ok_or_else(|| format!("unknown reason {r:?}"))?,
         };
-        let scope = match campaign.map(str::trim) {
-            None | Some("") => Scope::Global,
-            Some(c) if c.chars().any(char::is_control) || c.len() > 128 => {
-                return Err("not a valid campaign name".into());
-            }
-            Some(c) => Scope::Campaign(c.to_owned()),
-        };
+        let scope = Scope::for_campaign(campaign.map(str::trim))
+            .ok_or_else(|| "not a valid campaign name".to_owned())?;
         Ok(NewEntry {
             target,
             scope,

@@ -124,6 +124,16 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// The scope a campaign name gives an entry: none (or empty) is global; `None` for a
+    /// name no campaign can have (a control character, over 128 characters).
+    pub fn for_campaign(campaign: Option<&str>) -> Option<Scope> {
+        match campaign {
+            None | Some("") => Some(Scope::Global),
+            Some(c) if c.chars().any(char::is_control) || c.len() > 128 => None,
+            Some(c) => Some(Scope::Campaign(c.to_owned())),
+        }
+    }
+
     fn as_column(&self) -> &str {
         match self {
             Scope::Global => "",

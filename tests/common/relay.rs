@@ -9,6 +9,7 @@ use floodgate::queue::StoredRecipient;
 
 use super::dns::TestDns;
 use super::floodgate::TestApp;
+use super::sink::{RcptScript, Sink, SinkConfig};
 
 /// How long a recipient may take to reach the state a test waits for.
 pub const WAIT: Duration = Duration::from_secs(15);
@@ -71,4 +72,18 @@ pub async fn wait_recipient(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A receiver answering partially: `gone@mx.test` 550 5.1.1 (permanent), `busy@mx.test`
+/// 450 4.2.1 (temporary), every other recipient accepted.
+pub async fn partial_sink() -> Sink {
+    Sink::start_with(SinkConfig {
+        rcpt: Box::new(|r| match r {
+            "gone@mx.test" => RcptScript::Reply(550, "5.1.1 no such user"),
+            "busy@mx.test" => RcptScript::Reply(450, "4.2.1 mailbox busy"),
+            _ => RcptScript::Accept,
+        }),
+        ..Default::default()
+    })
+    .await
 }

@@ -101,8 +101,15 @@ impl Admin {
         let Some(target) = Target::parse(address) else {
             return error(StatusCode::BAD_REQUEST, "not an address or @domain");
         };
+        self.entries_of(target, true).await
+    }
+
+    /// Every entry naming `target`, in any scope; none is a 404 when `missing_is_404`.
+    async fn entries_of(&self, target: Target, missing_is_404: bool) -> Response<Body> {
         match self.intake.policy.suppressions.get(target).await {
-            Ok(entries) if entries.is_empty() => error(StatusCode::NOT_FOUND, "not suppressed"),
+            Ok(entries) if missing_is_404 && entries.is_empty() => {
+                error(StatusCode::NOT_FOUND, "not suppressed")
+            }
             Ok(entries) => json(
                 StatusCode::OK,
                 &api::SuppressionsResponse {
@@ -134,20 +141,16 @@ impl Admin {
             Some(Some(r)) => r,
             Some(None) => return error(StatusCode::BAD_REQUEST, "reason: unknown"),
         };
-        if add
-            .campaign
-            .as_deref()
-            .is_some_and(|c| c.len() > 128 || c.chars().any(char::is_control))
-        {
+        let Some(scope) = Scope::for_campaign(add.campaign.as_deref()) else {
             return error(StatusCode::BAD_REQUEST, "campaign: not a valid name");
-        }
+        };
         let now = self.now();
         let expires_ms = add
             .expires_at_ms
             .or_else(|| self.intake.config.load().suppression.expiry(reason, now));
         let entry = NewEntry {
             target: target.clone(),
-            scope: scope_of(add.campaign.as_deref()),
+            scope,
             reason,
             source: "api".into(),
             expires_ms,
@@ -157,16 +160,7 @@ impl Admin {
             return unavailable(e);
         }
         tracing::info!(address = %target.as_column(), campaign = add.campaign, %reason, "suppression added");
-        match suppressions.get(target).await {
-            Ok(entries) => json(
-                StatusCode::OK,
-                &api::SuppressionsResponse {
-                    suppressions: entries.into_iter().map(view).collect(),
-                    next_cursor: None,
-                },
-            ),
-            Err(e) => unavailable(e),
-        }
+        self.entries_of(target, false).await
     }
 
     pub(super) async fn suppression_remove(
