@@ -433,6 +433,9 @@ pub struct SuppressionRemoved {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeReport {
     pub address: String,
+    /// The `name` of the route that serves the address, when it has one.
+    #[serde(default)]
+    pub route: Option<String>,
     /// Empty when no message was queued (`busy`, or intake refused it).
     pub queue_id: String,
     /// `delivered`, `failed`, `timeout` (not delivered in time; cancelled, never
@@ -453,8 +456,9 @@ impl ProbeReport {
     }
 }
 
-/// One stage a probe reached: `committed` (queued, on disk), `attempted` (the scheduler
-/// claimed it and a courier tried it), `delivered` or `failed`.
+/// One stage a probe reached: `committed` (queued, on disk), `claimed` (the scheduler
+/// leased it), `handed` (a courier started the attempt), then `delivered`, `failed` or
+/// `timeout`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeStage {
     pub stage: String,

@@ -288,6 +288,7 @@ impl App {
             faillog: faillog.clone(),
             signing: Arc::new(Signing::new(signers)),
             unsubscribe,
+            batches: Arc::default(),
         });
         let background = CancellationToken::new();
         let tls_reports = Arc::new(TlsReports::new(
@@ -441,11 +442,14 @@ impl App {
                 self.tls_reports.sts.clone(),
             )),
             webhook: self.webhook.clone(),
-            render: Arc::new(crate::http::api::batch::Renderer::new(
-                intake.queue.clone(),
-                intake.config.clone(),
-                intake.unsubscribe.clone(),
-            )),
+            render: Arc::new(
+                crate::http::api::batch::Renderer::new(
+                    intake.queue.clone(),
+                    intake.config.clone(),
+                    intake.unsubscribe.clone(),
+                )
+                .with_stats(intake.batches.clone()),
+            ),
             rules: self.bounce_rules.clone(),
         };
         let sink = Arc::new(Reporting {
@@ -462,7 +466,8 @@ impl App {
                 intake.wake.clone(),
                 intake.signing.clone(),
             )
-            .with_outcomes(self.outcomes.clone()),
+            .with_outcomes(self.outcomes.clone())
+            .with_canary(self.canary.stamps()),
         );
         self.supervisor.spawn(SCHEDULER, scheduler.clone().run());
         *running = Some(scheduler);

@@ -29,6 +29,60 @@ const MAX_ADDRESSES: usize = 64;
 /// How often a probe's message is looked at while it travels: a point read by queue id.
 const POLL: Duration = Duration::from_millis(25);
 
+/// The stages a probe passes, in order, each histogrammed by the time it took from the
+/// one before (`committed` from submission): where a slow probe lost its time.
+pub const STAGES: [&str; 5] = ["committed", "claimed", "handed", "delivered", "failed"];
+
+/// When the scheduler claimed a probe's recipient and when a courier started its
+/// attempt: written by the scheduler (its hook for canary messages), read by the probe
+/// that registered the queue id. Only registered ids are kept (at most one per probe in
+/// flight), so the scheduler's calls for anything else cost a lock and a miss.
+#[derive(Default)]
+pub struct Stamps {
+    by_queue_id: Mutex<HashMap<String, Stamp>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stamp {
+    pub claimed_ms: Option<i64>,
+    pub handed_ms: Option<i64>,
+}
+
+impl Stamps {
+    fn register(&self, queue_id: &str) {
+        self.by_queue_id
+            .lock()
+            .insert(queue_id.to_owned(), Stamp::default());
+    }
+
+    fn take(&self, queue_id: &str) -> Stamp {
+        self.by_queue_id.lock().remove(queue_id).unwrap_or_default()
+    }
+
+    fn get(&self, queue_id: &str) -> Stamp {
+        self.by_queue_id
+            .lock()
+            .get(queue_id)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The scheduler claimed the probe's recipient at `now_ms` (the first claim counts:
+    /// a probe is never retried, but a lease can expire and be claimed again).
+    pub fn claimed(&self, queue_id: &str, now_ms: i64) {
+        if let Some(s) = self.by_queue_id.lock().get_mut(queue_id) {
+            s.claimed_ms.get_or_insert(now_ms);
+        }
+    }
+
+    /// A courier started the probe's attempt at `now_ms`.
+    pub fn handed(&self, queue_id: &str, now_ms: i64) {
+        if let Some(s) = self.by_queue_id.lock().get_mut(queue_id) {
+            s.handed_ms.get_or_insert(now_ms);
+        }
+    }
+}
+
 /// What `/metrics` reads for one address.
 #[derive(Debug, Clone, Default)]
 pub struct ProbeStats {
@@ -40,6 +94,22 @@ pub struct ProbeStats {
     /// Failed, timed out or refused.
     pub failed: u64,
     pub last: Option<ProbeReport>,
+}
+
+/// Every probe's time in one stage (see [`STAGES`]), for the per-stage histogram.
+#[derive(Debug, Clone, Default)]
+pub struct StageStats {
+    /// Per upper bound of [`BUCKETS_MS`] (not cumulative), and beyond.
+    pub buckets: [u64; BUCKETS_MS.len() + 1],
+    pub sum_ms: u64,
+}
+
+impl StageStats {
+    fn record(&mut self, ms: i64) {
+        let ms = ms.max(0) as u64;
+        self.buckets[BUCKETS_MS.partition_point(|&b| b < ms)] += 1;
+        self.sum_ms += ms;
+    }
 }
 
 impl ProbeStats {
@@ -67,7 +137,11 @@ pub struct Canary {
     /// Raises the alert of a failing or slow probe.
     guard: Arc<Guard>,
     stats: Mutex<HashMap<String, ProbeStats>>,
+    /// Per stage of [`STAGES`], over every probe: bounded by the stage names.
+    stages: Mutex<[StageStats; STAGES.len()]>,
     in_flight: Mutex<HashSet<String>>,
+    /// Filled in by the scheduler for the probes in flight.
+    stamps: Arc<Stamps>,
 }
 
 impl Canary {
@@ -76,8 +150,21 @@ impl Canary {
             intake,
             guard,
             stats: Mutex::default(),
+            stages: Mutex::default(),
             in_flight: Mutex::default(),
+            stamps: Arc::default(),
         }
+    }
+
+    /// What the scheduler stamps a probe's claim and hand-over into.
+    pub fn stamps(&self) -> Arc<Stamps> {
+        self.stamps.clone()
+    }
+
+    /// The per-stage histograms, in the order of [`STAGES`].
+    pub fn stage_stats(&self) -> Vec<(&'static str, StageStats)> {
+        let stages = self.stages.lock();
+        STAGES.iter().copied().zip(stages.iter().cloned()).collect()
     }
 
     /// Every address's counters, sorted by address.
@@ -160,6 +247,7 @@ impl Canary {
             stats.entry(address.to_owned()).or_default().record(&out);
         }
         drop(stats);
+        self.record_stages(&out);
         if out.healthy() {
             tracing::info!(address, queue_id = %out.queue_id, "canary probe delivered");
         } else {
@@ -178,12 +266,40 @@ impl Canary {
         out
     }
 
+    /// Each stage's time since the one before it into its histogram.
+    fn record_stages(&self, out: &ProbeReport) {
+        let mut stages = self.stages.lock();
+        let mut before = 0;
+        for s in &out.stages {
+            if let Some(i) = STAGES.iter().position(|&n| n == s.stage) {
+                stages[i].record(s.after_ms - before);
+            }
+            before = s.after_ms;
+        }
+    }
+
     async fn travel(&self, address: &str, started: i64) -> ProbeReport {
+        let id = QueueId::generate(self.intake.clock.now_us());
+        self.stamps.register(id.as_str());
+        let mut out = self.follow(address, id, started).await;
+        out.route = crate::address::parse(address).ok().and_then(|a| {
+            let config = self.intake.config.load();
+            let (_, route) = crate::config::route::find(&config.routes, &a.domain)?;
+            route.name.clone()
+        });
+        let stamp = self.stamps.take(&out.queue_id);
+        // A stamp the last poll did not see yet still goes in, before the result.
+        let result = out.stages.pop_if(|s| s.stage != "committed");
+        push_stamps(&mut out.stages, stamp, started);
+        out.stages.extend(result);
+        out
+    }
+
+    async fn follow(&self, address: &str, id: QueueId, started: i64) -> ProbeReport {
         let config = self.intake.config.load_full();
         let Ok(rcpt) = crate::address::parse(address) else {
             return report(address, "", "refused", started, Vec::new());
         };
-        let id = QueueId::generate(self.intake.clock.now_us());
         let queue_id = id.as_str().to_owned();
         let msg = NewMessage {
             queue_id: id,
@@ -210,10 +326,8 @@ impl Canary {
             if let Ok(Some(trace)) = self.intake.queue.trace(&queue_id).await
                 && let Some(r) = trace.recipients.first()
             {
-                reply = r.last_reply.as_ref().map(|l| l.text.clone()).or(reply);
-                if r.attempts > 0 && stages.len() == 1 {
-                    stages.push(stage("attempted", self.intake.clock.now_ms() - started));
-                }
+                reply = r.last_reply.as_ref().map(reply_line).or(reply);
+                push_stamps(&mut stages, self.stamps.get(&queue_id), started);
                 let done = match r.state.as_str() {
                     "delivered" => Some(("delivered", r.delivered_at_ms)),
                     "failed" => Some(("failed", r.failed_at_ms)),
@@ -250,6 +364,30 @@ impl Canary {
     }
 }
 
+/// The stored reply as the receiver gave it: code, enhanced code, text.
+fn reply_line(r: &crate::admin_api::LastReply) -> String {
+    [
+        r.code.map(|c| c.to_string()),
+        r.enhanced.clone(),
+        Some(r.text.clone()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
+/// The scheduler's stamps not yet among `stages`, as stages after submission.
+fn push_stamps(stages: &mut Vec<ProbeStage>, stamp: Stamp, started: i64) {
+    for (name, at) in [("claimed", stamp.claimed_ms), ("handed", stamp.handed_ms)] {
+        if let Some(at) = at
+            && !stages.iter().any(|s| s.stage == name)
+        {
+            stages.push(stage(name, at - started));
+        }
+    }
+}
+
 fn stage(name: &str, after_ms: i64) -> ProbeStage {
     ProbeStage {
         stage: name.to_owned(),
@@ -266,6 +404,7 @@ fn report(
 ) -> ProbeReport {
     ProbeReport {
         address: address.to_owned(),
+        route: None,
         queue_id: queue_id.to_owned(),
         result: result.to_owned(),
         slow: false,

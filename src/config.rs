@@ -432,6 +432,14 @@ impl Config {
             route
                 .validate()
                 .map_err(|why| Refusal::new(format!("route[{i}]"), why))?;
+            if let Some(name) = &route.name
+                && self.routes[..i]
+                    .iter()
+                    .any(|r| r.name.as_ref() == Some(name))
+            {
+                let why = format!("route name `{name}` is given to two routes");
+                return Err(Refusal::new(format!("route[{i}].name"), why));
+            }
         }
         for (i, table) in self.dkim.iter().enumerate() {
             table
@@ -517,6 +525,30 @@ mod tests {
                 .to_string()
                 .contains("not a domain")
         );
+    }
+
+    #[test]
+    fn route_names_are_checked_and_unique() {
+        let route = |name: &str| {
+            format!("[[route]]\nname = \"{name}\"\ndomains = [\"*\"]\ntransport = \"mx\"\n")
+        };
+        let config = parse(&format!("{TOKEN}{}", route("mx-default"))).unwrap();
+        assert_eq!(
+            route::named(&config.routes, "mx-default").map(|r| r.transport),
+            Some(Transport::Mx)
+        );
+        let twice = format!("{TOKEN}{}{}", route("a"), route("a"));
+        let why = parse(&twice).unwrap_err().to_string();
+        assert!(
+            why.contains("route[1].name") && why.contains("two routes"),
+            "{why}"
+        );
+        for bad in ["", "has space", "new\\nline"] {
+            let why = parse(&format!("{TOKEN}{}", route(bad)))
+                .unwrap_err()
+                .to_string();
+            assert!(why.contains("route name"), "{bad:?}: {why}");
+        }
     }
 
     #[test]

@@ -139,8 +139,11 @@ enum CtlCommand {
     /// and print each stage's time: to confirm recovery after an incident.
     Probe {
         /// This address (its domain picks the route); default: every `[canary] probes`.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "route")]
         address: Option<String>,
+        /// The `[canary] probes` addresses that the route with this `name` serves.
+        #[arg(long)]
+        route: Option<String>,
     },
 }
 
@@ -399,11 +402,12 @@ fn request(command: &CtlCommand) -> Result<Call, CtlError> {
         CtlCommand::Batches => Call::get("/admin/v1/batches"),
         CtlCommand::Batch { id } => Call::get(format!("/admin/v1/batches/{}", encode(id))),
         CtlCommand::Suppressions { command } => suppressions_request(command),
-        CtlCommand::Probe { address } => Call::with(
+        CtlCommand::Probe { address, route } => Call::with(
             Method::POST,
-            match address {
-                Some(a) => format!("/admin/v1/probe?address={}", encode(a)),
-                None => "/admin/v1/probe".to_owned(),
+            match (address, route) {
+                (Some(a), _) => format!("/admin/v1/probe?address={}", encode(a)),
+                (None, Some(r)) => format!("/admin/v1/probe?route={}", encode(r)),
+                (None, None) => "/admin/v1/probe".to_owned(),
             },
             NONE,
         ),

@@ -30,6 +30,8 @@ pub struct Intake {
     pub signing: Arc<Signing>,
     /// The unsubscribe token key, when `[suppression.unsubscribe]` is enabled.
     pub unsubscribe: Option<Arc<Signer>>,
+    /// Batch sends' counters: the door counts uploads, the renderer deliveries.
+    pub batches: Arc<crate::batch_stats::BatchStats>,
 }
 
 impl Intake {

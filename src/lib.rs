@@ -5,6 +5,7 @@
 pub mod address;
 pub mod admin_api;
 pub mod app;
+pub mod batch_stats;
 pub mod bounce;
 pub mod campaign;
 pub mod canary;

@@ -197,6 +197,8 @@ pub struct Scheduler {
     pub wake: Arc<Notify>,
     /// DKIM keys: the DSNs the scheduler writes are signed like every other message.
     signing: Arc<Signing>,
+    /// Where canary probes' claim and hand-over times go (see `canary::Stamps`).
+    canary: Arc<crate::canary::Stamps>,
     lanes: Mutex<HashMap<Destination, Arc<Lane>>>,
     global: Arc<Semaphore>,
     global_cap: AtomicUsize,
@@ -227,6 +229,7 @@ impl Scheduler {
             outcomes,
             wake,
             signing,
+            canary: Arc::default(),
             lanes: Mutex::default(),
             global: Arc::new(Semaphore::new(max)),
             global_cap: AtomicUsize::new(max),
@@ -241,6 +244,13 @@ impl Scheduler {
     /// reload stops and starts again) instead of a log of its own.
     pub fn with_outcomes(mut self, outcomes: Arc<OutcomeLog>) -> Scheduler {
         self.outcomes = outcomes;
+        self
+    }
+
+    /// Stamps the claim and hand-over of canary probes into `stamps` (the daemon's
+    /// canary's, which outlives a scheduler that a reload restarts).
+    pub fn with_canary(mut self, stamps: Arc<crate::canary::Stamps>) -> Scheduler {
+        self.canary = stamps;
         self
     }
 
@@ -329,6 +339,10 @@ impl Scheduler {
             }
         };
         let count = claimed.len();
+        let claimed_at = self.queue.clock().now_ms();
+        for r in claimed.iter().filter(|r| is_canary(r)) {
+            self.canary.claimed(&r.queue_id, claimed_at);
+        }
         let mut no_route = Vec::new();
         for (dest, route_index, recipients) in group(&config, claimed, &mut no_route) {
             let route = config.routes[route_index].clone();
@@ -496,6 +510,10 @@ impl Scheduler {
             Transport::Webhook => &self.couriers.webhook,
             _ => &self.couriers.smtp,
         };
+        if is_canary(&job.recipients[0]) {
+            self.canary
+                .handed(&job.queue_id, self.queue.clock().now_ms());
+        }
         let outcomes = courier.deliver(&job).await;
         let now = self.queue.clock().now_ms();
         self.finish(config, &job.recipients, outcomes, now, Some(&job))
@@ -627,6 +645,11 @@ impl Scheduler {
             Err(e) => tracing::warn!(error = %e, queue_id = %first.queue_id, "bounce not queued"),
         }
     }
+}
+
+/// A canary probe's recipient (its reserved campaign, which clients cannot take).
+fn is_canary(r: &Claimed) -> bool {
+    r.campaign.as_deref() == Some(crate::canary::CAMPAIGN)
 }
 
 /// Groups claimed recipients into one batch per (message, destination); a batch

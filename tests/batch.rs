@@ -270,6 +270,18 @@ async fn csv_chunks_idempotent_repeats_and_template_errors() {
         (200, &first),
         "a repeat is answered, not queued"
     );
+    // The same rows with LF line ends are the same chunk; other rows under its key are
+    // refused, and queue nothing.
+    let lf: &'static str = Box::leak(csv.replace("\r\n", "\n").into_boxed_str());
+    let (code, again) = chunk("chunk-1", lf, "text/csv").await;
+    assert_eq!((code, &again), (200, &first), "{again}");
+    let other = "to,name,city\r\ncy@mx.test,Cy,Lima\r\n";
+    let (code, r) = chunk("chunk-1", other, "text/csv").await;
+    assert_eq!(code, 422, "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("different content"),
+        "{r}"
+    );
 
     // Strict: a row without `city` fails at render, class `template`.
     let ndjson = "{\"to\":\"cy@mx.test\",\"vars\":{\"name\":\"Cy\"}}\n";
@@ -308,6 +320,40 @@ async fn csv_chunks_idempotent_repeats_and_template_errors() {
     assert_eq!(code, 404);
     let (code, _) = call(addr, "POST", &path, "application/json", &[], b"{}").await;
     assert_eq!(code, 415);
+
+    // /metrics counts what happened: one batch, two chunks read (the repeats are
+    // replays), one refused, four rows of which three were queued, two renders and one
+    // failure to render.
+    let (_, text) = common::floodgate::http(
+        admin,
+        "GET",
+        "/metrics",
+        Some(common::floodgate::TOKEN),
+        None,
+    )
+    .await;
+    let value = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+    };
+    assert_eq!(value("floodgate_batches_created_total"), 1);
+    assert_eq!(value("floodgate_batch_chunks_total"), 2);
+    assert_eq!(value("floodgate_batch_chunks_refused_total"), 1);
+    assert_eq!(value("floodgate_batch_rows_received_total"), 4);
+    assert_eq!(value("floodgate_batch_rows_accepted_total"), 3);
+    assert_eq!(
+        value("floodgate_batch_upload_bytes_total"),
+        (csv.len() + ndjson.len()) as u64
+    );
+    assert_eq!(value("floodgate_batch_renders_total"), 2);
+    assert_eq!(value("floodgate_batch_render_failures_total"), 1);
+    let rendered = value("floodgate_batch_rendered_bytes_total");
+    let received: usize = got.iter().map(|m| m.data.len()).sum();
+    assert!(
+        rendered > 0 && rendered <= received as u64,
+        "{rendered} rendered, {received} received"
+    );
 }
 
 /// Writes a request whose body arrives in two parts, with `between` run in the middle.
@@ -458,9 +504,34 @@ async fn a_chunk_cut_by_sigkill_is_retried_with_its_key_and_nothing_is_queued_tw
     daemon.child.wait().unwrap();
     drop(stream);
 
-    // Restarted on the same queue, the client retries the whole chunk with its key.
+    // Restarted on the same queue. A retry under the key whose first rows differ from
+    // those committed is refused and queues nothing.
     let daemon = common::floodgate::Daemon::start(&path);
     let addr = http_of(&daemon);
+    let mut changed = rows.clone();
+    changed[1999] = format!("{}\n", json!({"to": "other@mx.test", "vars": {"n": 0}}));
+    let (code, r) = call(
+        addr,
+        "POST",
+        &upload,
+        "application/x-ndjson",
+        &[("Idempotency-Key", "chunk-7")],
+        changed.concat().as_bytes(),
+    )
+    .await;
+    assert_eq!(code, 422, "{r}");
+    let (code, r) = call(
+        addr,
+        "POST",
+        &upload,
+        "application/x-ndjson",
+        &[("Idempotency-Key", "chunk-7")],
+        rows[..1000].concat().as_bytes(),
+    )
+    .await;
+    assert_eq!(code, 422, "shorter than what was committed: {r}");
+    assert_eq!(status(addr, &id).await["accepted"], 2000);
+    // The client retries the whole chunk with its key.
     let (code, r) = call(
         addr,
         "POST",
@@ -568,6 +639,20 @@ async fn the_batch_routes_match_the_openapi_document() {
     .await;
     note(rcpts, "post", s);
     note(rcpts, "post", 409);
+    // A key used again for other rows.
+    for body in ["{\"to\":\"k@mx.test\"}\n", "{\"to\":\"other@mx.test\"}\n"] {
+        let key = [("Idempotency-Key", "reused")];
+        let (s, _) = call(
+            addr,
+            "POST",
+            &upload,
+            "application/x-ndjson",
+            &key,
+            body.as_bytes(),
+        )
+        .await;
+        note(rcpts, "post", s);
+    }
 
     let one = "/v1/batches/{id}";
     for path in [format!("/v1/batches/{id}"), "/v1/batches/NOSUCH".to_owned()] {

@@ -2,7 +2,9 @@
 //! server and a real webhook receiver on loopback: probes through an SMTP route and a
 //! webhook route are delivered and counted in `/metrics` (never in campaign statistics);
 //! with the receiver down a probe times out, is cancelled instead of retried, and
-//! `/readyz` says the daemon is degraded; `ctl probe` prints each stage.
+//! `/readyz` says the daemon is degraded; `ctl probe` prints each stage, the scheduler's
+//! claim and the courier's start included, and picks addresses by route name. A webhook
+//! route whose receiver answers 500 or is gone fails the probe with its reply.
 
 mod common;
 
@@ -35,7 +37,7 @@ fn config(smtp_port: u16, webhook_url: &str, canary: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(b"floodgate-canary-test-key-32-byt")
     );
     format!(
-        "[delivery]\nenabled = true\n\n[canary]\n{canary}\n\n[[route]]\ndomains = [\"hooks.test\"]\ntransport = \"webhook\"\nurl = \"{webhook_url}\"\nsecret = \"{secret}\"\n\n[[route]]\ndomains = [\"*\"]\ntransport = \"mx\"\nport = {smtp_port}\n"
+        "[delivery]\nenabled = true\n\n[canary]\n{canary}\n\n[[route]]\nname = \"hooks\"\ndomains = [\"hooks.test\"]\ntransport = \"webhook\"\nurl = \"{webhook_url}\"\nsecret = \"{secret}\"\n\n[[route]]\ndomains = [\"*\"]\ntransport = \"mx\"\nport = {smtp_port}\n"
     )
 }
 
@@ -106,8 +108,28 @@ async fn probes_through_an_smtp_and_a_webhook_route_are_delivered_and_measured()
         .iter()
         .map(|s| s["stage"].as_str().unwrap())
         .collect();
-    assert_eq!(stages.first(), Some(&"committed"), "{stages:?}");
-    assert_eq!(stages.last(), Some(&"delivered"), "{stages:?}");
+    assert_eq!(
+        stages,
+        ["committed", "claimed", "handed", "delivered"],
+        "{report}"
+    );
+    let after: Vec<i64> = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["after_ms"].as_i64().unwrap())
+        .collect();
+    assert!(after.windows(2).all(|w| w[0] <= w[1]), "{report}");
+    assert_eq!(report["route"], "hooks", "{report}");
+    // Each stage went into its histogram: three probes so far (two at start, this one).
+    for stage in ["committed", "claimed", "handed", "delivered"] {
+        wait_metric(
+            addr,
+            &format!("floodgate_canary_stage_milliseconds_count{{stage=\"{stage}\"}}"),
+            "3",
+        )
+        .await;
+    }
     wait_metric(
         addr,
         "floodgate_canary_probes_total{probe=\"probe@hooks.test\",result=\"delivered\"}",
@@ -129,6 +151,23 @@ async fn probes_through_an_smtp_and_a_webhook_route_are_delivered_and_measured()
     assert!(out.contains("probe@mx.test"), "{out}");
     assert!(out.contains("delivered"), "{out}");
     assert!(out.contains("committed"), "{out}");
+    assert!(out.contains("claimed") && out.contains("handed"), "{out}");
+    // By route name: the configured address that the route serves.
+    let out = ctl(addr, &["probe", "--route", "hooks"]).await;
+    assert!(
+        out.starts_with("probe@hooks.test: delivered") && out.contains("route hooks"),
+        "{out}"
+    );
+    assert!(!out.contains("probe@mx.test"), "{out}");
+    let (status, text) = http(
+        addr,
+        "POST",
+        "/admin/v1/probe?route=nope",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "{text}");
     let out = ctl(addr, &["probe", "--address", "probe@mx.test", "--json"]).await;
     let json: Value = serde_json::from_str(&out).expect("ctl probe --json");
     assert_eq!(json[0]["result"], "delivered", "{json}");
@@ -192,4 +231,108 @@ async fn with_the_receiver_down_the_probe_fails_once_and_readyz_is_degraded() {
     assert_eq!(rcpt["state"], "failed", "{trace}");
     assert_eq!(rcpt["reason"], "cancelled", "{trace}");
     assert_eq!(trace["source"], "canary", "{trace}");
+}
+
+/// Two webhook routes, one whose receiver answers 500 and one whose receiver is gone:
+/// each probe ends in `timeout` with the stages it reached and the last reply, is
+/// cancelled, and raises the alert and the degraded `/readyz` the README describes; once
+/// the first receiver answers 200 again a probe of it succeeds and `/readyz` names only
+/// the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_webhook_receiver_fails_the_probe_with_its_reply() {
+    use common::http_receiver::Reply;
+    let hooks = Receiver::start_with(Reply::status(500).body("receiver broken")).await;
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone_url = format!("http://{}/in", gone.local_addr().unwrap());
+    drop(gone);
+    let dns = dns().await;
+    let canary = "enabled = true\ninterval = \"1h\"\ntimeout = \"3s\"\nslow = \"3s\"\nprobes = [\"probe@hooks.test\", \"probe@gone.test\"]";
+    let secret = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(b"floodgate-canary-test-key-32-byt")
+    );
+    let routes = format!(
+        "[delivery]\nenabled = true\n\n[canary]\n{canary}\n\n[[route]]\nname = \"hooks\"\ndomains = [\"hooks.test\"]\ntransport = \"webhook\"\nurl = \"{}\"\nsecret = \"{secret}\"\n\n[[route]]\nname = \"gone\"\ndomains = [\"gone.test\"]\ntransport = \"webhook\"\nurl = \"{gone_url}\"\nsecret = \"{secret}\"\n",
+        hooks.url("/in")
+    );
+    let t = TestApp::start("", &routes, dns.addr).await;
+    let addr = admin_addr(&t);
+    for probe in ["probe@hooks.test", "probe@gone.test"] {
+        wait_metric(
+            addr,
+            &format!("floodgate_canary_probes_total{{probe=\"{probe}\",result=\"failed\"}}"),
+            "1",
+        )
+        .await;
+    }
+    assert!(hooks.count() >= 1, "the receiver was asked");
+
+    let stages_of = |report: &Value| -> Vec<String> {
+        report["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["stage"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let reports = admin(addr, "POST", "/admin/v1/probe?route=hooks", None).await;
+    assert_eq!(reports.as_array().unwrap().len(), 1, "{reports}");
+    let report = &reports[0];
+    assert_eq!(report["address"], "probe@hooks.test", "{report}");
+    assert_eq!(report["result"], "timeout", "{report}");
+    assert_eq!(
+        stages_of(report),
+        ["committed", "claimed", "handed", "timeout"],
+        "{report}"
+    );
+    let reply = report["reply"].as_str().expect("a reply was stored");
+    assert!(
+        reply.contains("HTTP 500") && reply.contains("receiver broken"),
+        "{report}"
+    );
+    let id = report["queue_id"].as_str().unwrap();
+    let trace = admin(addr, "GET", &format!("/admin/v1/messages/{id}"), None).await;
+    assert_eq!(trace["recipients"][0]["reason"], "cancelled", "{trace}");
+
+    let out = ctl(addr, &["probe", "--route", "gone"]).await;
+    assert!(out.starts_with("probe@gone.test: timeout"), "{out}");
+    assert!(
+        out.contains("route gone") && out.contains("handed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("last reply: webhook request failed"),
+        "the connection error is the reply: {out}"
+    );
+
+    let (status, text) = http(addr, "GET", "/readyz", None, None).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        text.contains("probe@hooks.test: timeout") && text.contains("probe@gone.test: timeout"),
+        "{text}"
+    );
+    let alerts = admin(addr, "GET", "/admin/v1/alerts", None).await;
+    let alerted = |who: &str| {
+        alerts
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "canary" && a["message"].as_str().unwrap().contains(who))
+    };
+    // One canary alert a minute at most, whichever probe failed first.
+    assert!(
+        alerted("probe@hooks.test: timeout") || alerted("probe@gone.test: timeout"),
+        "{alerts}"
+    );
+
+    // The receiver recovers: its probe is delivered and only the gone one stays degraded.
+    hooks.set_default(Reply::status(200));
+    let reports = admin(addr, "POST", "/admin/v1/probe?route=hooks", None).await;
+    assert_eq!(reports[0]["result"], "delivered", "{}", reports[0]);
+    let (status, text) = http(addr, "GET", "/readyz", None, None).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        !text.contains("probe@hooks.test") && text.contains("probe@gone.test: timeout"),
+        "{text}"
+    );
 }

@@ -32,6 +32,9 @@ pub enum TlsMode {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
+    /// A name for operators (`ctl probe --route NAME`, probe reports): letters, digits,
+    /// `.`, `_` and `-`, at most 64, unique among the routes.
+    pub name: Option<String>,
     /// `example.com` (exact), `*.example.com` (its subdomains) or `*` (every domain).
     /// Stored as lower-case IDNA A-labels, the form recipients' domains are matched in.
     #[serde(deserialize_with = "domain_patterns")]
@@ -72,6 +75,7 @@ impl Route {
     /// `*` to each domain's MX on port 25.
     pub fn default_mx() -> Route {
         Route {
+            name: None,
             domains: vec!["*".into()],
             transport: Transport::Mx,
             check_dns: None,
@@ -120,6 +124,14 @@ impl Route {
     }
 
     pub(super) fn validate(&self) -> Result<(), String> {
+        if let Some(name) = &self.name
+            && !valid_name(name)
+        {
+            return Err(format!(
+                "route name `{}`: use 1 to 64 letters, digits, `.`, `_` or `-`",
+                name.escape_debug()
+            ));
+        }
         if self.domains.is_empty() {
             return Err("`domains` must list at least one pattern".into());
         }
@@ -206,6 +218,18 @@ fn match_pattern(pattern: &str, domain: &str) -> Option<usize> {
 
 /// The route serving `domain`, if any: the most specific match wins (see
 /// [`Route::specificity`]); among equals, the first in the file.
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// The route called `name`.
+pub fn named<'a>(routes: &'a [Route], name: &str) -> Option<&'a Route> {
+    routes.iter().find(|r| r.name.as_deref() == Some(name))
+}
+
 pub fn find<'a>(routes: &'a [Route], domain: &str) -> Option<(usize, &'a Route)> {
     let mut best: Option<(usize, usize, &Route)> = None;
     for (i, route) in routes.iter().enumerate() {

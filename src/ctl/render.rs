@@ -475,9 +475,13 @@ pub fn probes(v: &[crate::admin_api::ProbeReport]) -> String {
     let mut out = String::new();
     for p in v {
         let slow = if p.slow { " (slow)" } else { "" };
+        let route = p
+            .route
+            .as_ref()
+            .map_or(String::new(), |r| format!("  route {r}"));
         let _ = writeln!(
             out,
-            "{}: {}{slow}  queue id {}",
+            "{}: {}{slow}  queue id {}{route}",
             p.address, p.result, p.queue_id
         );
         for s in &p.stages {

@@ -15,7 +15,7 @@ use hyper::{Response, StatusCode};
 use super::Body;
 use super::daemon::Admin;
 use crate::campaign::Campaign;
-use crate::canary::{BUCKETS_MS, ProbeStats};
+use crate::canary::{BUCKETS_MS, ProbeStats, StageStats};
 use crate::config::FailLogMode;
 use crate::deliver::sts::{StsStats, TlsResult};
 use crate::deliver::webhook::EndpointStatus;
@@ -76,6 +76,7 @@ struct Snapshot<'a> {
     faillog: (FailLogCounters, FailLogMode),
     webhooks: Vec<EndpointStatus>,
     canary: Vec<(String, ProbeStats)>,
+    canary_stages: Vec<(&'static str, StageStats)>,
 }
 
 impl Snapshot<'_> {
@@ -565,6 +566,21 @@ const METRICS: &[Metric] = &[
         },
     },
     Metric {
+        name: "floodgate_canary_stage_milliseconds",
+        kind: Kind::Histogram,
+        help: "Time canary probes spent reaching each stage from the one before: committed (from submission), claimed (by the scheduler), handed (to the courier), delivered or failed.",
+        samples: |s| {
+            Some(
+                s.canary_stages
+                    .iter()
+                    .flat_map(|(stage, p)| {
+                        histogram("stage", stage, &BUCKETS_MS, &p.buckets, p.sum_ms)
+                    })
+                    .collect(),
+            )
+        },
+    },
+    Metric {
         name: "floodgate_canary_probes_total",
         kind: Kind::Counter,
         help: "Canary probes finished, per probe address and result (delivered, slow, failed: failed, timed out or refused; slow ones also count as delivered).",
@@ -592,6 +608,60 @@ const METRICS: &[Metric] = &[
         kind: Kind::Counter,
         help: "TLS report deliveries that failed (HTTPS error or refusal, queueing failed).",
         samples: |s| one(load(&s.admin.tls_reports.stats.failed)),
+    },
+    Metric {
+        name: "floodgate_batches_created_total",
+        kind: Kind::Counter,
+        help: "Batch sends created (POST /v1/batches answered 201).",
+        samples: |s| one(load(&s.admin.intake.batches.created)),
+    },
+    Metric {
+        name: "floodgate_batch_chunks_total",
+        kind: Kind::Counter,
+        help: "Recipient-list uploads read to their end and answered (replays of a finished chunk not included).",
+        samples: |s| one(load(&s.admin.intake.batches.chunks)),
+    },
+    Metric {
+        name: "floodgate_batch_chunks_refused_total",
+        kind: Kind::Counter,
+        help: "Chunk retries refused with 422: their lines differ from those stored under the same Idempotency-Key.",
+        samples: |s| one(load(&s.admin.intake.batches.chunks_refused)),
+    },
+    Metric {
+        name: "floodgate_batch_upload_bytes_total",
+        kind: Kind::Counter,
+        help: "Bytes of recipient lists received.",
+        samples: |s| one(load(&s.admin.intake.batches.upload_bytes)),
+    },
+    Metric {
+        name: "floodgate_batch_rows_received_total",
+        kind: Kind::Counter,
+        help: "Batch rows read and committed, accepted or rejected (a resumed chunk's earlier lines are not counted again).",
+        samples: |s| one(load(&s.admin.intake.batches.rows_received)),
+    },
+    Metric {
+        name: "floodgate_batch_rows_accepted_total",
+        kind: Kind::Counter,
+        help: "Batch rows accepted at the door and queued.",
+        samples: |s| one(load(&s.admin.intake.batches.rows_accepted)),
+    },
+    Metric {
+        name: "floodgate_batch_renders_total",
+        kind: Kind::Counter,
+        help: "Batch messages rendered at delivery.",
+        samples: |s| one(load(&s.admin.intake.batches.renders)),
+    },
+    Metric {
+        name: "floodgate_batch_rendered_bytes_total",
+        kind: Kind::Counter,
+        help: "Bytes of batch messages rendered at delivery (before signing).",
+        samples: |s| one(load(&s.admin.intake.batches.rendered_bytes)),
+    },
+    Metric {
+        name: "floodgate_batch_render_failures_total",
+        kind: Kind::Counter,
+        help: "Batch messages that did not render (failed with class template).",
+        samples: |s| one(load(&s.admin.intake.batches.render_failures)),
     },
     Metric {
         name: "floodgate_suppressions",
@@ -640,6 +710,7 @@ pub async fn render(admin: &Admin) -> Response<Body> {
         faillog: (admin.faillog.counters(), admin.faillog.settings().mode),
         webhooks: admin.webhook.status(),
         canary: admin.canary.stats(),
+        canary_stages: admin.canary.stage_stats(),
     };
     super::text(
         StatusCode::OK,

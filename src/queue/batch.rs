@@ -56,6 +56,9 @@ pub struct ChunkProgress {
     pub progress: String,
     /// The final response, once the upload ended.
     pub response: Option<String>,
+    /// SHA-256 (hex) of the first `lines` lines, as the HTTP door fingerprints them;
+    /// `None` for a chunk stored before fingerprints were kept.
+    pub fingerprint: Option<String>,
 }
 
 /// One group-committed slice of an upload: its accepted rows, and what the lines it
@@ -176,13 +179,15 @@ pub fn chunk(
 ) -> Result<Option<ChunkProgress>, QueueError> {
     Ok(conn
         .prepare_cached(
-            "SELECT lines, progress, response FROM batch_chunks WHERE message_id = ?1 AND key = ?2",
+            "SELECT lines, progress, response, fingerprint FROM batch_chunks
+             WHERE message_id = ?1 AND key = ?2",
         )?
         .query_row(params![message_id, key], |r| {
             Ok(ChunkProgress {
                 lines: r.get(0)?,
                 progress: r.get(1)?,
                 response: r.get(2)?,
+                fingerprint: r.get(3)?,
             })
         })
         .optional()?)
@@ -226,17 +231,19 @@ pub fn append(conn: &Connection, a: &Append, now_ms: i64) -> Result<(), QueueErr
     ])?;
     if let Some((key, p)) = &a.chunk {
         conn.prepare_cached(
-            "INSERT INTO batch_chunks (message_id, key, lines, progress, response)
-             VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO batch_chunks (message_id, key, lines, progress, response, fingerprint)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (message_id, key) DO UPDATE SET lines = excluded.lines,
-                 progress = excluded.progress, response = excluded.response",
+                 progress = excluded.progress, response = excluded.response,
+                 fingerprint = excluded.fingerprint",
         )?
         .execute(params![
             a.message_id,
             key,
             p.lines as i64,
             p.progress,
-            p.response
+            p.response,
+            p.fingerprint
         ])?;
     }
     Ok(())
@@ -365,6 +372,7 @@ mod tests {
                     lines: 3,
                     progress: "{}".into(),
                     response: None,
+                    fingerprint: Some("ab".into()),
                 },
             )),
         };
@@ -372,7 +380,11 @@ mod tests {
         let b = by_message(&conn, id).unwrap().unwrap();
         assert_eq!((b.received, b.accepted, b.queued()), (3, 1, 1));
         assert_eq!(b.rejected["no_such_domain"], 2);
-        assert_eq!(chunk(&conn, id, "k").unwrap().unwrap().lines, 3);
+        let stored = chunk(&conn, id, "k").unwrap().unwrap();
+        assert_eq!(
+            (stored.lines, stored.fingerprint.as_deref()),
+            (3, Some("ab"))
+        );
 
         let claimed = store::claim(&conn, 1, 100, 10, &[], &[]).unwrap();
         assert_eq!(claimed[0].vars.as_deref(), Some(r#"{"n":1}"#));

@@ -130,6 +130,10 @@ const MIGRATIONS: &[&str] = &[
     // 10: the bounce class of a recipient's last failed or deferred attempt
     // (`crate::bounce::BounceClass` names); NULL before any failure and once delivered.
     "ALTER TABLE recipients ADD COLUMN class TEXT;",
+    // 11: a chunk's fingerprint, the SHA-256 (hex) of the lines its progress covers, so a
+    // retry under the same Idempotency-Key with other content is refused, not merged.
+    // NULL for chunks begun before this migration: they are not compared.
+    "ALTER TABLE batch_chunks ADD COLUMN fingerprint TEXT;",
 ];
 
 /// How long a connection waits for a lock held by another connection.

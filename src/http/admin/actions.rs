@@ -174,15 +174,20 @@ impl Admin {
 
 impl Admin {
     /// Sends the TLS reports due now (what the minute's pass would do next).
-    /// `POST /admin/v1/probe[?address=A]`: one canary probe now, to `address` or to every
+    /// `POST /admin/v1/probe[?address=A|?route=NAME]`: one canary probe now, to
+    /// `address`, to the `[canary] probes` addresses that route `NAME` serves, or to every
     /// configured probe address at once; answers when each has a result.
     pub(super) async fn probe(&self, query: Option<&str>) -> Response<Body> {
-        let addresses: Vec<String> = match crate::http::query_pairs(query)
-            .into_iter()
-            .find(|(k, _)| k == "address")
-        {
-            Some((_, a)) => vec![a],
-            None => self.intake.config.load().canary.probes.clone(),
+        let pairs = crate::http::query_pairs(query);
+        let given = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+        let config = self.intake.config.load_full();
+        let addresses: Vec<String> = match (given("address"), given("route")) {
+            (Some(a), _) => vec![a.clone()],
+            (None, Some(name)) => match probes_of_route(&config, name) {
+                Ok(addresses) => addresses,
+                Err((status, why)) => return error(status, &why),
+            },
+            (None, None) => config.canary.probes.clone(),
         };
         if !self.intake.config.load().delivery.enabled {
             return error(
@@ -225,5 +230,34 @@ impl Admin {
             })
             .collect();
         json(StatusCode::OK, &api::TlsReportSendResponse { sent })
+    }
+}
+
+/// The configured probe addresses whose domain route `name` serves.
+fn probes_of_route(
+    config: &crate::config::Config,
+    name: &str,
+) -> Result<Vec<String>, (StatusCode, String)> {
+    let Some(route) = crate::config::route::named(&config.routes, name) else {
+        return Err((StatusCode::NOT_FOUND, format!("no route is named {name:?}")));
+    };
+    let served: Vec<String> = config
+        .canary
+        .probes
+        .iter()
+        .filter(|a| {
+            crate::address::parse(a).is_ok_and(|a| {
+                crate::config::route::find(&config.routes, &a.domain)
+                    .is_some_and(|(_, r)| std::ptr::eq(r, route))
+            })
+        })
+        .cloned()
+        .collect();
+    match served.is_empty() {
+        true => Err((
+            StatusCode::BAD_REQUEST,
+            format!("no [canary] probes address goes through route {name:?}: give ?address="),
+        )),
+        false => Ok(served),
     }
 }

@@ -19,6 +19,7 @@ use super::compose::{Attachment, SendRequest, build_mime, check_fields, field_er
 use super::rows::{Format, MAX_LINE, NoToColumn, Parsed, Rows};
 use super::{Api, Caller, RETRY_AFTER_QUEUE, with_retry_after};
 use crate::admin_api as api;
+use crate::batch_stats::BatchStats;
 use crate::config::Config;
 use crate::http::{Body, error, json};
 use crate::lines::{Line, LineCutter};
@@ -210,10 +211,13 @@ impl Api {
             smtputf8: false,
         };
         match self.intake.queue.create_batch(msg, stored).await {
-            Ok(_) => json(
-                StatusCode::CREATED,
-                &serde_json::json!({ "id": queue_id.as_str(), "campaign": campaign }),
-            ),
+            Ok(_) => {
+                BatchStats::add(&self.intake.batches.created, 1);
+                json(
+                    StatusCode::CREATED,
+                    &serde_json::json!({ "id": queue_id.as_str(), "campaign": campaign }),
+                )
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "batch not created");
                 queue_unavailable()
@@ -294,9 +298,18 @@ impl Api {
         };
         if let Some(ChunkProgress {
             response: Some(done),
+            fingerprint,
             ..
         }) = &resumed
         {
+            // A repeat of a finished chunk is read through (not counted) to compare it.
+            if let Some(expected) = fingerprint {
+                match fingerprint_of(req.into_body()).await {
+                    Ok(print) if &print == expected => {}
+                    Ok(_) => return different_chunk(&self.intake.batches),
+                    Err(bad) => return bad,
+                }
+            }
             return super::replay(200, done.clone());
         }
         let mut upload = Upload {
@@ -307,6 +320,8 @@ impl Api {
             rows: Rows::new(format),
             line: 0,
             skip_to: resumed.as_ref().map_or(0, |p| p.lines),
+            expected: resumed.as_ref().and_then(|p| p.fingerprint.clone()),
+            print: Fingerprint::default(),
             counts: resumed
                 .as_ref()
                 .and_then(|p| serde_json::from_str(&p.progress).ok())
@@ -353,6 +368,10 @@ struct Upload<'a> {
     line: u64,
     /// Lines a crashed attempt of this chunk committed already: read, not counted again.
     skip_to: u64,
+    /// The fingerprint of those lines as committed: this attempt's must match.
+    expected: Option<String>,
+    /// This attempt's lines so far.
+    print: Fingerprint,
     counts: Counts,
     pending: Vec<BatchRow>,
     slice_rejected: BTreeMap<String, u64>,
@@ -374,6 +393,7 @@ impl Upload<'_> {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
+            BatchStats::add(&self.api.intake.batches.upload_bytes, data.len() as u64);
             cutter.feed(&data, |l| lines.push(owned(l)));
             for l in lines.drain(..) {
                 self.line(l).await?;
@@ -382,6 +402,9 @@ impl Upload<'_> {
         cutter.finish(|l| lines.push(owned(l)));
         for l in lines.drain(..) {
             self.line(l).await?;
+        }
+        if self.line < self.skip_to && self.expected.is_some() {
+            return Err(different_chunk(&self.api.intake.batches));
         }
         let paused = self
             .api
@@ -399,11 +422,19 @@ impl Upload<'_> {
         })
         .to_string();
         self.flush(Some(response.clone())).await?;
+        BatchStats::add(&self.api.intake.batches.chunks, 1);
         Ok(super::replay(200, response))
     }
 
     async fn line(&mut self, line: Option<Vec<u8>>) -> Result<(), Response<Body>> {
         self.line += 1;
+        self.print.line(line.as_deref());
+        if self.line == self.skip_to
+            && let Some(expected) = &self.expected
+            && *expected != self.print.hex()
+        {
+            return Err(different_chunk(&self.api.intake.batches));
+        }
         let parsed = match &line {
             Some(text) => match self.rows.line(text) {
                 Ok(p) => p,
@@ -485,6 +516,7 @@ impl Upload<'_> {
         }
         let rows = std::mem::take(&mut self.pending);
         let accepted = rows.len() as u64;
+        let received = self.slice_received;
         let slice = Append {
             message_id: self.batch.message_id,
             campaign: self.batch.campaign.clone(),
@@ -498,6 +530,7 @@ impl Upload<'_> {
                         lines: self.line,
                         progress: serde_json::to_string(&self.counts).expect("serializes"),
                         response,
+                        fingerprint: Some(self.print.hex()),
                     },
                 )
             }),
@@ -507,6 +540,9 @@ impl Upload<'_> {
         let campaign = self.batch.campaign.as_deref();
         match self.api.intake.queue.append_batch(slice).await {
             Ok(()) => {
+                let stats = &self.api.intake.batches;
+                BatchStats::add(&stats.rows_received, received);
+                BatchStats::add(&stats.rows_accepted, accepted);
                 if accepted > 0 {
                     self.api
                         .intake
@@ -525,6 +561,62 @@ impl Upload<'_> {
             }
         }
     }
+}
+
+/// A chunk's content as the upload reads it: SHA-256 over its lines, each ended by LF
+/// (so CR LF and LF files of the same rows are the same chunk); a line over the limit,
+/// never buffered, counts as a fixed marker.
+#[derive(Default, Clone)]
+struct Fingerprint(sha2::Sha256);
+
+impl Fingerprint {
+    fn line(&mut self, text: Option<&[u8]>) {
+        use sha2::Digest;
+        match text {
+            Some(t) => self.0.update(t),
+            None => self.0.update(b"\0too long"),
+        }
+        self.0.update(b"\n");
+    }
+
+    fn cut(&mut self, l: Line<'_>) {
+        match l {
+            Line::Text(t) => self.line(Some(t)),
+            Line::TooLong => self.line(None),
+        }
+    }
+
+    /// The lines so far, in hex.
+    fn hex(&self) -> String {
+        use sha2::Digest;
+        hex::encode(self.0.clone().finalize())
+    }
+}
+
+/// The fingerprint of a whole chunk body, read to its end in constant memory.
+async fn fingerprint_of(mut body: Incoming) -> Result<String, Response<Body>> {
+    let mut cutter = LineCutter::new(MAX_LINE);
+    let mut print = Fingerprint::default();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(error(StatusCode::BAD_REQUEST, "request body unreadable"));
+        };
+        if let Ok(data) = frame.into_data() {
+            cutter.feed(&data, |l| print.cut(l));
+        }
+    }
+    cutter.finish(|l| print.cut(l));
+    Ok(print.hex())
+}
+
+/// A retry under a chunk's Idempotency-Key whose lines differ from what was stored.
+fn different_chunk(stats: &BatchStats) -> Response<Body> {
+    BatchStats::add(&stats.chunks_refused, 1);
+    error(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "this Idempotency-Key was already used for a chunk with different content: \
+         send new rows under a new key",
+    )
 }
 
 fn owned(l: Line<'_>) -> Option<Vec<u8>> {
@@ -549,6 +641,7 @@ pub struct Renderer {
     /// messages get `List-Unsubscribe` as the doors' messages do.
     unsubscribe: Option<Arc<crate::unsubscribe::Signer>>,
     cache: Mutex<HashMap<i64, Arc<Compiled>>>,
+    stats: Arc<BatchStats>,
 }
 
 impl Renderer {
@@ -562,7 +655,14 @@ impl Renderer {
             config,
             unsubscribe,
             cache: Mutex::default(),
+            stats: Arc::default(),
         }
+    }
+
+    /// Counts renders into `stats` (the daemon's, read by `/metrics`).
+    pub fn with_stats(mut self, stats: Arc<BatchStats>) -> Renderer {
+        self.stats = stats;
+        self
     }
 
     async fn compiled(&self, message_id: i64) -> Result<Arc<Compiled>, RenderFailure> {
@@ -595,6 +695,24 @@ impl Render for Renderer {
         r: &'a crate::queue::Claimed,
     ) -> crate::future::BoxFuture<'a, Result<Vec<u8>, RenderFailure>> {
         Box::pin(async move {
+            let out = self.render_uncounted(r).await;
+            match &out {
+                Ok(body) => {
+                    BatchStats::add(&self.stats.renders, 1);
+                    BatchStats::add(&self.stats.rendered_bytes, body.len() as u64);
+                }
+                Err(RenderFailure::Template(_)) => BatchStats::add(&self.stats.render_failures, 1),
+                Err(RenderFailure::Unavailable(_)) => {}
+            }
+            out
+        })
+    }
+}
+
+impl Renderer {
+    /// One recipient's message (what [`Render::render`] counts).
+    async fn render_uncounted(&self, r: &crate::queue::Claimed) -> Result<Vec<u8>, RenderFailure> {
+        {
             let compiled = self.compiled(r.message_id).await?;
             let config = self.config.load_full();
             let vars = r.vars.clone().unwrap_or_default();
@@ -617,7 +735,7 @@ impl Render for Renderer {
             })
             .await
             .map_err(|e| RenderFailure::Unavailable(e.to_string()))?
-        })
+        }
     }
 }
 
