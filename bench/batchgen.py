@@ -3,6 +3,8 @@
 
   batchgen.py rows N               N NDJSON rows: even rows valid (u<i>@bench.test, distinct
                                    vars), odd rows alternately empty, malformed, NXDOMAIN
+  batchgen.py invalid N            N NDJSON rows, none deliverable: in turn empty, malformed
+                                   and at an NXDOMAIN domain (the incident's recipients)
   batchgen.py template             the batch template, a ~20 KB text body
   batchgen.py individual N PORT KEY
                                    N single-recipient POST /v1/messages (same mix, same
@@ -29,6 +31,14 @@ def rows(n):
     out = sys.stdout
     for i in range(n):
         to, vars_ = recipient(i)
+        out.write(json.dumps({"to": to, "vars": vars_}, separators=(",", ":")))
+        out.write("\n")
+
+
+def invalid(n):
+    out = sys.stdout
+    for i in range(n):
+        to, vars_ = recipient(2 * i + 1)
         out.write(json.dumps({"to": to, "vars": vars_}, separators=(",", ":")))
         out.write("\n")
 
@@ -76,6 +86,8 @@ if __name__ == "__main__":
     what = sys.argv[1]
     if what == "rows":
         rows(int(sys.argv[2]))
+    elif what == "invalid":
+        invalid(int(sys.argv[2]))
     elif what == "template":
         template()
     elif what == "individual":

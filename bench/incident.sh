@@ -13,6 +13,13 @@
 # per second, failures.db's size, Floodgate's peak RSS, seconds until the guard paused each
 # flood campaign, and the counts that show nothing was lost or miscounted.
 #
+# --batch-flood: the same incident through the batch door (issue #15): the flood pass
+# sends valid mail as before and, at once, eight POST /v1/batches each streaming
+# 1,000,000 x --scale invalid rows (empty, malformed, NXDOMAIN) in one request; it
+# reports valid p99 with vs without, failure-log transactions per second, the uploads'
+# rows per second and each batch's exact counts. Give --duration longer than the uploads
+# so valid mail flows through all of them.
+#
 # A benchmark, not a test. Root only (it installs packages). Talks to 127.0.0.1 only.
 
 set -euo pipefail
@@ -28,6 +35,7 @@ Usage: bench/incident.sh [options]
       --sessions N     SMTP sessions per flood campaign             (env SESSIONS, default 2)
       --http-campaigns N  NXDOMAIN flood campaigns posted to /v1/messages instead of SMTP
                                                                    (env HTTP_CAMPAIGNS, default 0)
+      --batch-flood    the flood as 8 batch uploads of invalid rows instead of campaigns
       --no-baseline    only the flood pass
       --no-build       do not build first
       --keep           keep the temporary directory
@@ -43,6 +51,7 @@ SESSIONS=${SESSIONS:-2}
 HTTP_CAMPAIGNS=${HTTP_CAMPAIGNS:-0}
 IDLE_WAIT=${IDLE_WAIT:-120}
 BASELINE=1
+BATCH_FLOOD=0
 BUILD=1
 KEEP=0
 while [[ $# -gt 0 ]]; do
@@ -53,6 +62,7 @@ while [[ $# -gt 0 ]]; do
         --sessions) SESSIONS=$2; shift 2 ;;
         --http-campaigns) HTTP_CAMPAIGNS=$2; shift 2 ;;
         --no-baseline) BASELINE=0; shift ;;
+        --batch-flood) BATCH_FLOOD=1; shift ;;
         --no-build) BUILD=0; shift ;;
         --keep) KEEP=1; shift ;;
         --idle-wait) IDLE_WAIT=$2; shift 2 ;;
@@ -90,8 +100,27 @@ start_dnsmasq --mx-host=ok.test,mx.ok.test,10 --address=/mx.ok.test/127.0.0.1 \
 read -r API_KEY API_HASH < <("$FLOODGATE" gen-key 2>/dev/null | awk '/^key:/ { k = $2 } /^key_sha256/ { gsub(/"/, "", $3); h = $3 } END { print k, h }')
 ADMIN_TOKEN=bench-admin-token-0123456789
 
-run_pass() {    # run_pass NAME FLOOD(true|false)
-    local name=$1 flood=$2 dir=$TMP/$1 rc=0 lg_pid
+# start_batch_flood HTTP_PORT DIR: eight batches, each streaming $TMP/invalid.ndjson in
+# one request, in the background; sets BATCH_PIDS.
+start_batch_flood() {
+    local http=$1 dir=$2 i id
+    BATCH_PIDS=()
+    for i in 1 2 3 4 5 6 7 8; do
+        id=$(curl -sf -H "Authorization: Bearer $API_KEY" \
+            -d "{\"from\":\"news@shop.test\",\"campaign\":\"flood-batch-$i\",\"subject\":\"Hi {{ name }}\",\"text\":\"x\"}" \
+            "http://127.0.0.1:$http/v1/batches" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+        curl -sf -H "Authorization: Bearer $API_KEY" -H "Content-Type: application/x-ndjson" \
+            -T "$TMP/invalid.ndjson" -X POST -o "$dir/batch-$i.json" \
+            -w '%{time_total}\n' "http://127.0.0.1:$http/v1/batches/$id/recipients" \
+            >"$dir/batch-$i.time" &
+        BATCH_PIDS+=("$!")
+        PIDS+=("$!")
+    done
+}
+
+run_pass() {    # run_pass NAME FLOOD(true|false|batches)
+    local name=$1 flood=$2 dir=$TMP/$1 rc=0 lg_pid lg_flood=$2
+    [[ $flood == batches ]] && lg_flood=false
     mkdir -p "$dir/queue"
     free_port; local smtp=$PORT
     free_port; local http=$PORT
@@ -137,13 +166,26 @@ EOF
     log "$name: loadgen --flood $flood --scale $SCALE --valid-rate $VALID_RATE --duration $DURATION (floodgate pid $FG_PID)"
     "$LOADGEN" --smtp "127.0.0.1:$smtp" --http "127.0.0.1:$http" --api-key "$API_KEY" \
         --admin "127.0.0.1:$admin" --admin-token "$ADMIN_TOKEN" --sink "127.0.0.1:$sink" \
-        --flood "$flood" --scale "$SCALE" --valid-rate "$VALID_RATE" --duration "$DURATION" \
+        --flood "$lg_flood" --scale "$SCALE" --valid-rate "$VALID_RATE" --duration "$DURATION" \
         --sessions-per-campaign "$SESSIONS" --http-campaigns "$HTTP_CAMPAIGNS" \
         --pid "$FG_PID" --max-seconds 3000 >"$dir/loadgen.json" 2>"$dir/loadgen.err" &
     lg_pid=$!
     PIDS+=("$lg_pid")
+    if [[ $flood == batches ]]; then
+        sleep 2    # valid mail flowing first
+        start_batch_flood "$http" "$dir"
+    fi
     wait "$lg_pid" || rc=$?
     forget_pid "$lg_pid"
+    if [[ $flood == batches ]]; then
+        local p
+        for p in "${BATCH_PIDS[@]}"; do wait "$p" || die "a batch upload failed"; forget_pid "$p"; done
+        cat "$dir"/batch-?.json | python3 -c '
+import json, sys
+rows = [json.loads(l) for l in sys.stdin if l.strip()]
+print(json.dumps({"batches": [{k: r[k] for k in ("batch", "state", "received", "accepted", "rejected")} for r in rows]}))' >"$dir/batches.json"
+        cat "$dir"/batch-?.time | paste -sd' ' >"$dir/batches.times"
+    fi
     c1=$(cpu_sample); f1=$(proc_cpu "$FG_PID")
     [[ $rc -eq 0 ]] || { tail -n 20 "$dir/loadgen.err" >&2; die "loadgen failed (exit $rc)"; }
     if [[ -s $dir/loadgen.err ]]; then log "$name: loadgen said:"; head -n 20 "$dir/loadgen.err" >&2; fi
@@ -160,11 +202,14 @@ EOF
     read -r qdel qsched qfail < <(sqlite3 -separator ' ' "$dir/queue/queue.db" \
         "SELECT SUM(state = 1), SUM(state = 0), SUM(state = 2) FROM recipients")
     python3 - "$dir/loadgen.json" "$name" "$hwm" "$stats_sum" "$stats_by" "$events_rows" "$fsize" \
-        "${qdel:-0}" "${qsched:-0}" "${qfail:-0}" "$c0" "$c1" "$f0" "$f1" "$HZ" "$NPROC" >>"$TMP/results.jsonl" <<'EOF'
-import json, sys
+        "${qdel:-0}" "${qsched:-0}" "${qfail:-0}" "$c0" "$c1" "$f0" "$f1" "$HZ" "$NPROC" "$dir" >>"$TMP/results.jsonl" <<'EOF'
+import json, os, sys
 (path, name, hwm, stats_sum, stats_by, events_rows, fsize, qdel, qsched, qfail,
- c0, c1, f0, f1, hz, ncpu) = sys.argv[1:]
+ c0, c1, f0, f1, hz, ncpu, d) = sys.argv[1:]
 r = json.load(open(path))
+if os.path.exists(f"{d}/batches.json"):
+    r.update(json.load(open(f"{d}/batches.json")))
+    r["batch_seconds"] = [float(t) for t in open(f"{d}/batches.times").read().split()]
 a, b = [list(map(int, s.split())) for s in (c0, c1)]
 secs = r["run_seconds"]
 tot = max(b[2] - a[2], 1)
@@ -179,6 +224,44 @@ EOF
 }
 
 : >"$TMP/results.jsonl"
+if [[ $BATCH_FLOOD -eq 1 ]]; then
+    PER_BATCH=$(awk -v s="$SCALE" 'BEGIN { printf "%d", 1000000 * s }')
+    python3 "$REPO/bench/batchgen.py" invalid "$PER_BATCH" >"$TMP/invalid.ndjson"
+    if [[ $BASELINE -eq 1 ]]; then run_pass baseline false; fi
+    run_pass batches batches
+    python3 - "$TMP/results.jsonl" "$NPROC" "$CPU_MODEL" "$PER_BATCH" <<'EOF'
+import json, sys, datetime
+rows = [json.loads(l) for l in open(sys.argv[1])]
+by = {r["name"]: r for r in rows}
+f = by["batches"]; b = by.get("baseline"); per = int(sys.argv[4])
+def ms(x): return "-" if x is None or x != x else f"{x:.0f}"
+print()
+print(f"Incident through the batch door: 8 batches x {per:,} invalid rows, one request each, "
+      f"valid mail at {f['valid']['rate_achieved']:.1f} msg/s; {sys.argv[2]} x {sys.argv[3]}, {datetime.date.today()}")
+print()
+print("| pass | run s | valid sent | valid received | p50 ms | p90 ms | p99 ms | max ms | CPU busy | floodgate CPU |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for r in rows:
+    v = r["valid"]; l = v["latency_ms"]
+    print(f"| {r['name']} | {r['run_seconds']:.1f} | {v['sent_acked']} | {v['received']} | {ms(l['p50'])} | {ms(l['p90'])} | {ms(l['p99'])} | {ms(l['max'])} | {r['machine_busy_pct']:.0f}% | {r['floodgate_cpu_pct']:.0f}% |")
+print()
+if b:
+    ratio = f["valid"]["latency_ms"]["p99"] / max(b["valid"]["latency_ms"]["p99"], 1e-9)
+    print(f"valid p99 with the batch flood / without: {ratio:.2f}")
+secs = f["batch_seconds"]
+print(f"uploads: {8 * per:,} rows in {max(secs):.1f} s (slowest of 8) = {8 * per / max(secs):,.0f} rows/s together")
+tx = f["faillog_transactions"]
+print(f"failure-log transactions/s: avg {tx['per_second_avg']:.2f}, peak {tx['per_second_peak']:.2f} (total {tx['total']:.0f})")
+print(f"failures.db: {f['failures_db_bytes'] / 1e6:.2f} MB ({f['event_rows']:,} event rows)")
+exact = all(x["received"] == per and x["accepted"] == 0 and sum(x["rejected"].values()) == per for x in f["batches"])
+print(f"counts exact (each batch received {per:,}, accepted 0, rejected {per:,}): {'yes' if exact else 'NO'}")
+for x in f["batches"]:
+    print(f"  {x['batch']} {x['state']}: received {x['received']:,} rejected {x['rejected']}")
+v = f["valid"]
+print(f"valid acknowledged {v['sent_acked']} == received {v['received_of_acked']} (duplicates {v['duplicates']}): {'yes' if v['sent_acked'] == v['received_of_acked'] and v['duplicates'] == 0 else 'NO'}")
+EOF
+    exit 0
+fi
 if [[ $BASELINE -eq 1 ]]; then run_pass baseline false; fi
 run_pass flood true
 
