@@ -387,6 +387,7 @@ fn queue_alert_webhook_and_status_types_match_their_schemas() {
         alerts: 0,
         canary: vec![floodgate::admin_api::ProbeReport {
             address: "probe@mx.test".into(),
+            route: Some("outbound".into()),
             queue_id: "18C2F0A1B2C3D4E5F6".into(),
             result: "delivered".into(),
             slow: false,
