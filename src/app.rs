@@ -337,9 +337,7 @@ impl App {
             bounce_rules: Arc::new(ArcSwap::from_pointee(bounce_rules)),
             outcomes,
             canary,
-            suspensions: Arc::new(crate::scheduler::suspend::Suspensions::new(
-                queue_delays,
-            )),
+            suspensions: Arc::new(crate::scheduler::suspend::Suspensions::new(queue_delays)),
         };
         if delivery_enabled {
             app.start_scheduler();

@@ -520,10 +520,16 @@ impl Scheduler {
         }
         let reply = match reached {
             true => String::new(),
-            false => outcomes.first().map(|o| o.reply().to_string()).unwrap_or_default(),
+            false => outcomes
+                .first()
+                .map(|o| o.reply().to_string())
+                .unwrap_or_default(),
         };
         let schedule = schedule(&self.config.load().delivery);
-        match self.suspensions.record(job, reached, &reply, now, &schedule) {
+        match self
+            .suspensions
+            .record(job, reached, &reply, now, &schedule)
+        {
             Recorded::Up => {}
             Recorded::Suspended { until_ms } => {
                 let wait = Duration::from_millis((until_ms - now).max(0) as u64);
@@ -652,8 +658,9 @@ impl Scheduler {
                         }
                     } else {
                         self.sink.relay_deferred(r, class, &reply);
-                        let wait = backoff(&schedule(delivery), r.attempts + 1, rand::random::<f64>())
-                            .max(retry_after.unwrap_or_default());
+                        let wait =
+                            backoff(&schedule(delivery), r.attempts + 1, rand::random::<f64>())
+                                .max(retry_after.unwrap_or_default());
                         Update::Retry {
                             next_attempt: now + wait.as_millis() as i64,
                             class,

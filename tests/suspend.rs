@@ -66,8 +66,12 @@ async fn send(t: &TestApp, n: usize, tag: &str) -> Vec<String> {
     for i in 0..n {
         let to = format!("{tag}{i}@down.test");
         ids.push(
-            c.send_mail("app@client.test", &[&to], &message(&format!("{tag} {i}"), ""))
-                .await,
+            c.send_mail(
+                "app@client.test",
+                &[&to],
+                &message(&format!("{tag} {i}"), ""),
+            )
+            .await,
         );
     }
     ids
@@ -84,10 +88,7 @@ async fn wait_suspended(t: &TestApp) {
     let admin = t.app.admin_addr.expect("admin listener");
     let deadline = tokio::time::Instant::now() + WAIT;
     while metric(admin, "floodgate_destinations_suspended").await < 1.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never suspended"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "never suspended");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -127,7 +128,11 @@ async fn a_refusing_next_hop_is_probed_once_per_period_and_everything_follows_it
     t.scheduler_pass().await;
     for id in &later {
         let r = recipient(&t, id).await;
-        assert_eq!((r.state, r.attempts), (RecipientState::Scheduled, 0), "{r:?}");
+        assert_eq!(
+            (r.state, r.attempts),
+            (RecipientState::Scheduled, 0),
+            "{r:?}"
+        );
     }
     assert_eq!(down.connections(), first);
     ids.extend(later);
@@ -137,7 +142,10 @@ async fn a_refusing_next_hop_is_probed_once_per_period_and_everything_follows_it
     clock.advance(Duration::from_secs(70));
     t.scheduler_pass().await;
     assert_eq!(down.connections(), first + 1, "one probe per period");
-    assert_eq!(metric(admin, "floodgate_destination_probes_total").await, 1.0);
+    assert_eq!(
+        metric(admin, "floodgate_destination_probes_total").await,
+        1.0
+    );
     t.scheduler_pass().await;
     assert_eq!(down.connections(), first + 1);
     for id in &ids {
@@ -172,7 +180,10 @@ async fn a_refusing_next_hop_is_probed_once_per_period_and_everything_follows_it
     rcpts.dedup();
     assert_eq!(rcpts.len(), MESSAGES + 10, "each message once, none lost");
     assert_eq!(metric(admin, "floodgate_destinations_suspended").await, 0.0);
-    assert_eq!(metric(admin, "floodgate_destination_resumes_total").await, 1.0);
+    assert_eq!(
+        metric(admin, "floodgate_destination_resumes_total").await,
+        1.0
+    );
     assert!(!ctl(admin, &["status"]).await.contains("suspended "));
 }
 
@@ -180,17 +191,18 @@ async fn a_refusing_next_hop_is_probed_once_per_period_and_everything_follows_it
 async fn a_next_hop_that_answers_is_never_suspended() {
     let dns = TestDns::start(zone()).await;
     let sink = Sink::start().await;
-    let t = start(
-        &dns,
-        &smarthost_config(sink.addr.port()),
-        Arc::default(),
-    )
-    .await;
+    let t = start(&dns, &smarthost_config(sink.addr.port()), Arc::default()).await;
     let admin = t.app.admin_addr.expect("admin listener");
     let ids = send(&t, 5, "ok").await;
     sink.wait_for(ids.len(), WAIT).await;
     t.scheduler_pass().await;
     assert_eq!(metric(admin, "floodgate_destinations_suspended").await, 0.0);
-    assert_eq!(metric(admin, "floodgate_destination_suspensions_total").await, 0.0);
-    assert_eq!(metric(admin, "floodgate_destination_probes_total").await, 0.0);
+    assert_eq!(
+        metric(admin, "floodgate_destination_suspensions_total").await,
+        0.0
+    );
+    assert_eq!(
+        metric(admin, "floodgate_destination_probes_total").await,
+        0.0
+    );
 }

@@ -177,9 +177,12 @@ impl SmtpCourier {
             // No plain-text fallback: a failed handshake is a failed host.
             mode = TlsMode::Starttls;
         }
-        let tls_config = self
-            .tls_config(route)
-            .map_err(|e| (Outcome::transient(format!("451 4.7.5 TLS setup: {e}")), true))?;
+        let tls_config = self.tls_config(route).map_err(|e| {
+            (
+                Outcome::transient(format!("451 4.7.5 TLS setup: {e}")),
+                true,
+            )
+        })?;
         let timeouts = Self::timeouts(config);
         let helo = &config.server.hostname;
         let mut last = Outcome::transient("451 4.4.1 no host reachable");
