@@ -37,6 +37,9 @@ Usage: bench/incident.sh [options]
                                                                    (env HTTP_CAMPAIGNS, default 0)
       --batch-flood    the flood as 8 batch uploads of invalid rows instead of campaigns
       --no-baseline    only the flood pass
+      --pin            Floodgate on CPU 0 and the load generator on CPU 1 (taskset), in
+                       both passes: isolation measured without the generator stealing
+                       Floodgate's cycles                          (env PIN=1)
       --no-build       do not build first
       --keep           keep the temporary directory
       --idle-wait S    wait up to S s for an idle machine before each pass (default 120)
@@ -50,6 +53,7 @@ DURATION=${DURATION:-30}
 SESSIONS=${SESSIONS:-2}
 HTTP_CAMPAIGNS=${HTTP_CAMPAIGNS:-0}
 IDLE_WAIT=${IDLE_WAIT:-120}
+PIN=${PIN:-0}
 BASELINE=1
 BATCH_FLOOD=0
 BUILD=1
@@ -63,6 +67,7 @@ while [[ $# -gt 0 ]]; do
         --http-campaigns) HTTP_CAMPAIGNS=$2; shift 2 ;;
         --no-baseline) BASELINE=0; shift ;;
         --batch-flood) BATCH_FLOOD=1; shift ;;
+        --pin) PIN=1; shift ;;
         --no-build) BUILD=0; shift ;;
         --keep) KEEP=1; shift ;;
         --idle-wait) IDLE_WAIT=$2; shift 2 ;;
@@ -88,6 +93,13 @@ if [[ $BUILD -eq 1 ]]; then
 fi
 FLOODGATE=$REPO/target/release/floodgate
 LOADGEN=$REPO/target/release/examples/loadgen
+LG_PIN=(env)    # a no-op wrapper, or taskset for the load generator's CPU
+if [[ $PIN -eq 1 ]]; then
+    command -v taskset >/dev/null || die "--pin needs taskset (util-linux)"
+    [[ $NPROC -ge 2 ]] || die "--pin needs two CPUs"
+    LG_PIN=(taskset -c 1)
+    log "pinned: floodgate on CPU 0, loadgen on CPU 1"
+fi
 [[ -x $FLOODGATE && -x $LOADGEN ]] || die "build first (floodgate and examples/loadgen)"
 
 log "machine: $NPROC x $CPU_MODEL; 4 KiB O_DSYNC write: $(dsync_ms) ms"
@@ -159,12 +171,13 @@ enabled = true
 $(sink_route "$sink")
 EOF
     serve_floodgate "$dir" "$smtp"
+    [[ $PIN -eq 1 ]] && taskset -a -p -c 0 "$FG_PID" >/dev/null
     sync
     wait_idle "$name"
     local c0 c1 f0 f1
     c0=$(cpu_sample); f0=$(proc_cpu "$FG_PID")
     log "$name: loadgen --flood $flood --scale $SCALE --valid-rate $VALID_RATE --duration $DURATION (floodgate pid $FG_PID)"
-    "$LOADGEN" --smtp "127.0.0.1:$smtp" --http "127.0.0.1:$http" --api-key "$API_KEY" \
+    "${LG_PIN[@]}" "$LOADGEN" --smtp "127.0.0.1:$smtp" --http "127.0.0.1:$http" --api-key "$API_KEY" \
         --admin "127.0.0.1:$admin" --admin-token "$ADMIN_TOKEN" --sink "127.0.0.1:$sink" \
         --flood "$lg_flood" --scale "$SCALE" --valid-rate "$VALID_RATE" --duration "$DURATION" \
         --sessions-per-campaign "$SESSIONS" --http-campaigns "$HTTP_CAMPAIGNS" \

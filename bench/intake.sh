@@ -9,7 +9,12 @@
 #
 # Each receiver gets the same load from Postfix's smtp-source: MESSAGES messages of SIZE
 # bytes over SESSIONS parallel sessions, every session sending many messages over one
-# connection (-d). Wall-clock time is measured around smtp-source.
+# connection (-d), or with --new-connection one connection per message (no -d), as legacy
+# applications do. Wall-clock time is measured around smtp-source.
+#
+# --next-hop-down adds a row each for Floodgate and Postfix with delivery on towards a
+# smarthost that refuses connections (a loopback port nobody listens on): what a dead
+# next hop costs intake, next to the same daemon with delivery off.
 #
 # This is a benchmark, not a test: it prints figures and only fails when something
 # does not work (a receiver fails to start, smtp-source gets an error, counts mismatch).
@@ -27,6 +32,10 @@ Usage: bench/intake.sh [options]
       --sync MODE    Floodgate [queue] synchronous: full, normal or both
                                                       (env SYNC, default full)
       --quick        smoke run: 2000 messages
+      --new-connection  one connection per message (smtp-source without -d)
+                                                      (env NEWCONN=1)
+      --next-hop-down   also Floodgate and Postfix relaying to a smarthost that
+                     refuses connections (delivery on)  (env DOWN=1)
       --dkim         also measure Floodgate signing every message with DKIM: one run
                      with an RSA-2048 key, one with an Ed25519 key (first sync mode)
       --no-build     do not run `cargo build --release` first
@@ -50,6 +59,8 @@ IDLE_WAIT=${IDLE_WAIT:-120}
 BUILD=1
 KEEP=0
 DKIM=0
+NEWCONN=${NEWCONN:-0}
+DOWN=${DOWN:-0}
 while [[ $# -gt 0 ]]; do
     case $1 in
         -m|--messages) MESSAGES=$2; shift 2 ;;
@@ -57,6 +68,8 @@ while [[ $# -gt 0 ]]; do
         -l|--size) SIZE=$2; shift 2 ;;
         --sync) SYNC=$2; shift 2 ;;
         --quick) MESSAGES=2000; shift ;;
+        --new-connection) NEWCONN=1; shift ;;
+        --next-hop-down) DOWN=1; shift ;;
         --dkim) DKIM=1; shift ;;
         --no-build) BUILD=0; shift ;;
         --keep) KEEP=1; shift ;;
@@ -105,18 +118,22 @@ children_cpu() {   # sets CHILD_CPU: CPU s (user + sys) of this shell's reaped c
 }
 
 RECV_CPU_CMD=   # a command printing the receiver's CPU jiffies so far (user + sys)
+REUSE=(-d)      # smtp-source: many messages per connection, or none for one each
+[[ $NEWCONN -eq 1 ]] && REUSE=()
+DOWN_PORT=      # the refusing smarthost: a free port nobody listens on
+if [[ $DOWN -eq 1 ]]; then free_port; DOWN_PORT=$PORT; fi
 
 run_source() {  # run_source NAME PORT: drive NAME with smtp-source, record the figures
     local name=$1 port=$2 t0 t1 c0 c1 s0 s1 r0 r1 pid rc=0
     sync
     wait_idle "$name"
     r0=$($RECV_CPU_CMD)
-    log "$name: smtp-source -d -s $SESSIONS -m $MESSAGES -l $SIZE -> 127.0.0.1:$port"
+    log "$name: smtp-source ${REUSE[*]} -s $SESSIONS -m $MESSAGES -l $SIZE -> 127.0.0.1:$port"
     children_cpu; s0=$CHILD_CPU
     c0=$(cpu_sample)
     t0=$(date +%s.%N)
     # In the background and waited for, so that a signal to this script is handled at once.
-    smtp-source -d -s "$SESSIONS" -m "$MESSAGES" -l "$SIZE" -f "$SENDER" -t "$RECIPIENT" \
+    smtp-source "${REUSE[@]}" -s "$SESSIONS" -m "$MESSAGES" -l "$SIZE" -f "$SENDER" -t "$RECIPIENT" \
         -M client.test "127.0.0.1:$port" >"$TMP/source-$name.log" 2>&1 &
     pid=$!
     PIDS+=("$pid")
@@ -188,6 +205,37 @@ EOF
     stop_pid "$FG_PID"
 done
 
+# A dead next hop: delivery on, every domain to a smarthost that refuses connections.
+# Every message is accepted and queued all the same; the scheduler's part is what this
+# row measures against the delivery-off one above.
+if [[ $DOWN -eq 1 ]]; then
+    name=floodgate-down
+    FG_DIR=$TMP/$name
+    mkdir -p "$FG_DIR/queue"
+    free_port; FG_PORT=$PORT
+    cat >"$FG_DIR/floodgate.toml" <<EOF
+$(intake_toml "$FG_DIR" "$FG_PORT" "${SYNC_MODES[0]}")
+
+[delivery]
+enabled = true
+
+[[route]]
+domains = ["*"]
+transport = "smarthost"
+host = "127.0.0.1"
+port = $DOWN_PORT
+tls = "none"
+EOF
+    serve_floodgate "$FG_DIR" "$FG_PORT"
+    RECV_CPU_CMD="proc_cpu $FG_PID"
+    run_source "$name" "$FG_PORT"
+    count=$(sqlite3 "$FG_DIR/queue/queue.db" 'select count(*) from messages')
+    attempts=$(sqlite3 "$FG_DIR/queue/queue.db" 'select coalesce(sum(attempts), 0) from recipients')
+    log "$name: queue.db holds $count messages (expected $MESSAGES); $attempts delivery attempts recorded"
+    [[ $count -eq $MESSAGES ]] || die "$name queued $count messages, expected $MESSAGES"
+    stop_pid "$FG_PID"
+fi
+
 # Signing: the same intake with a key for the From: domain smtp-source writes, so every
 # message is signed before its commit. Each must come out signed, or the run is void.
 if [[ $DKIM -eq 1 ]]; then
@@ -236,12 +284,29 @@ count=$(find "$PF/spool/hold" -type f | wc -l)
 log "postfix: hold queue holds $count messages (expected $MESSAGES)"
 [[ $count -eq $MESSAGES ]] || die "postfix queued $count messages, expected $MESSAGES"
 
+# The same dead next hop for Postfix: no hold, relayhost = the refusing port. The first
+# instance is stopped first so that its daemons do not count here.
+if [[ $DOWN -eq 1 ]]; then
+    postfix -c "$PF/etc" stop >/dev/null 2>&1 || true
+    PF=$TMP/postfix-down
+    free_port; PF_PORT=$PORT
+    start_postfix "$PF" "$PF_PORT" "relayhost = [127.0.0.1]:$DOWN_PORT"
+    RECV_CPU_CMD="postfix_cpu $PF_MASTER"
+    run_source postfix-down "$PF_PORT"
+    sleep 1   # cleanup hands the last files to the queue manager
+    count=$(find "$PF/spool/incoming" "$PF/spool/active" "$PF/spool/deferred" "$PF/spool/maildrop" -type f | wc -l)
+    log "postfix-down: queues hold $count messages (expected $MESSAGES)"
+    [[ $count -eq $MESSAGES ]] || die "postfix-down queued $count messages, expected $MESSAGES"
+fi
+
 # ---------------------------------------------------------------- report
 
 fg_name=floodgate
 [[ ${#SYNC_MODES[@]} -gt 1 || ${SYNC_MODES[0]} != full ]] && fg_name=floodgate-${SYNC_MODES[0]}
 echo
-echo "SMTP intake: $MESSAGES messages x $SIZE bytes, $SESSIONS sessions (smtp-source -d)," \
+how="smtp-source -d: connections reused"
+[[ $NEWCONN -eq 1 ]] && how="smtp-source without -d: a new connection per message"
+echo "SMTP intake: $MESSAGES messages x $SIZE bytes, $SESSIONS sessions ($how)," \
     "$NPROC x $CPU_MODEL, $(date -u +%Y-%m-%d)"
 echo
 awk -v fg="$fg_name" '
@@ -254,10 +319,12 @@ awk -v fg="$fg_name" '
             printf "| %-16s | %8d | %7.2f | %7d%s | %7d%% | %5d%% | %9d%% | %11d%% | %4d%% |\n", name[i], m[i], s[i], r[i], mark[i], busy[i], io[i], src[i], recv[i], other[i]
         print ""
         for (i = 1; i <= NR; i++) if (name[i] ~ /^floodgate/) {
-            n = name[i]
-            printf "%-16s / postfix:   %6.2fx   (target >= 5x)\n", n, rate[n] / rate["postfix"]
-            printf "%-16s / smtp-sink: %6.1f%%   (target >= 50%%)\n", n, 100 * rate[n] / rate["smtp-sink"]
+            n = name[i]; pf = (n == "floodgate-down" ? "postfix-down" : "postfix")
+            printf "%-16s / %-13s %6.2fx   (target >= 6x)\n", n, pf ":", rate[n] / rate[pf]
+            printf "%-16s / smtp-sink:    %6.1f%%   (target >= 60%%)\n", n, 100 * rate[n] / rate["smtp-sink"]
         }
+        if ("floodgate-down" in rate)
+            printf "%-16s / %-13s %6.1f%%   (target >= 95%%: a dead next hop costs intake <= 5%%)\n", "floodgate-down", fg ":", 100 * rate["floodgate-down"] / rate[fg]
         for (i = 1; i <= NR; i++) if (name[i] ~ /^floodgate-(rsa|ed25519)$/)
             printf "%-16s / %s: %6.1f%%   (target >= 90%% for ed25519)\n", name[i], fg, 100 * rate[name[i]] / rate[fg]
         if (noisy) print "\n* machine busy with something else before or during this measurement (other > 15%): rerun"

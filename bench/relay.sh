@@ -208,7 +208,8 @@ awk -v fp50="$fg_p50" -v fp99="$fg_p99" -v pp50="$pf_p50" -v pp99="$pf_p99" '
         for (i = 1; i <= NR; i++)
             printf "| %-9s | %8d | %13.2f | %8.2f | %7d | %7s | %7s | %7d%% | %9d%% | %7d%% | %4d%% |\n", name[i], m[i], s[i], is[i], r[i], p50[name[i]], p99[name[i]], busy[i], recv[i], sink[i], other[i]
         print ""
-        printf "floodgate / postfix (end-to-end msg/s): %.2fx   (target >= 4x)\n", rate["floodgate"] / rate["postfix"]
+        printf "floodgate / postfix (end-to-end msg/s): %.2fx   (target >= 6x)\n", rate["floodgate"] / rate["postfix"]
+        printf "floodgate accept-to-delivery p99 ms: %s   (target <= 250)\n", fp99
     }' "$RESULTS"
 echo
 echo "end-to-end s: smtp-source start to the sink counting the last message; intake s: until"

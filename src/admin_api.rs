@@ -289,6 +289,23 @@ pub struct StatusResponse {
     /// The last canary probe of each address probed, by address.
     #[serde(default)]
     pub canary: Vec<ProbeReport>,
+    /// Destinations suspended for being unreachable, by name.
+    #[serde(default)]
+    pub suspended: Vec<SuspendedDestination>,
+}
+
+/// A destination none of whose hosts took a connection: nothing is tried there before
+/// its next probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuspendedDestination {
+    /// The MX domain, `host:port` of a smarthost.
+    pub destination: String,
+    pub since_ms: i64,
+    /// The next probe (or the one under way, until it is answered).
+    pub probe_at_ms: i64,
+    /// The failed attempt that suspended it and the failed probes since, in a row.
+    pub failures: u32,
+    pub last_reply: String,
 }
 
 /// One TLS-RPT counter: sessions of one result with one MX host on one UTC day.

@@ -135,6 +135,8 @@ pub struct App {
     outcomes: Arc<OutcomeLog>,
     /// The end-to-end canary (idle unless `[canary] enabled`).
     canary: Arc<Canary>,
+    /// Destinations suspended for being unreachable; outlives a reloaded scheduler.
+    suspensions: Arc<crate::scheduler::suspend::Suspensions>,
 }
 
 /// Supervised task names (see [`Supervisor`]).
@@ -313,6 +315,7 @@ impl App {
             events_task,
         } = Background::start(&intake, campaigns, &faillog, &background, &supervisor);
         let canary = Arc::new(Canary::new(intake.clone(), guard.clone()));
+        let queue_delays = intake.queue.delays().clone();
         supervisor.spawn(CANARY, canary.clone().run(background.clone()));
         let mut app = App {
             smtp_addrs: Vec::new(),
@@ -335,6 +338,7 @@ impl App {
             bounce_rules: Arc::new(ArcSwap::from_pointee(bounce_rules)),
             outcomes,
             canary,
+            suspensions: Arc::new(crate::scheduler::suspend::Suspensions::new(queue_delays)),
         };
         if delivery_enabled {
             app.start_scheduler();
@@ -390,6 +394,7 @@ impl App {
                 tls_reports: self.tls_reports.clone(),
                 started: std::time::Instant::now(),
                 canary: self.canary.clone(),
+                suspensions: self.suspensions.clone(),
             });
             tracing::info!(addr = %self.admin_addr.map(|a| a.to_string()).unwrap_or_default(), "admin listening");
             self.supervisor.spawn(
@@ -468,6 +473,7 @@ impl App {
             )
             .with_outcomes(self.outcomes.clone())
             .with_canary(self.canary.stamps()),
+            .with_suspensions(self.suspensions.clone()),
         );
         self.supervisor.spawn(SCHEDULER, scheduler.clone().run());
         *running = Some(scheduler);

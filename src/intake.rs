@@ -134,6 +134,12 @@ impl Intake {
         msg.body = self.signing.sign(std::mem::take(&mut msg.body)).await;
         let campaign = msg.campaign.clone();
         let recipients: Vec<String> = msg.recipients.iter().map(|r| r.address.clone()).collect();
+        // Mail only for suspended destinations is not due before their probe: waking the
+        // scheduler for it would be a claim pass per message that finds nothing.
+        let waits = self
+            .queue
+            .delays()
+            .all_wait(&msg.recipients, self.queue.clock().now_ms());
         let stored = match idempotency {
             None => self.queue.enqueue(msg).await.map(|()| None),
             Some((key, response, ttl)) => {
@@ -150,7 +156,9 @@ impl Intake {
                         .campaigns
                         .record_accepted(campaign.as_deref(), recipients.len() as u64);
                 }
-                self.wake.notify_one();
+                if !waits {
+                    self.wake.notify_one();
+                }
                 Ok(None)
             }
             Err(e) => {

@@ -22,13 +22,15 @@ use crate::campaign::Campaigns;
 use crate::config::{Config, DeliveryConfig, Rate, Transport};
 use crate::deliver::{Courier, Destination, Enhanced, FailureSink, Job, Outcome, Reply};
 use crate::dkim::Signing;
-use crate::queue::{Claimed, Queue, QueueId, Update};
+use crate::queue::{Claimed, Queue, QueueId, Target, Update};
 use crate::reason::Reason;
 
 pub(crate) mod bounce;
 pub mod outcome_log;
+pub mod suspend;
 
 use outcome_log::{Kind, OutcomeLog};
+use suspend::{Gate, Recorded, Suspensions};
 
 /// Longest sleep between two passes. Everything that makes work due at once rings
 /// `wake` (intake, resume, release, a lane with room again, a reload; tests after moving
@@ -199,6 +201,8 @@ pub struct Scheduler {
     signing: Arc<Signing>,
     /// Where canary probes' claim and hand-over times go (see `canary::Stamps`).
     canary: Arc<crate::canary::Stamps>,
+    /// Destinations that cannot be reached, waiting for their probe.
+    pub suspensions: Arc<Suspensions>,
     lanes: Mutex<HashMap<Destination, Arc<Lane>>>,
     global: Arc<Semaphore>,
     global_cap: AtomicUsize,
@@ -220,6 +224,7 @@ impl Scheduler {
     ) -> Scheduler {
         let max = config.load().delivery.max_concurrency;
         let outcomes = Arc::new(OutcomeLog::new(&config.load().log));
+        let suspensions = Arc::new(Suspensions::new(queue.delays().clone()));
         Scheduler {
             queue,
             config,
@@ -230,6 +235,7 @@ impl Scheduler {
             wake,
             signing,
             canary: Arc::default(),
+            suspensions,
             lanes: Mutex::default(),
             global: Arc::new(Semaphore::new(max)),
             global_cap: AtomicUsize::new(max),
@@ -251,6 +257,13 @@ impl Scheduler {
     /// canary's, which outlives a scheduler that a reload restarts).
     pub fn with_canary(mut self, stamps: Arc<crate::canary::Stamps>) -> Scheduler {
         self.canary = stamps;
+        self
+    }
+
+    /// Keeps suspended destinations in `suspensions` (the daemon's, so that a reload's
+    /// new scheduler does not forget them and `/metrics` counts on).
+    pub fn with_suspensions(mut self, suspensions: Arc<Suspensions>) -> Scheduler {
+        self.suspensions = suspensions;
         self
     }
 
@@ -370,17 +383,24 @@ impl Scheduler {
         count
     }
 
+    /// The domains of full lanes, each once: a full lane holds thousands of jobs of a
+    /// handful of domains, so they are gathered borrowed and copied only once each.
     fn saturated_domains(&self) -> Vec<String> {
         let lanes = self.lanes.lock();
-        let mut domains = HashSet::new();
+        let mut saturated = Vec::new();
         for lane in lanes.values() {
             if lane.backlog.load(Ordering::Relaxed) >= lane.cap.load(Ordering::Relaxed) {
-                for job in lane.jobs.lock().iter() {
-                    domains.extend(job.recipients.iter().map(|r| r.domain.clone()));
+                let jobs = lane.jobs.lock();
+                let mut domains: HashSet<&str> = HashSet::new();
+                for job in jobs.iter() {
+                    domains.extend(job.recipients.iter().map(|r| r.domain.as_str()));
                 }
+                saturated.extend(domains.into_iter().map(str::to_owned));
             }
         }
-        domains.into_iter().collect()
+        saturated.sort_unstable();
+        saturated.dedup();
+        saturated
     }
 
     fn lane(&self, delivery: &DeliveryConfig, dest: &Destination) -> Arc<Lane> {
@@ -427,6 +447,18 @@ impl Scheduler {
                     }
                 }
             };
+            let now = self.queue.clock().now_ms();
+            let schedule = schedule(&self.config.load().delivery);
+            let gate = self.suspensions.gate(&job.destination, now, &schedule);
+            if let Gate::Suspended { until_ms, reply } = gate {
+                let this = self.clone();
+                let lane_ref = lane.clone();
+                self.tracker.spawn(async move {
+                    this.defer_suspended(job, until_ms, &reply).await;
+                    this.job_done(&lane_ref);
+                });
+                continue;
+            }
             let ready = async {
                 let local = lane.concurrency.clone().acquire_owned().await;
                 let global = self.global.clone().acquire_owned().await;
@@ -444,20 +476,94 @@ impl Scheduler {
             let (Ok(local), Ok(global)) = (local, global) else {
                 return;
             };
+            if gate == Gate::Probe {
+                // Alone: the lane's other jobs wait for its answer, and follow it if the
+                // destination is back or are deferred to the next probe if not.
+                self.deliver(job).await;
+                drop((local, global));
+                self.job_done(&lane);
+                continue;
+            }
             let this = self.clone();
             let lane_ref = lane.clone();
             self.tracker.spawn(async move {
                 this.deliver(job).await;
-                let backlog = lane_ref.backlog.fetch_sub(1, Ordering::Relaxed);
-                let in_flight = this.in_flight.fetch_sub(1, Ordering::Relaxed);
                 drop((local, global));
-                // A lane or the whole scheduler that was full stopped claiming; now that
-                // there is room, claim again at once rather than at the next idle tick.
-                let global_cap = this.config.load().delivery.max_concurrency * 4;
-                if backlog == lane_ref.cap.load(Ordering::Relaxed) || in_flight == global_cap {
-                    this.wake.notify_one();
-                }
+                this.job_done(&lane_ref);
             });
+        }
+    }
+
+    /// Counts a lane's job as finished (delivered, deferred or dropped).
+    fn job_done(&self, lane: &Lane) {
+        let backlog = lane.backlog.fetch_sub(1, Ordering::Relaxed);
+        let in_flight = self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // A lane or the whole scheduler that was full stopped claiming; now that there
+        // is room, claim again at once rather than at the next idle tick.
+        let global_cap = self.config.load().delivery.max_concurrency * 4;
+        if backlog == lane.cap.load(Ordering::Relaxed) || in_flight == global_cap {
+            self.wake.notify_one();
+        }
+    }
+
+    /// A job for a suspended destination: deferred to its probe without a connection
+    /// (like any deferral it counts as an attempt and can expire the recipient).
+    async fn defer_suspended(&self, job: Job, until_ms: i64, reply: &str) {
+        let config = self.config.load_full();
+        let now = self.queue.clock().now_ms();
+        self.suspensions.deferred(&job);
+        let o = Outcome::Transient {
+            reply: Reply::local(&format!(
+                "451 4.4.1 delivery to {} suspended until its next probe; last: {reply}",
+                job.destination.key
+            )),
+            retry_after: Some(Duration::from_millis((until_ms - now).max(0) as u64)),
+        };
+        let outcomes = vec![o; job.recipients.len()];
+        // No body loaded: a notification (on expiry) reads it from the queue.
+        self.finish(&config, &job.recipients, outcomes, now, None)
+            .await;
+    }
+
+    /// Whether the destination took a connection: an unreachable one is suspended and
+    /// its deferred recipients wait for the probe; one that answers again is resumed
+    /// and its deferred recipients are due at once.
+    fn reachability(&self, job: &Job, reached: bool, outcomes: &mut [Outcome], now: i64) {
+        if reached && self.suspensions.count() == 0 {
+            return;
+        }
+        let reply = match reached {
+            true => String::new(),
+            false => outcomes
+                .first()
+                .map(|o| o.reply().to_string())
+                .unwrap_or_default(),
+        };
+        let schedule = schedule(&self.config.load().delivery);
+        match self
+            .suspensions
+            .record(job, reached, &reply, now, &schedule)
+        {
+            Recorded::Up => {}
+            Recorded::Suspended { until_ms } => {
+                let wait = Duration::from_millis((until_ms - now).max(0) as u64);
+                for o in outcomes {
+                    if let Outcome::Transient { retry_after, .. } = o {
+                        *retry_after = Some(retry_after.unwrap_or_default().max(wait));
+                    }
+                }
+            }
+            Recorded::Resumed { domains } => {
+                let (queue, wake) = (self.queue.clone(), self.wake.clone());
+                self.tracker.spawn(async move {
+                    for d in domains {
+                        if let Err(e) = queue.retry(Target::Domain(d)).await {
+                            tracing::warn!(error = %e, "deferred recipients of a resumed destination wait for their retry");
+                        }
+                    }
+                    wake.notify_one();
+                });
+            }
         }
     }
 
@@ -514,8 +620,10 @@ impl Scheduler {
             self.canary
                 .handed(&job.queue_id, self.queue.clock().now_ms());
         }
-        let outcomes = courier.deliver(&job).await;
+        let attempt = courier.deliver(&job).await;
         let now = self.queue.clock().now_ms();
+        let mut outcomes = attempt.outcomes;
+        self.reachability(&job, attempt.reached, &mut outcomes, now);
         self.finish(config, &job.recipients, outcomes, now, Some(&job))
             .await;
     }
@@ -568,10 +676,9 @@ impl Scheduler {
                         }
                     } else {
                         self.sink.relay_deferred(r, class, &reply);
-                        let schedule: Vec<Duration> =
-                            delivery.backoff.iter().map(|d| d.0).collect();
-                        let wait = backoff(&schedule, r.attempts + 1, rand::random::<f64>())
-                            .max(retry_after.unwrap_or_default());
+                        let wait =
+                            backoff(&schedule(delivery), r.attempts + 1, rand::random::<f64>())
+                                .max(retry_after.unwrap_or_default());
                         Update::Retry {
                             next_attempt: now + wait.as_millis() as i64,
                             class,
@@ -650,6 +757,11 @@ impl Scheduler {
 /// A canary probe's recipient (its reserved campaign, which clients cannot take).
 fn is_canary(r: &Claimed) -> bool {
     r.campaign.as_deref() == Some(crate::canary::CAMPAIGN)
+}
+
+/// The delivery backoff schedule.
+fn schedule(delivery: &DeliveryConfig) -> Vec<Duration> {
+    delivery.backoff.iter().map(|d| d.0).collect()
 }
 
 /// Groups claimed recipients into one batch per (message, destination); a batch

@@ -46,6 +46,11 @@ pub fn open_writer(path: &Path, spec: &Spec<'_>) -> Result<Connection, OpenError
     conn.busy_timeout(spec.busy_timeout)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", spec.synchronous)?;
+    // Sub-journals (the writers' savepoint per operation) and temporary tables in memory:
+    // otherwise every savepoint copies the pages it touches into a temporary file, a
+    // write syscall per page per operation (10% of the queue writer's CPU in a profile).
+    // Durability is the WAL's and untouched; these files never outlive the transaction.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     if spec.foreign_keys {
         conn.pragma_update(None, "foreign_keys", "ON")?;
     }

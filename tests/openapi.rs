@@ -404,6 +404,13 @@ fn queue_alert_webhook_and_status_types_match_their_schemas() {
             ],
             reply: Some("2.0.0 OK".into()),
         }],
+        suspended: vec![floodgate::admin_api::SuspendedDestination {
+            destination: "127.0.0.1:2525".into(),
+            since_ms: 1_700_000_000_000,
+            probe_at_ms: 1_700_000_060_000,
+            failures: 1,
+            last_reply: "451 4.4.1 connection refused".into(),
+        }],
     };
     type_is_documented(
         &doc,

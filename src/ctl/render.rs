@@ -196,6 +196,16 @@ pub fn status(addr: &str, v: &StatusResponse) -> String {
             p.address, p.result
         );
     }
+    for d in &v.suspended {
+        let _ = writeln!(
+            out,
+            "suspended     {}: unreachable ({} in a row), next probe {}; last: {}",
+            d.destination,
+            d.failures,
+            utc(d.probe_at_ms),
+            d.last_reply
+        );
+    }
     out
 }
 

@@ -128,9 +128,29 @@ impl Reply {
     }
 }
 
+/// What one attempt at a job came to: an outcome per recipient of the job, in order, and
+/// whether the destination could be reached at all.
+pub struct Attempt {
+    pub outcomes: Vec<Outcome>,
+    /// `false`: no host of the destination took a connection (refused, timed out, or
+    /// closed with a 4xx/5xx greeting); the scheduler suspends the destination.
+    pub reached: bool,
+}
+
+impl Attempt {
+    /// Outcomes from a destination that was reached (or whose reachability is not the
+    /// question: a DNS verdict, a policy refusal, a webhook's own circuit).
+    pub fn reached(outcomes: Vec<Outcome>) -> Attempt {
+        Attempt {
+            outcomes,
+            reached: true,
+        }
+    }
+}
+
 /// A transport. `deliver` returns one outcome per recipient of the job, in order.
 pub trait Courier: Send + Sync + 'static {
-    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Vec<Outcome>>;
+    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Attempt>;
 }
 
 /// Where relay outcomes are reported (counters, failure log, delivery events). Called

@@ -16,7 +16,7 @@ use rustls::pki_types::UnixTime;
 
 use super::client::{ClientError, Connection, SendError, Timeouts, Transaction};
 use super::sts::{Cached, Fetch, Sts, TlsResult};
-use super::{Courier, Job, Outcome};
+use super::{Attempt, Courier, Job, Outcome};
 use crate::clock::Clock;
 use crate::config::{Config, Route, StsMode, TlsMode, Transport};
 use crate::dns::{MailDns, Verdict};
@@ -162,13 +162,14 @@ impl SmtpCourier {
     }
 
     /// Opens a ready connection (TLS and AUTH done) to the first host that answers and,
-    /// under an MTA-STS policy in enforce, meets it.
+    /// under an MTA-STS policy in enforce, meets it. An `Err` says whether any host took
+    /// a connection at all (`false`: the destination is unreachable).
     async fn connect(
         &self,
         job: &Job,
         config: &Config,
         guard: Option<&Guard>,
-    ) -> Result<Connection, Outcome> {
+    ) -> Result<Connection, (Outcome, bool)> {
         let route = &job.route;
         let port = route.port.unwrap_or(25);
         let mut mode = route.tls.unwrap_or_default();
@@ -176,13 +177,19 @@ impl SmtpCourier {
             // No plain-text fallback: a failed handshake is a failed host.
             mode = TlsMode::Starttls;
         }
-        let tls_config = self
-            .tls_config(route)
-            .map_err(|e| Outcome::transient(format!("451 4.7.5 TLS setup: {e}")))?;
+        let tls_config = self.tls_config(route).map_err(|e| {
+            (
+                Outcome::transient(format!("451 4.7.5 TLS setup: {e}")),
+                true,
+            )
+        })?;
         let timeouts = Self::timeouts(config);
         let helo = &config.server.hostname;
         let mut last = Outcome::transient("451 4.4.1 no host reachable");
-        for host in self.hosts(job).await? {
+        // Only hosts that all refused the connection itself say the destination is down:
+        // a policy skip or a failed handshake is not the next hop being down.
+        let mut reached = false;
+        for host in self.hosts(job).await.map_err(|o| (o, true))? {
             if let Some(g) = guard
                 && !g.policy.policy.allows(&host.name)
             {
@@ -191,6 +198,7 @@ impl SmtpCourier {
                     self.policy_failure(g, TlsResult::ValidationFailure, &host.name, None, &why)
                 {
                     last = refusal;
+                    reached = true;
                     continue;
                 }
             }
@@ -206,6 +214,7 @@ impl SmtpCourier {
                         continue;
                     }
                 };
+                reached = true;
                 // Enforce: no STARTTLS is the end of this host (in testing, `check_tls`
                 // counts it once the session is set up as without a policy).
                 if let Some(g) = guard.filter(|g| g.enforce)
@@ -264,7 +273,7 @@ impl SmtpCourier {
                 }
             }
         }
-        Err(last)
+        Err((last, reached))
     }
 
     /// After TLS (or without it): counts the session for TLS-RPT and, under a policy,
@@ -460,7 +469,7 @@ impl SmtpCourier {
         }
     }
 
-    async fn run(&self, job: &Job) -> Vec<Outcome> {
+    async fn run(&self, job: &Job) -> Attempt {
         let config = self.config.load_full();
         let n = job.recipients.len();
         let recipients: Vec<&str> = job.recipients.iter().map(|r| r.address.as_str()).collect();
@@ -487,13 +496,13 @@ impl SmtpCourier {
             match conn.send(&tx).await {
                 Ok(outcomes) => {
                     self.put_pooled(key, conn, config.delivery.concurrency);
-                    return outcomes;
+                    return Attempt::reached(outcomes);
                 }
                 // The final dot went out and its reply never came: the server may have
                 // the message. Resending now would deliver it twice; the scheduler
                 // retries after the backoff instead (a duplicate then is the accepted
                 // SMTP trade-off, RFC 1047).
-                Err(e) if e.handed_over() => return deferred(e),
+                Err(e) if e.handed_over() => return Attempt::reached(deferred(e)),
                 // A pooled connection may have been closed by the peer while idle; a
                 // failure before the message went out is not the destination's fault,
                 // so retry once on a fresh connection.
@@ -504,22 +513,25 @@ impl SmtpCourier {
         }
         let mut conn = match self.connect(job, &config, guard.as_ref()).await {
             Ok(c) => c,
-            Err(outcome) => {
+            Err((outcome, reached)) => {
                 if guard.as_ref().is_some_and(|g| g.enforce) && is_sts_deferral(&outcome) {
                     self.sts
                         .stats
                         .deferred
                         .fetch_add(n as u64, Ordering::Relaxed);
                 }
-                return vec![outcome; n];
+                return Attempt {
+                    outcomes: vec![outcome; n],
+                    reached,
+                };
             }
         };
         match conn.send(&tx).await {
             Ok(outcomes) => {
                 self.put_pooled(key, conn, config.delivery.concurrency);
-                outcomes
+                Attempt::reached(outcomes)
             }
-            Err(e) => deferred(e),
+            Err(e) => Attempt::reached(deferred(e)),
         }
     }
 }
@@ -543,7 +555,7 @@ fn deferred(e: SendError) -> Vec<Outcome> {
 }
 
 impl Courier for SmtpCourier {
-    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Vec<Outcome>> {
+    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Attempt> {
         Box::pin(self.run(job))
     }
 }

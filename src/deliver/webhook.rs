@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::{Courier, Job, Outcome, Reply};
+use super::{Attempt, Courier, Job, Outcome, Reply};
 use crate::clock::Clock;
 use crate::future::BoxFuture;
 use crate::net::client::{HttpClient, HttpResponse};
@@ -141,8 +141,9 @@ fn refused(refusal: Refusal) -> Outcome {
 }
 
 impl Courier for WebhookCourier {
-    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Vec<Outcome>> {
-        Box::pin(self.attempt(job))
+    // An endpoint that is down is the business of its own circuit breaker.
+    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Attempt> {
+        Box::pin(async move { Attempt::reached(self.attempt(job).await) })
     }
 }
 

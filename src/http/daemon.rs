@@ -23,4 +23,6 @@ pub struct Admin {
     pub started: std::time::Instant,
     /// The end-to-end canary: `/readyz` degraded, `/metrics`, `POST /admin/v1/probe`.
     pub canary: Arc<crate::canary::Canary>,
+    /// Destinations suspended for being unreachable: `/metrics`, `ctl status`.
+    pub suspensions: Arc<crate::scheduler::suspend::Suspensions>,
 }

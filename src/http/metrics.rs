@@ -693,6 +693,36 @@ const METRICS: &[Metric] = &[
         help: "Entries learnt from bounces that found the writer's channel full (in memory only).",
         samples: |s| one(load(&suppressions(s).stats.unpersisted)),
     },
+    Metric {
+        name: "floodgate_destinations_suspended",
+        kind: Kind::Gauge,
+        help: "Destinations suspended for being unreachable, waiting for their next probe.",
+        samples: |s| one(s.admin.suspensions.count() as u64),
+    },
+    Metric {
+        name: "floodgate_destination_suspensions_total",
+        kind: Kind::Counter,
+        help: "Times a destination that was up was suspended: none of its hosts took a connection.",
+        samples: |s| one(load(&s.admin.suspensions.stats.suspended)),
+    },
+    Metric {
+        name: "floodgate_destination_probes_total",
+        kind: Kind::Counter,
+        help: "Probe attempts at suspended destinations (one per backoff period each).",
+        samples: |s| one(load(&s.admin.suspensions.stats.probes)),
+    },
+    Metric {
+        name: "floodgate_destination_resumes_total",
+        kind: Kind::Counter,
+        help: "Suspended destinations that took a connection again and were resumed.",
+        samples: |s| one(load(&s.admin.suspensions.stats.resumed)),
+    },
+    Metric {
+        name: "floodgate_suspended_deferrals_total",
+        kind: Kind::Counter,
+        help: "Recipients deferred to a suspended destination's next probe without a connection.",
+        samples: |s| one(load(&s.admin.suspensions.stats.deferred)),
+    },
 ];
 
 fn sts<'a>(s: &'a Snapshot<'_>) -> &'a StsStats {

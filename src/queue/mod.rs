@@ -12,6 +12,7 @@ use rusqlite::ffi::ErrorCode;
 
 pub mod backup;
 pub mod batch;
+pub mod delays;
 pub mod ops;
 pub mod retention;
 pub mod schema;
@@ -196,6 +197,8 @@ pub struct Queue {
     prune_wake: Arc<tokio::sync::Notify>,
     /// Retention passes finished (successful or not), for whoever waits on one.
     prune_runs: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Domains of suspended destinations: their new recipients wait for the probe.
+    delays: Arc<delays::DomainDelays>,
 }
 
 impl Queue {
@@ -219,6 +222,7 @@ impl Queue {
             clock,
             prune_wake: Arc::default(),
             prune_runs: Arc::new(tokio::sync::watch::Sender::new(0)),
+            delays: Arc::default(),
         };
         Ok((queue, handle))
     }
@@ -234,9 +238,15 @@ impl Queue {
     /// Stores a message and its recipients; returns once the commit holding it is durable.
     pub async fn enqueue(&self, msg: NewMessage) -> Result<(), QueueError> {
         let now = self.clock.now_ms();
+        let firsts = self.delays.first_attempts(&msg.recipients, now);
         self.writer
-            .run(move |conn| store::insert_message(conn, &msg, now))
+            .run(move |conn| store::insert_message(conn, &msg, now, firsts.as_deref()))
             .await
+    }
+
+    /// The domains whose new recipients wait (see [`delays`]); the scheduler sets them.
+    pub fn delays(&self) -> &Arc<delays::DomainDelays> {
+        &self.delays
     }
 
     /// Stores a message together with the HTTP response that acknowledges it, keyed by
@@ -251,13 +261,16 @@ impl Queue {
     ) -> Result<Option<Remembered>, QueueError> {
         let now = self.clock.now_ms();
         let not_before = now - ttl.as_millis() as i64;
+        let firsts = msg
+            .as_ref()
+            .and_then(|m| self.delays.first_attempts(&m.recipients, now));
         self.writer
             .run(move |conn| {
                 if let Some(existing) = store::idempotent_response(conn, &key, not_before)? {
                     return Ok(Some(existing));
                 }
                 if let Some(msg) = &msg {
-                    store::insert_message(conn, msg, now)?;
+                    store::insert_message(conn, msg, now, firsts.as_deref())?;
                 }
                 store::remember_response(conn, &key, &response, now, not_before)
             })

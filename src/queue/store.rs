@@ -11,7 +11,14 @@ use super::{NewMessage, QueueError, RecipientState, Remembered};
 use crate::bounce::BounceClass;
 
 /// Inserts one message and its recipients. Runs inside the writer's batch transaction.
-pub fn insert_message(conn: &Connection, msg: &NewMessage, now_ms: i64) -> Result<(), QueueError> {
+/// `firsts` holds each recipient's first attempt when some must wait (a suspended
+/// destination's, see `delays`); without it every recipient is due at `now_ms`.
+pub fn insert_message(
+    conn: &Connection,
+    msg: &NewMessage,
+    now_ms: i64,
+    firsts: Option<&[i64]>,
+) -> Result<(), QueueError> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO messages (queue_id, sender, campaign, source, client, received_at, size, smtputf8, identity)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -35,14 +42,16 @@ pub fn insert_message(conn: &Connection, msg: &NewMessage, now_ms: i64) -> Resul
         "INSERT INTO recipients (message_id, address, domain, campaign, state, next_attempt, updated_at)
          VALUES (?1, ?2, ?3, ?4,
                  CASE WHEN EXISTS (SELECT 1 FROM domain_holds WHERE domain = ?3) THEN 3 ELSE 0 END,
-                 ?5, ?5)",
+                 ?5, ?6)",
     )?;
-    for rcpt in &msg.recipients {
+    for (i, rcpt) in msg.recipients.iter().enumerate() {
+        let first = firsts.and_then(|f| f.get(i).copied()).unwrap_or(now_ms);
         stmt.execute(params![
             message_id,
             rcpt.address,
             rcpt.domain,
             msg.campaign,
+            first,
             now_ms
         ])?;
     }
@@ -586,7 +595,7 @@ mod tests {
                 domain: "mx.test".into(),
             }],
         };
-        insert_message(&conn, &msg, 0).unwrap();
+        insert_message(&conn, &msg, 0, None).unwrap();
         let claimed = claim(&conn, 0, 1000, 10, &[], &[]).unwrap();
         assert_eq!(purge_batch(&conn, "c", i64::MAX, 10, 1).unwrap(), 1);
         // The courier's 451 for the purged recipient arrives after the purge.

@@ -267,7 +267,7 @@ mod tests {
                     },
                 ],
             };
-            insert_message(&conn, &msg, i * 1000).unwrap();
+            insert_message(&conn, &msg, i * 1000, None).unwrap();
         }
         let mut f = Find {
             rcpt: Some("a@b.test".into()),

@@ -187,7 +187,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let start = Instant::now();
         let (mut received, mut progress_mark) = (0u64, 0u64);
         let mut receiver = DataReceiver::new();
-        let mut body = Vec::with_capacity(max.min(64 * 1024));
+        // Sized for a typical message, not the largest: the buffer lives until the
+        // commit, in every session at once.
+        let mut body = Vec::with_capacity(max.min(8 * 1024));
         // The receiver only recognises a dot that follows CRLF; seeding it with one lets
         // an empty message (`.` as the first line) end correctly. The seed is cut below.
         receiver.ingest(&mut b"\r\n".iter(), &mut body);

@@ -174,26 +174,23 @@ impl Session {
             let text = format!("{} Hello {host}", self.config.server.hostname);
             return Action::Reply(Reply::owned(250, [0, 0, 0], text));
         }
-        let mut lines = vec![
-            format!("{} Hello {host}", self.config.server.hostname),
-            "PIPELINING".into(),
-            format!("SIZE {}", self.config.smtp.max_message_size),
-            "8BITMIME".into(),
-            "SMTPUTF8".into(),
-            "ENHANCEDSTATUSCODES".into(),
-        ];
+        // Written straight into the reply: once per connection for clients that open
+        // one per message, so no line is built on its own.
+        use std::io::Write as _;
+        let mut out = Vec::with_capacity(256);
+        let _ = write!(
+            out,
+            "250-{} Hello {host}\r\n250-PIPELINING\r\n250-SIZE {}\r\n\
+             250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n",
+            self.config.server.hostname, self.config.smtp.max_message_size
+        );
         if self.tls_available && !self.tls {
-            lines.push("STARTTLS".into());
+            out.extend_from_slice(b"250-STARTTLS\r\n");
         }
         if self.auth_allowed() && self.user.is_none() {
-            lines.push("AUTH PLAIN LOGIN".into());
+            out.extend_from_slice(b"250-AUTH PLAIN LOGIN\r\n");
         }
-        lines.push("HELP".into());
-        let mut out = Vec::with_capacity(256);
-        for (i, line) in lines.iter().enumerate() {
-            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
-            out.extend_from_slice(format!("250{sep}{line}\r\n").as_bytes());
-        }
+        out.extend_from_slice(b"250 HELP\r\n");
         Action::Raw(out)
     }
 

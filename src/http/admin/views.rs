@@ -274,6 +274,7 @@ impl Admin {
                 .into_iter()
                 .filter_map(|(_, s)| s.last)
                 .collect(),
+            suspended: self.suspensions.snapshot(),
         }
     }
 }
