@@ -472,7 +472,7 @@ impl App {
                 intake.signing.clone(),
             )
             .with_outcomes(self.outcomes.clone())
-            .with_canary(self.canary.stamps()),
+            .with_canary(self.canary.stamps())
             .with_suspensions(self.suspensions.clone()),
         );
         self.supervisor.spawn(SCHEDULER, scheduler.clone().run());
