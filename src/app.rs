@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::bounce::{Classifier, RulesError};
 use crate::campaign::Campaigns;
 use crate::canary::Canary;
+use crate::cluster::Cluster;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, TlsConfig, token};
 use crate::deliver::smtp::SmtpCourier;
@@ -70,6 +71,8 @@ pub enum AppError {
     BounceRules(#[from] RulesError),
     #[error("cannot open the suppression list: {0}")]
     Suppressions(#[from] SuppressionError),
+    #[error("[cluster]: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// What the daemon takes from outside; tests pass their own.
@@ -273,6 +276,10 @@ impl App {
         let delivery_enabled = config.delivery.enabled;
         let unsubscribe = unsubscribe_signer(&config);
         let disabled_webhooks = Arc::new(DisabledEndpoints::default());
+        let cluster = match &config.cluster {
+            Some(c) => Some(Cluster::new(c)?),
+            None => None,
+        };
         let intake = Arc::new(Intake {
             config: Arc::new(ArcSwap::from_pointee(config)),
             policy: Policy {
@@ -288,6 +295,7 @@ impl App {
             faillog: faillog.clone(),
             signing: Arc::new(Signing::new(signers)),
             unsubscribe,
+            cluster,
         });
         let background = CancellationToken::new();
         let tls_reports = Arc::new(TlsReports::new(
@@ -311,6 +319,16 @@ impl App {
             events,
             events_task,
         } = Background::start(&intake, campaigns, &faillog, &background, &supervisor);
+        if let Some(cluster) = &intake.cluster {
+            // Before any listener serves: the pauses made elsewhere apply to the first
+            // message (bounded by the connect timeout when Redis is away).
+            let applier = Arc::new(crate::cluster::Applier {
+                intake: intake.clone(),
+                faillog: faillog.clone(),
+                guard: guard.clone(),
+            });
+            cluster.start(applier, &supervisor, background.clone()).await;
+        }
         let canary = Arc::new(Canary::new(intake.clone(), guard.clone()));
         supervisor.spawn(CANARY, canary.clone().run(background.clone()));
         let mut app = App {
@@ -462,7 +480,8 @@ impl App {
                 intake.wake.clone(),
                 intake.signing.clone(),
             )
-            .with_outcomes(self.outcomes.clone()),
+            .with_outcomes(self.outcomes.clone())
+            .with_cluster(intake.cluster.clone()),
         );
         self.supervisor.spawn(SCHEDULER, scheduler.clone().run());
         *running = Some(scheduler);
@@ -634,12 +653,15 @@ impl Background {
         background: &CancellationToken,
         supervisor: &Supervisor,
     ) -> Background {
-        let guard = Arc::new(Guard::new(
-            campaigns.clone(),
-            intake.config.clone(),
-            intake.queue.clone(),
-            faillog.clone(),
-        ));
+        let guard = Arc::new(
+            Guard::new(
+                campaigns.clone(),
+                intake.config.clone(),
+                intake.queue.clone(),
+                faillog.clone(),
+            )
+            .with_cluster(intake.cluster.clone()),
+        );
         supervisor.spawn(
             "guard",
             guard.clone().run(background.clone(), supervisor.clone()),

@@ -30,6 +30,8 @@ pub struct Intake {
     pub signing: Arc<Signing>,
     /// The unsubscribe token key, when `[suppression.unsubscribe]` is enabled.
     pub unsubscribe: Option<Arc<Signer>>,
+    /// The shared state of `[cluster]`, when configured.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Intake {
