@@ -258,6 +258,36 @@ impl Cluster {
         self.registry.lock().clone()
     }
 
+    /// The cluster for `GET /admin/v1/status`: the registry with per-node and total
+    /// rates and queues.
+    pub fn status(&self, now_ms: i64) -> crate::admin_api::ClusterStatus {
+        let ttl = self.config.node_ttl.0;
+        let nodes: Vec<crate::admin_api::ClusterNode> = self
+            .registry()
+            .into_iter()
+            .map(|b| crate::admin_api::ClusterNode {
+                alive: b.alive(now_ms, ttl),
+                node: b.node,
+                last_heartbeat_ms: b.at_ms,
+                accepted_per_sec: b.accepted_per_sec,
+                delivered_per_sec: b.delivered_per_sec,
+                queued: b.queued,
+                accepted_total: b.accepted_total,
+                delivered_total: b.delivered_total,
+            })
+            .collect();
+        let live = || nodes.iter().filter(|n| n.alive);
+        crate::admin_api::ClusterStatus {
+            node: self.node.clone(),
+            connected: self.is_connected(),
+            fallback_divisor: self.divisor(),
+            accepted_per_sec: live().map(|n| n.accepted_per_sec).sum(),
+            delivered_per_sec: live().map(|n| n.delivered_per_sec).sum(),
+            queued: live().map(|n| n.queued).sum(),
+            nodes,
+        }
+    }
+
     /// Leased slots not used yet.
     pub fn unused_slots(&self) -> usize {
         self.leases.unused()

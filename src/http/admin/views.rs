@@ -274,6 +274,7 @@ impl Admin {
                 .into_iter()
                 .filter_map(|(_, s)| s.last)
                 .collect(),
+            cluster: self.intake.cluster.as_ref().map(|c| c.status(self.now())),
         }
     }
 }
