@@ -322,10 +322,15 @@ impl App {
         if let Some(cluster) = &intake.cluster {
             // Before any listener serves: the pauses made elsewhere apply to the first
             // message (bounded by the connect timeout when Redis is away).
+            let alerts = guard.clone();
             let applier = Arc::new(crate::cluster::Applier {
-                intake: intake.clone(),
+                campaigns: intake.campaigns().clone(),
+                queue: intake.queue.clone(),
+                wake: intake.wake.clone(),
+                clock: intake.clock.clone(),
                 faillog: faillog.clone(),
-                guard: guard.clone(),
+                suppressions: intake.policy.suppressions.clone(),
+                alert: Box::new(move |now, message| alerts.cluster_alert(now, message)),
             });
             cluster.start(applier, &supervisor, background.clone()).await;
         }

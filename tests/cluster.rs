@@ -102,8 +102,9 @@ impl Cluster {
     /// Waits until every node's registry lists `n` live nodes.
     async fn wait_nodes(&self, n: usize) {
         for i in 0..self.nodes.len() {
+            let addr = self.admin(i);
             eventually(Duration::from_secs(10), &format!("node {i} sees {n} nodes"), || async move {
-                let status = admin(self.admin(i), "GET", "/admin/v1/status", None).await;
+                let status = admin(addr, "GET", "/admin/v1/status", None).await;
                 let live = status["cluster"]["nodes"]
                     .as_array()
                     .map(|a| a.iter().filter(|n| n["alive"] == true).count());
@@ -211,8 +212,9 @@ async fn a_pause_on_one_node_closes_every_node() {
     assert!(door(&c.nodes[1], campaign, "a@mx.test").await.starts_with("250"));
     admin(c.admin(0), "POST", &format!("/admin/v1/campaigns/{campaign}/pause"), Some("")).await;
     for i in [1, 2] {
+        let node = &c.nodes[i];
         eventually(Duration::from_secs(1), &format!("node {i} refuses the paused campaign"), || async move {
-            door(&c.nodes[i], campaign, "a@mx.test").await.starts_with("451 4.7.1")
+            door(node, campaign, "a@mx.test").await.starts_with("451 4.7.1")
         })
         .await;
     }
@@ -220,21 +222,24 @@ async fn a_pause_on_one_node_closes_every_node() {
     assert!(door(&c.nodes[2], "other@client.test", "a@mx.test").await.starts_with("250"));
     admin(c.admin(0), "POST", &format!("/admin/v1/campaigns/{campaign}/resume"), Some("")).await;
     for i in [1, 2] {
+        let node = &c.nodes[i];
         eventually(Duration::from_secs(1), &format!("node {i} accepts the resumed campaign"), || async move {
-            door(&c.nodes[i], campaign, "a@mx.test").await.starts_with("250")
+            door(node, campaign, "a@mx.test").await.starts_with("250")
         })
         .await;
     }
     // The intake switch and the failure log's mode follow too.
     admin(c.admin(2), "POST", "/admin/v1/intake/pause", None).await;
-    eventually(Duration::from_secs(1), "node 0 intake paused", || async {
-        door(&c.nodes[0], "x@client.test", "a@mx.test").await.starts_with("451 4.7.1")
+    let first = &c.nodes[0];
+    eventually(Duration::from_secs(1), "node 0 intake paused", || async move {
+        door(first, "x@client.test", "a@mx.test").await.starts_with("451 4.7.1")
     })
     .await;
     admin(c.admin(2), "POST", "/admin/v1/intake/resume", None).await;
     admin(c.admin(1), "PUT", "/admin/v1/faillog", Some(r#"{"mode":"off"}"#)).await;
-    eventually(Duration::from_secs(1), "node 0 failure log off", || async {
-        admin(c.admin(0), "GET", "/admin/v1/faillog", None).await["settings"]["mode"] == "off"
+    let addr = c.admin(0);
+    eventually(Duration::from_secs(1), "node 0 failure log off", || async move {
+        admin(addr, "GET", "/admin/v1/faillog", None).await["settings"]["mode"] == "off"
     })
     .await;
 }
@@ -276,8 +281,9 @@ async fn a_flood_spread_over_three_nodes_is_paused_by_the_guard() {
         s.send(b"QUIT\r\n").await;
     }
     for i in 0..3 {
+        let addr = c.admin(i);
         eventually(Duration::from_secs(8), &format!("node {i} has the flood paused"), || async move {
-            let v = admin(c.admin(i), "GET", "/admin/v1/campaigns", None).await;
+            let v = admin(addr, "GET", "/admin/v1/campaigns", None).await;
             v.as_array()
                 .or_else(|| v["campaigns"].as_array())
                 .into_iter()
@@ -295,8 +301,9 @@ async fn with_redis_killed_every_node_goes_on_and_converges_when_it_is_back() {
     let mut c = cluster("").await;
     c.redis.kill();
     for i in 0..3 {
+        let addr = c.admin(i);
         eventually(Duration::from_secs(5), &format!("node {i} reports disconnected"), || async move {
-            metric(c.admin(i), "floodgate_cluster_connected").await == 0.0
+            metric(addr, "floodgate_cluster_connected").await == 0.0
         })
         .await;
     }
@@ -319,8 +326,9 @@ async fn with_redis_killed_every_node_goes_on_and_converges_when_it_is_back() {
     c.redis.restart();
     c.wait_nodes(3).await;
     for i in [1, 2] {
+        let node = &c.nodes[i];
         eventually(Duration::from_secs(5), &format!("node {i} learns the pause"), || async move {
-            door(&c.nodes[i], campaign, "a@mx.test").await.starts_with("451 4.7.1")
+            door(node, campaign, "a@mx.test").await.starts_with("451 4.7.1")
         })
         .await;
     }
@@ -330,8 +338,9 @@ async fn with_redis_killed_every_node_goes_on_and_converges_when_it_is_back() {
     s.ehlo().await;
     s.send_mail("app@client.test", &["back@rate.test"], &message("back", "")).await;
     c.sink.wait_for(4, Duration::from_secs(15)).await;
-    eventually(Duration::from_secs(5), "a lease taken after reconnection", || async {
-        metric(c.admin(0), "floodgate_cluster_rate_leases_total").await > before
+    let addr = c.admin(0);
+    eventually(Duration::from_secs(5), "a lease taken after reconnection", || async move {
+        metric(addr, "floodgate_cluster_rate_leases_total").await > before
     })
     .await;
 }

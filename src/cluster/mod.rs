@@ -23,6 +23,7 @@ mod idempotency;
 mod nodes;
 pub mod rate;
 pub mod state;
+mod suppressions;
 mod sync;
 
 pub use counts::Counts;
@@ -57,6 +58,11 @@ pub struct Stats {
     pub refused: AtomicU64,
     pub idempotency_replays: AtomicU64,
     pub idempotency_in_flight: AtomicU64,
+    /// Suppression changes appended to the stream, applied from it, and dropped
+    /// unshared (held too long while Redis was away).
+    pub suppressions_shared: AtomicU64,
+    pub suppressions_applied: AtomicU64,
+    pub suppressions_unshared: AtomicU64,
 }
 
 /// Key and channel names, all under the configured prefix.

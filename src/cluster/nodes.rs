@@ -59,7 +59,7 @@ impl Cluster {
         let mut tick = tokio::time::interval(self.config.heartbeat.0);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut beating = Beating {
-            started_ms: app.intake.clock.now_ms(),
+            started_ms: app.clock.now_ms(),
             ..Beating::default()
         };
         loop {
@@ -89,8 +89,8 @@ impl Cluster {
                     if was {
                         tracing::warn!(error = %e, node = %self.node, divisor = self.divisor(), "cluster disconnected; going on with local state");
                     }
-                    app.guard.cluster_alert(
-                        app.intake.clock.now_ms(),
+                    (app.alert)(
+                        app.clock.now_ms(),
                         format!("Redis unreachable ({e}); rates divided by {}", self.divisor()),
                     );
                 }
@@ -99,14 +99,14 @@ impl Cluster {
     }
 
     async fn beat(&self, app: &Applier, b: &mut Beating) -> Result<(), ClusterError> {
-        let now = app.intake.clock.now_ms();
+        let now = app.clock.now_ms();
         if b.beats.is_multiple_of(QUEUE_EVERY)
-            && let Ok(live) = app.intake.queue.live_by_state().await
+            && let Ok(live) = app.queue.live_by_state().await
         {
             b.queued = live.iter().map(|(_, n)| n).sum();
         }
         b.beats += 1;
-        let campaigns = app.intake.campaigns().all();
+        let campaigns = app.campaigns.all();
         let accepted: u64 = campaigns.iter().map(|c| c.accepted.load(Ordering::Relaxed)).sum();
         let delivered: u64 = campaigns.iter().map(|c| c.delivered.load(Ordering::Relaxed)).sum();
         let per_sec = |then: u64, now_n: u64, secs: f64| now_n.saturating_sub(then) as f64 / secs;

@@ -13,11 +13,12 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{Change, Cluster, ClusterError, Setting};
+use crate::campaign::Campaigns;
+use crate::clock::Clock;
 use crate::faillog::FailLog;
-use crate::guard::Guard;
-use crate::intake::Intake;
-use crate::queue::CampaignState;
+use crate::queue::{CampaignState, Queue};
 use crate::supervise::Supervisor;
+use crate::suppression::Suppressions;
 
 /// Stores `ARGV[2]` under field `ARGV[1]` of the state hash and publishes it, unless
 /// the stored change is newer (`ARGV[3]` is the change's time). Returns 1 when stored.
@@ -37,11 +38,18 @@ return 1
 /// Wait between two attempts to subscribe again.
 const RESUBSCRIBE: Duration = Duration::from_millis(500);
 
-/// The parts of the daemon that shared settings land in.
+/// The parts of the daemon that shared state lands in (passed in, so that the cluster
+/// sits below intake and the guard, which use it).
 pub struct Applier {
-    pub intake: Arc<Intake>,
+    pub campaigns: Arc<Campaigns>,
+    pub queue: Queue,
+    /// Rung after a resume: the campaign's mail is due again.
+    pub wake: Arc<tokio::sync::Notify>,
+    pub clock: Arc<dyn Clock>,
     pub faillog: FailLog,
-    pub guard: Arc<Guard>,
+    pub suppressions: Arc<Suppressions>,
+    /// Raises the guard's alert that Redis is unreachable (rate-limited there).
+    pub alert: Box<dyn Fn(i64, String) + Send + Sync>,
 }
 
 impl Cluster {
@@ -67,6 +75,13 @@ impl Cluster {
         supervisor.spawn(
             "cluster heartbeat",
             self.clone().heartbeat(app.clone(), shutdown.clone()),
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(super::suppressions::CHANNEL);
+        let list = app.suppressions.clone();
+        list.share_with(tx);
+        supervisor.spawn(
+            "cluster suppressions",
+            self.clone().share_suppressions(list, rx, shutdown.clone()),
         );
         supervisor.spawn("cluster subscriber", self.clone().subscribe(app, shutdown));
     }
@@ -200,33 +215,32 @@ impl Cluster {
         }
         self.stats.applied.fetch_add(1, Ordering::Relaxed);
         tracing::info!(from = %change.node, setting = ?change.setting, "cluster setting applied");
-        let intake = &app.intake;
         match change.setting {
             Setting::Campaign {
                 name,
                 paused,
                 blocked_until,
             } => {
-                let c = intake.campaigns().get(Some(&name));
+                let c = app.campaigns.get(Some(&name));
                 let was = c.is_paused();
                 c.set_paused(paused);
                 c.block_until(blocked_until);
                 if paused && !was {
-                    intake.queue.hold_in_background(name.clone());
+                    app.queue.hold_in_background(name.clone());
                 } else if !paused && was {
-                    intake.queue.release_in_background(name.clone(), intake.wake.clone());
+                    app.queue.release_in_background(name.clone(), app.wake.clone());
                 }
                 let state = CampaignState {
                     name,
                     paused,
                     blocked_until,
                 };
-                if let Err(e) = intake.queue.save_campaign(state).await {
+                if let Err(e) = app.queue.save_campaign(state).await {
                     tracing::error!(error = %e, "cannot persist a cluster campaign state");
                 }
-                intake.wake.notify_one();
+                app.wake.notify_one();
             }
-            Setting::Intake { paused } => intake.campaigns().set_intake_paused(paused),
+            Setting::Intake { paused } => app.campaigns.set_intake_paused(paused),
             Setting::FailLog { settings } => app.faillog.set_settings(settings),
         }
         true

@@ -105,4 +105,22 @@ pub(super) const METRICS: &[Metric] = &[
         help: "Requests refused with 409 because another node held their Idempotency-Key.",
         samples: |s| counter(s, |st| &st.idempotency_in_flight),
     },
+    Metric {
+        name: "floodgate_cluster_suppressions_shared_total",
+        kind: Kind::Counter,
+        help: "Suppression changes made here and appended to the cluster's stream.",
+        samples: |s| counter(s, |st| &st.suppressions_shared),
+    },
+    Metric {
+        name: "floodgate_cluster_suppressions_applied_total",
+        kind: Kind::Counter,
+        help: "Suppression changes made on other nodes and applied to this node's list.",
+        samples: |s| counter(s, |st| &st.suppressions_applied),
+    },
+    Metric {
+        name: "floodgate_cluster_suppressions_unshared_total",
+        kind: Kind::Counter,
+        help: "Suppression changes dropped unshared: more than 10,000 held while Redis was away.",
+        samples: |s| counter(s, |st| &st.suppressions_unshared),
+    },
 ];
