@@ -16,8 +16,8 @@ use tokio_util::task::TaskTracker;
 use crate::bounce::{Classifier, RulesError};
 use crate::campaign::Campaigns;
 use crate::canary::Canary;
-use crate::cluster::Cluster;
 use crate::clock::{Clock, SystemClock};
+use crate::cluster::Cluster;
 use crate::config::{Config, TlsConfig, token};
 use crate::deliver::smtp::SmtpCourier;
 use crate::deliver::sts::Sts;
@@ -332,7 +332,9 @@ impl App {
                 suppressions: intake.policy.suppressions.clone(),
                 alert: Box::new(move |now, message| alerts.cluster_alert(now, message)),
             });
-            cluster.start(applier, &supervisor, background.clone()).await;
+            cluster
+                .start(applier, &supervisor, background.clone())
+                .await;
         }
         let canary = Arc::new(Canary::new(intake.clone(), guard.clone()));
         supervisor.spawn(CANARY, canary.clone().run(background.clone()));

@@ -80,8 +80,7 @@ async fn cluster(more: &str) -> Cluster {
     for i in 1..=3 {
         let cfg = node_config(&format!("n{i}"), &redis.url(), sink.addr.port(), more);
         nodes.push(
-            TestApp::start_full("", "lease = \"30s\"", &cfg, dns.addr, Arc::new(SystemClock))
-                .await,
+            TestApp::start_full("", "lease = \"30s\"", &cfg, dns.addr, Arc::new(SystemClock)).await,
         );
     }
     let c = Cluster {
@@ -103,13 +102,17 @@ impl Cluster {
     async fn wait_nodes(&self, n: usize) {
         for i in 0..self.nodes.len() {
             let addr = self.admin(i);
-            eventually(Duration::from_secs(10), &format!("node {i} sees {n} nodes"), || async move {
-                let status = admin(addr, "GET", "/admin/v1/status", None).await;
-                let live = status["cluster"]["nodes"]
-                    .as_array()
-                    .map(|a| a.iter().filter(|n| n["alive"] == true).count());
-                live == Some(n) && status["cluster"]["connected"] == true
-            })
+            eventually(
+                Duration::from_secs(10),
+                &format!("node {i} sees {n} nodes"),
+                || async move {
+                    let status = admin(addr, "GET", "/admin/v1/status", None).await;
+                    let live = status["cluster"]["nodes"]
+                        .as_array()
+                        .map(|a| a.iter().filter(|n| n["alive"] == true).count());
+                    live == Some(n) && status["cluster"]["connected"] == true
+                },
+            )
             .await;
         }
     }
@@ -123,7 +126,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + limit;
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "not within {limit:?}: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {limit:?}: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -141,9 +147,16 @@ async fn door(node: &TestApp, sender: &str, rcpt: &str) -> String {
     c.reply().await
 }
 
-async fn send_http(node: &TestApp, body: &serde_json::Value, key: Option<&str>) -> (u16, serde_json::Value) {
+async fn send_http(
+    node: &TestApp,
+    body: &serde_json::Value,
+    key: Option<&str>,
+) -> (u16, serde_json::Value) {
     let bearer = format!("Bearer {KEY}");
-    let mut headers = vec![("Authorization", bearer.as_str()), ("Content-Type", "application/json")];
+    let mut headers = vec![
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", "application/json"),
+    ];
     if let Some(k) = key {
         headers.push(("Idempotency-Key", k));
     }
@@ -155,7 +168,10 @@ async fn send_http(node: &TestApp, body: &serde_json::Value, key: Option<&str>) 
         body.to_string().as_bytes(),
     )
     .await;
-    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 #[tokio::test]
@@ -171,8 +187,12 @@ async fn three_nodes_keep_one_destination_rate() {
             let mut s = Smtp::connect(addr).await;
             s.ehlo().await;
             for i in 0..30 {
-                s.send_mail("app@client.test", &[&format!("n{n}-u{i}@rate.test")], &message("rated", ""))
-                    .await;
+                s.send_mail(
+                    "app@client.test",
+                    &[&format!("n{n}-u{i}@rate.test")],
+                    &message("rated", ""),
+                )
+                .await;
             }
         });
     }
@@ -186,7 +206,10 @@ async fn three_nodes_keep_one_destination_rate() {
             .iter()
             .take_while(|t| t.duration_since(*start) < Duration::from_secs(1))
             .count();
-        assert!(in_window <= 11, "{in_window} deliveries within one second at 10/s across three nodes");
+        assert!(
+            in_window <= 11,
+            "{in_window} deliveries within one second at 10/s across three nodes"
+        );
     }
     // Every node delivered its own spool: no node took another's mail.
     for (n, node) in c.nodes.iter().enumerate() {
@@ -209,38 +232,82 @@ async fn three_nodes_keep_one_destination_rate() {
 async fn a_pause_on_one_node_closes_every_node() {
     let c = cluster("").await;
     let campaign = "spring@client.test";
-    assert!(door(&c.nodes[1], campaign, "a@mx.test").await.starts_with("250"));
-    admin(c.admin(0), "POST", &format!("/admin/v1/campaigns/{campaign}/pause"), Some("")).await;
+    assert!(
+        door(&c.nodes[1], campaign, "a@mx.test")
+            .await
+            .starts_with("250")
+    );
+    admin(
+        c.admin(0),
+        "POST",
+        &format!("/admin/v1/campaigns/{campaign}/pause"),
+        Some(""),
+    )
+    .await;
     for i in [1, 2] {
         let node = &c.nodes[i];
-        eventually(Duration::from_secs(1), &format!("node {i} refuses the paused campaign"), || async move {
-            door(node, campaign, "a@mx.test").await.starts_with("451 4.7.1")
-        })
+        eventually(
+            Duration::from_secs(1),
+            &format!("node {i} refuses the paused campaign"),
+            || async move {
+                door(node, campaign, "a@mx.test")
+                    .await
+                    .starts_with("451 4.7.1")
+            },
+        )
         .await;
     }
     // Another campaign still flows.
-    assert!(door(&c.nodes[2], "other@client.test", "a@mx.test").await.starts_with("250"));
-    admin(c.admin(0), "POST", &format!("/admin/v1/campaigns/{campaign}/resume"), Some("")).await;
+    assert!(
+        door(&c.nodes[2], "other@client.test", "a@mx.test")
+            .await
+            .starts_with("250")
+    );
+    admin(
+        c.admin(0),
+        "POST",
+        &format!("/admin/v1/campaigns/{campaign}/resume"),
+        Some(""),
+    )
+    .await;
     for i in [1, 2] {
         let node = &c.nodes[i];
-        eventually(Duration::from_secs(1), &format!("node {i} accepts the resumed campaign"), || async move {
-            door(node, campaign, "a@mx.test").await.starts_with("250")
-        })
+        eventually(
+            Duration::from_secs(1),
+            &format!("node {i} accepts the resumed campaign"),
+            || async move { door(node, campaign, "a@mx.test").await.starts_with("250") },
+        )
         .await;
     }
     // The intake switch and the failure log's mode follow too.
     admin(c.admin(2), "POST", "/admin/v1/intake/pause", None).await;
     let first = &c.nodes[0];
-    eventually(Duration::from_secs(1), "node 0 intake paused", || async move {
-        door(first, "x@client.test", "a@mx.test").await.starts_with("451 4.7.1")
-    })
+    eventually(
+        Duration::from_secs(1),
+        "node 0 intake paused",
+        || async move {
+            door(first, "x@client.test", "a@mx.test")
+                .await
+                .starts_with("451 4.7.1")
+        },
+    )
     .await;
     admin(c.admin(2), "POST", "/admin/v1/intake/resume", None).await;
-    admin(c.admin(1), "PUT", "/admin/v1/faillog", Some(r#"{"mode":"off"}"#)).await;
+    admin(
+        c.admin(1),
+        "PUT",
+        "/admin/v1/faillog",
+        Some(r#"{"mode":"off"}"#),
+    )
+    .await;
     let addr = c.admin(0);
-    eventually(Duration::from_secs(1), "node 0 failure log off", || async move {
-        admin(addr, "GET", "/admin/v1/faillog", None).await["settings"]["mode"] == "off"
-    })
+    eventually(
+        Duration::from_secs(1),
+        "node 0 failure log off",
+        || async move {
+            admin(addr, "GET", "/admin/v1/faillog", None).await["settings"]["mode"] == "off"
+        },
+    )
     .await;
 }
 
@@ -248,7 +315,8 @@ async fn a_pause_on_one_node_closes_every_node() {
 #[ignore = "needs redis-server on PATH"]
 async fn an_idempotency_key_retried_on_another_node_replays_the_first_answer() {
     let c = cluster("").await;
-    let req = serde_json::json!({"from": "a@client.test", "to": ["once@mx.test"], "subject": "once"});
+    let req =
+        serde_json::json!({"from": "a@client.test", "to": ["once@mx.test"], "subject": "once"});
     let (s1, first) = send_http(&c.nodes[0], &req, Some("order-42")).await;
     let (s2, second) = send_http(&c.nodes[1], &req, Some("order-42")).await;
     assert_eq!((s1, s2), (202, 202), "{first} {second}");
@@ -260,7 +328,10 @@ async fn an_idempotency_key_retried_on_another_node_replays_the_first_answer() {
     assert_eq!(c.sink.received().len(), 1, "one delivery");
     let queued = metric(c.admin(1), "floodgate_recipients_accepted_total").await;
     assert_eq!(queued, 0.0, "node 1 queued nothing");
-    assert_eq!(metric(c.admin(1), "floodgate_cluster_idempotency_replays_total").await, 1.0);
+    assert_eq!(
+        metric(c.admin(1), "floodgate_cluster_idempotency_replays_total").await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -272,7 +343,8 @@ async fn a_flood_spread_over_three_nodes_is_paused_by_the_guard() {
     for node in &c.nodes {
         let mut s = Smtp::connect(node.smtp()).await;
         s.ehlo().await;
-        s.send(format!("MAIL FROM:<{campaign}>\r\n").as_bytes()).await;
+        s.send(format!("MAIL FROM:<{campaign}>\r\n").as_bytes())
+            .await;
         s.expect("250").await;
         for i in 0..20 {
             s.send(format!("RCPT TO:<bad{i}>\r\n").as_bytes()).await;
@@ -282,17 +354,25 @@ async fn a_flood_spread_over_three_nodes_is_paused_by_the_guard() {
     }
     for i in 0..3 {
         let addr = c.admin(i);
-        eventually(Duration::from_secs(8), &format!("node {i} has the flood paused"), || async move {
-            let v = admin(addr, "GET", "/admin/v1/campaigns", None).await;
-            v.as_array()
-                .or_else(|| v["campaigns"].as_array())
-                .into_iter()
-                .flatten()
-                .any(|x| x["name"] == campaign && x["state"] == "paused")
-        })
+        eventually(
+            Duration::from_secs(8),
+            &format!("node {i} has the flood paused"),
+            || async move {
+                let v = admin(addr, "GET", "/admin/v1/campaigns", None).await;
+                v.as_array()
+                    .or_else(|| v["campaigns"].as_array())
+                    .into_iter()
+                    .flatten()
+                    .any(|x| x["name"] == campaign && x["state"] == "paused")
+            },
+        )
         .await;
     }
-    assert!(door(&c.nodes[2], campaign, "a@mx.test").await.starts_with("451 4.7.1"));
+    assert!(
+        door(&c.nodes[2], campaign, "a@mx.test")
+            .await
+            .starts_with("451 4.7.1")
+    );
 }
 
 #[tokio::test]
@@ -302,9 +382,11 @@ async fn with_redis_killed_every_node_goes_on_and_converges_when_it_is_back() {
     c.redis.kill();
     for i in 0..3 {
         let addr = c.admin(i);
-        eventually(Duration::from_secs(5), &format!("node {i} reports disconnected"), || async move {
-            metric(addr, "floodgate_cluster_connected").await == 0.0
-        })
+        eventually(
+            Duration::from_secs(5),
+            &format!("node {i} reports disconnected"),
+            || async move { metric(addr, "floodgate_cluster_connected").await == 0.0 },
+        )
         .await;
     }
     // Every node accepts and delivers on local state, the door answering at once.
@@ -312,35 +394,66 @@ async fn with_redis_killed_every_node_goes_on_and_converges_when_it_is_back() {
         let mut s = node.client().await;
         s.ehlo().await;
         let started = std::time::Instant::now();
-        s.send_mail("app@client.test", &[&format!("away{n}@mx.test")], &message("away", "")).await;
-        assert!(started.elapsed() < Duration::from_secs(2), "intake waited on Redis");
+        s.send_mail(
+            "app@client.test",
+            &[&format!("away{n}@mx.test")],
+            &message("away", ""),
+        )
+        .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "intake waited on Redis"
+        );
     }
     c.sink.wait_for(3, Duration::from_secs(15)).await;
     assert_eq!(c.sink.received().len(), 3);
     // A pause made on node 0 while Redis is away holds there at once...
     let campaign = "late@client.test";
-    admin(c.admin(0), "POST", &format!("/admin/v1/campaigns/{campaign}/pause"), Some("")).await;
-    assert!(door(&c.nodes[0], campaign, "a@mx.test").await.starts_with("451 4.7.1"));
-    assert!(door(&c.nodes[1], campaign, "a@mx.test").await.starts_with("250"));
+    admin(
+        c.admin(0),
+        "POST",
+        &format!("/admin/v1/campaigns/{campaign}/pause"),
+        Some(""),
+    )
+    .await;
+    assert!(
+        door(&c.nodes[0], campaign, "a@mx.test")
+            .await
+            .starts_with("451 4.7.1")
+    );
+    assert!(
+        door(&c.nodes[1], campaign, "a@mx.test")
+            .await
+            .starts_with("250")
+    );
     // ...and reaches the others once Redis is back.
     c.redis.restart();
     c.wait_nodes(3).await;
     for i in [1, 2] {
         let node = &c.nodes[i];
-        eventually(Duration::from_secs(5), &format!("node {i} learns the pause"), || async move {
-            door(node, campaign, "a@mx.test").await.starts_with("451 4.7.1")
-        })
+        eventually(
+            Duration::from_secs(5),
+            &format!("node {i} learns the pause"),
+            || async move {
+                door(node, campaign, "a@mx.test")
+                    .await
+                    .starts_with("451 4.7.1")
+            },
+        )
         .await;
     }
     // The shared rate is back in use.
     let before = metric(c.admin(0), "floodgate_cluster_rate_leases_total").await;
     let mut s = c.nodes[0].client().await;
     s.ehlo().await;
-    s.send_mail("app@client.test", &["back@rate.test"], &message("back", "")).await;
+    s.send_mail("app@client.test", &["back@rate.test"], &message("back", ""))
+        .await;
     c.sink.wait_for(4, Duration::from_secs(15)).await;
     let addr = c.admin(0);
-    eventually(Duration::from_secs(5), "a lease taken after reconnection", || async move {
-        metric(addr, "floodgate_cluster_rate_leases_total").await > before
-    })
+    eventually(
+        Duration::from_secs(5),
+        "a lease taken after reconnection",
+        || async move { metric(addr, "floodgate_cluster_rate_leases_total").await > before },
+    )
     .await;
 }

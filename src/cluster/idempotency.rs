@@ -90,8 +90,14 @@ impl Cluster {
             Err(_) => Reservation::Unavailable,
         };
         match r {
-            Reservation::Replay(_) => self.stats.idempotency_replays.fetch_add(1, Ordering::Relaxed),
-            Reservation::InFlight => self.stats.idempotency_in_flight.fetch_add(1, Ordering::Relaxed),
+            Reservation::Replay(_) => self
+                .stats
+                .idempotency_replays
+                .fetch_add(1, Ordering::Relaxed),
+            Reservation::InFlight => self
+                .stats
+                .idempotency_in_flight
+                .fetch_add(1, Ordering::Relaxed),
             _ => 0,
         };
         r

@@ -247,16 +247,17 @@ impl Cluster {
         }
         self.stats.fallback_sends.fetch_add(1, Ordering::Relaxed);
         let share = rate::fallback(rate, self.divisor());
-        self.leases
-            .fallback(destination, share)
-            .until_ready()
-            .await;
+        self.leases.fallback(destination, share).until_ready().await;
     }
 
     /// The other live nodes' counts of `campaign`, summed (zero when alone or apart).
     /// Cheap: one lock and a lookup.
     pub fn remote_counts(&self, campaign: &str) -> Counts {
-        self.remote.lock().get(campaign).copied().unwrap_or_default()
+        self.remote
+            .lock()
+            .get(campaign)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// The registry as of the last heartbeat.

@@ -91,7 +91,10 @@ impl Cluster {
                     }
                     (app.alert)(
                         app.clock.now_ms(),
-                        format!("Redis unreachable ({e}); rates divided by {}", self.divisor()),
+                        format!(
+                            "Redis unreachable ({e}); rates divided by {}",
+                            self.divisor()
+                        ),
                     );
                 }
             }
@@ -107,8 +110,14 @@ impl Cluster {
         }
         b.beats += 1;
         let campaigns = app.campaigns.all();
-        let accepted: u64 = campaigns.iter().map(|c| c.accepted.load(Ordering::Relaxed)).sum();
-        let delivered: u64 = campaigns.iter().map(|c| c.delivered.load(Ordering::Relaxed)).sum();
+        let accepted: u64 = campaigns
+            .iter()
+            .map(|c| c.accepted.load(Ordering::Relaxed))
+            .sum();
+        let delivered: u64 = campaigns
+            .iter()
+            .map(|c| c.delivered.load(Ordering::Relaxed))
+            .sum();
         let per_sec = |then: u64, now_n: u64, secs: f64| now_n.saturating_sub(then) as f64 / secs;
         let (a_rate, d_rate) = match b.last {
             Some((at, a, d)) if now > at => {
@@ -176,7 +185,11 @@ impl Cluster {
     }
 
     /// Sums the other live nodes' counts per campaign (and drops forgotten nodes).
-    async fn read_counts(&self, others: Vec<String>, forgotten: Vec<String>) -> Result<(), ClusterError> {
+    async fn read_counts(
+        &self,
+        others: Vec<String>,
+        forgotten: Vec<String>,
+    ) -> Result<(), ClusterError> {
         if others.is_empty() && forgotten.is_empty() {
             self.remote.lock().clear();
             return Ok(());

@@ -17,6 +17,12 @@ use crate::config::Rate;
 /// lane that empties) wastes at most this many of the cluster's slots.
 pub const MAX_LEASE: u32 = 500;
 
+/// How late a slot may still be used when it is shorter than the lease's spacing: a
+/// fast destination's slots are microseconds apart, and a lane that sends a little
+/// slower than its rate must not throw its lease away (and pay a round trip) at every
+/// message. It bounds what a late lane adds to a window to this much of the rate.
+pub const GRACE: Duration = Duration::from_millis(50);
+
 /// Takes `ARGV[2]` consecutive slots `ARGV[1]` microseconds apart from the destination's
 /// theoretical arrival time, on Redis's own clock so that nodes' clocks never matter.
 /// Returns how many microseconds from now the first slot is.
@@ -63,8 +69,9 @@ pub fn fallback(rate: Rate, divisor: u32) -> Rate {
 /// One destination's leased slots and its fallback pace.
 struct Lane {
     slots: VecDeque<Instant>,
-    /// The lease's spacing: a slot missed by more than this is given up, so that a
-    /// lane that sat idle cannot spend its old slots at once, in a burst over the rate.
+    /// The lease's spacing: a slot missed by more than this (or [`GRACE`]) is given up,
+    /// so that a lane that sat idle cannot spend its old slots at once, in a burst over
+    /// the rate.
     interval: Duration,
     fallback: Option<(Rate, Arc<DefaultDirectRateLimiter>)>,
 }
@@ -82,7 +89,8 @@ impl Leases {
         let mut lanes = self.lanes.lock();
         let lane = lanes.get_mut(key)?;
         let now = Instant::now();
-        while lane.slots.front().is_some_and(|s| *s + lane.interval < now) {
+        let grace = lane.interval.max(GRACE);
+        while lane.slots.front().is_some_and(|s| *s + grace < now) {
             lane.slots.pop_front();
         }
         lane.slots.pop_front()
@@ -135,7 +143,14 @@ mod tests {
         assert_eq!(lease_size(ten, Duration::from_secs(1), 100), 10);
         assert_eq!(lease_size(ten, Duration::from_secs(1), 3), 3);
         assert_eq!(lease_size(ten, Duration::from_millis(50), 100), 1);
-        assert_eq!(lease_size(Rate::per_second(1_000_000), Duration::from_secs(1), usize::MAX), MAX_LEASE);
+        assert_eq!(
+            lease_size(
+                Rate::per_second(1_000_000),
+                Duration::from_secs(1),
+                usize::MAX
+            ),
+            MAX_LEASE
+        );
         assert_eq!(interval(ten), Duration::from_millis(100));
         assert_eq!(fallback(ten, 3).per, Duration::from_secs(3));
         assert_eq!(fallback(ten, 0).per, Duration::from_secs(1));

@@ -169,13 +169,19 @@ impl Cluster {
             if added.is_err() {
                 return;
             }
-            self.stats.suppressions_shared.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .suppressions_shared
+                .fetch_add(1, Ordering::Relaxed);
             held.pop_front();
         }
     }
 
     /// Applies the other nodes' changes after this node's read position.
-    async fn catch_up(&self, list: &Suppressions, position: &mut Option<String>) -> Result<(), ClusterError> {
+    async fn catch_up(
+        &self,
+        list: &Suppressions,
+        position: &mut Option<String>,
+    ) -> Result<(), ClusterError> {
         if position.is_none() {
             let key = self.position();
             let stored: Option<String> = self
@@ -203,11 +209,18 @@ impl Cluster {
         };
         let last = last.clone();
         for (_, fields) in entries {
-            let from = fields.iter().find(|(k, _)| k == "node").map(|(_, v)| v.as_slice());
+            let from = fields
+                .iter()
+                .find(|(k, _)| k == "node")
+                .map(|(_, v)| v.as_slice());
             if from == Some(self.node.as_bytes()) {
                 continue;
             }
-            let Some(change) = fields.iter().find(|(k, _)| k == "change").and_then(|(_, v)| decode(v)) else {
+            let Some(change) = fields
+                .iter()
+                .find(|(k, _)| k == "change")
+                .and_then(|(_, v)| decode(v))
+            else {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
@@ -215,12 +228,20 @@ impl Cluster {
                 tracing::warn!(error = %e, "a shared suppression change was not applied");
                 return Ok(());
             }
-            self.stats.suppressions_applied.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .suppressions_applied
+                .fetch_add(1, Ordering::Relaxed);
         }
         let key = self.position();
         let at = last.clone();
-        self.call(|mut c| async move { redis::cmd("SET").arg(key).arg(at).query_async::<()>(&mut c).await })
-            .await?;
+        self.call(|mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(at)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await?;
         *position = Some(last);
         Ok(())
     }
@@ -253,7 +274,9 @@ mod tests {
         assert_eq!(decode(b"{}"), None);
         // An entry that does not parse is left out, the rest applies.
         let odd = br#"{"op":"add","entries":[{"target":"","scope":"","reason":"manual","source":"x","expires_ms":null},{"target":"a@b.test","scope":"","reason":"manual","source":"x","expires_ms":null}]}"#;
-        let Some(Shared::Add(kept)) = decode(odd) else { panic!() };
+        let Some(Shared::Add(kept)) = decode(odd) else {
+            panic!()
+        };
         assert_eq!(kept.len(), 1);
     }
 

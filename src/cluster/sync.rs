@@ -68,9 +68,13 @@ impl Cluster {
                     self.connected.store(true, Ordering::Relaxed);
                     tracing::info!(node = %self.node, settings = n, "cluster state loaded");
                 }
-                Err(e) => tracing::warn!(error = %e, "cluster state not loaded; starting on local state"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster state not loaded; starting on local state")
+                }
             },
-            Err(e) => tracing::warn!(error = %e, "Redis unreachable at start; starting on local state"),
+            Err(e) => {
+                tracing::warn!(error = %e, "Redis unreachable at start; starting on local state")
+            }
         }
         supervisor.spawn(
             "cluster heartbeat",
@@ -172,7 +176,11 @@ impl Cluster {
         }
     }
 
-    async fn follow(&self, app: &Applier, shutdown: &CancellationToken) -> Result<(), ClusterError> {
+    async fn follow(
+        &self,
+        app: &Applier,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ClusterError> {
         let timeout = self.config.connect_timeout.0;
         let mut pubsub = tokio::time::timeout(timeout, self.client.get_async_pubsub())
             .await
@@ -228,7 +236,8 @@ impl Cluster {
                 if paused && !was {
                     app.queue.hold_in_background(name.clone());
                 } else if !paused && was {
-                    app.queue.release_in_background(name.clone(), app.wake.clone());
+                    app.queue
+                        .release_in_background(name.clone(), app.wake.clone());
                 }
                 let state = CampaignState {
                     name,

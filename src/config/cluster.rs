@@ -66,7 +66,10 @@ impl ClusterConfig {
         if self.prefix.is_empty() || self.prefix.contains(char::is_whitespace) {
             return Err("prefix must be a non-empty word");
         }
-        if self.node.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        if self
+            .node
+            .contains(|c: char| c.is_whitespace() || c.is_control())
+        {
             return Err("node must have no spaces or control characters");
         }
         Ok(())

@@ -345,12 +345,20 @@ impl Api {
             _ => None,
         };
         let cluster_key = reserved.map(|c| (c, idempotency.as_ref().map(|i| i.key.clone())));
-        let response = self.prepare(config, caller, raw, query, &body, idempotency).await;
+        let response = self
+            .prepare(config, caller, raw, query, &body, idempotency)
+            .await;
         if let Some((cluster, Some(key))) = cluster_key {
             let ttl = config.http.idempotency_ttl.0;
             // What the local commit remembered is what the other nodes replay; nothing
             // remembered (a temporary refusal) frees the key for a retry.
-            let remembered = self.intake.queue.idempotent_response(&key, ttl).await.ok().flatten();
+            let remembered = self
+                .intake
+                .queue
+                .idempotent_response(&key, ttl)
+                .await
+                .ok()
+                .flatten();
             cluster.settle(&key, remembered, ttl).await;
         }
         response

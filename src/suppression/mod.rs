@@ -360,7 +360,9 @@ impl Suppressions {
     /// Adds entries and answers once they are on disk (the API and imports).
     pub async fn add(&self, entries: Vec<NewEntry>) -> Result<usize, SuppressionError> {
         self.share(|| Shared::Add(entries.clone()));
-        self.apply(Shared::Add(entries)).await.map(|n| n.unwrap_or(0))
+        self.apply(Shared::Add(entries))
+            .await
+            .map(|n| n.unwrap_or(0))
     }
 
     /// Sends this node's changes to `tx` from now on (cluster mode).
