@@ -74,11 +74,12 @@ impl Cluster {
         }
         let rkey = self.keys.idempotency(key);
         let mine = format!("{PENDING}{}", self.node);
+        let arg = mine.clone();
         let held: Result<Option<String>, _> = self
             .call(|mut c| async move {
                 redis::Script::new(RESERVE_SCRIPT)
                     .key(rkey)
-                    .arg(mine)
+                    .arg(arg)
                     .arg(IN_FLIGHT.as_millis() as u64)
                     .invoke_async(&mut c)
                     .await
@@ -86,6 +87,9 @@ impl Cluster {
             .await;
         let r = match held {
             Ok(None) => Reservation::Reserved,
+            // This node's own reservation, left by a run that stopped mid-request: the
+            // local in-flight set already keeps concurrent duplicates apart here.
+            Ok(Some(value)) if value == mine => Reservation::Reserved,
             Ok(Some(value)) => read(&value),
             Err(_) => Reservation::Unavailable,
         };

@@ -163,7 +163,7 @@ mod tests {
         fn slots_keep_the_rate(count in 1u32..200, per_ms in 1u64..5000, first_ms in 0u64..5000, waiting in 0usize..1000) {
             let rate = Rate { count, per: Duration::from_millis(per_ms) };
             let n = lease_size(rate, Duration::from_secs(1), waiting);
-            prop_assert!(n >= 1 && n <= MAX_LEASE);
+            prop_assert!((1..=MAX_LEASE).contains(&n));
             let s = slots(Duration::from_millis(first_ms), interval(rate), n);
             prop_assert_eq!(s.len(), n as usize);
             for (i, start) in s.iter().enumerate() {

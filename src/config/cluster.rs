@@ -87,3 +87,44 @@ impl ClusterConfig {
             .unwrap_or_else(|| "floodgate".to_owned())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/floodgate/test.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn absent_means_single_node() {
+        assert_eq!(parse("").unwrap().cluster, None);
+    }
+
+    #[test]
+    fn defaults_and_refusals() {
+        let c = parse("[cluster]\nredis = \"rediss://:secret@10.0.0.5:6380/0\"\nnode = \"mx1\"\n")
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.node_name(), "mx1");
+        assert_eq!(c.command_timeout.0, std::time::Duration::from_millis(250));
+        assert_eq!(c.fallback_divisor, 0);
+        for (bad, why) in [
+            ("redis = \"http://x\"", "redis://"),
+            ("redis = \"redis://x\"\nnode_ttl = \"1s\"", "node_ttl"),
+            ("redis = \"redis://x\"\ncommand_timeout = \"0s\"", "above 0"),
+            ("redis = \"redis://x\"\nnode = \"a b\"", "node"),
+            ("redis = \"redis://x\"\nprefix = \"\"", "prefix"),
+        ] {
+            let e = parse(&format!("[cluster]\n{bad}\n")).unwrap_err();
+            assert!(e.contains("cluster") && e.contains(why), "{bad}: {e}");
+        }
+        assert!(
+            parse("[cluster]\nredis = \"redis://x\"\nbogus = 1\n").is_err(),
+            "unknown keys are errors"
+        );
+    }
+}

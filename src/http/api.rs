@@ -377,7 +377,7 @@ impl Api {
         let prepared = if raw {
             raw_message(query.as_deref(), body.to_vec())
         } else {
-            json_message(&body)
+            json_message(body)
         };
         let prepared = match prepared {
             Ok(p) => p,
