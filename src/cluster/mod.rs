@@ -217,6 +217,7 @@ impl Cluster {
             let key = self.keys.rate(destination);
             let script = self.lease_script.clone();
             let micros = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
+            let sent = tokio::time::Instant::now();
             let leased = self
                 .call(|mut c| async move {
                     script
@@ -229,10 +230,11 @@ impl Cluster {
                 .await;
             match leased {
                 Ok(first_us) => {
-                    let at = tokio::time::Instant::now();
+                    // Redis read its clock about halfway through the round trip.
+                    let at = sent + (tokio::time::Instant::now() - sent) / 2;
                     let first = Duration::from_micros(u64::try_from(first_us).unwrap_or(0));
                     self.leases
-                        .store(destination, at, interval, rate::slots(first, interval, n));
+                        .store(destination, at, rate::slots(first, interval, n));
                     self.stats.leases.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .leased_slots

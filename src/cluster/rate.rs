@@ -17,10 +17,11 @@ use crate::config::Rate;
 /// lane that empties) wastes at most this many of the cluster's slots.
 pub const MAX_LEASE: u32 = 500;
 
-/// How late a slot may still be used when it is shorter than the lease's spacing: a
-/// fast destination's slots are microseconds apart, and a lane that sends a little
-/// slower than its rate must not throw its lease away (and pay a round trip) at every
-/// message. It bounds what a late lane adds to a window to this much of the rate.
+/// How late a slot may still be used. A fast destination's slots are microseconds
+/// apart, and a lane that sends a little slower than its rate must not throw its lease
+/// away (and pay a round trip) at every message; a slow one's must not be spent so late
+/// that it lands next to the following slot. Either way a window of the rate holds at
+/// most this much of the rate more than the rate.
 pub const GRACE: Duration = Duration::from_millis(50);
 
 /// Takes `ARGV[2]` consecutive slots `ARGV[1]` microseconds apart from the destination's
@@ -69,10 +70,6 @@ pub fn fallback(rate: Rate, divisor: u32) -> Rate {
 /// One destination's leased slots and its fallback pace.
 struct Lane {
     slots: VecDeque<Instant>,
-    /// The lease's spacing: a slot missed by more than this (or [`GRACE`]) is given up,
-    /// so that a lane that sat idle cannot spend its old slots at once, in a burst over
-    /// the rate.
-    interval: Duration,
     fallback: Option<(Rate, Arc<DefaultDirectRateLimiter>)>,
 }
 
@@ -89,22 +86,19 @@ impl Leases {
         let mut lanes = self.lanes.lock();
         let lane = lanes.get_mut(key)?;
         let now = Instant::now();
-        let grace = lane.interval.max(GRACE);
-        while lane.slots.front().is_some_and(|s| *s + grace < now) {
+        while lane.slots.front().is_some_and(|s| *s + GRACE < now) {
             lane.slots.pop_front();
         }
         lane.slots.pop_front()
     }
 
     /// Stores a lease that arrived at `at`.
-    pub fn store(&self, key: &str, at: Instant, interval: Duration, offsets: Vec<Duration>) {
+    pub fn store(&self, key: &str, at: Instant, offsets: Vec<Duration>) {
         let mut lanes = self.lanes.lock();
         let lane = lanes.entry(key.to_owned()).or_insert_with(|| Lane {
             slots: VecDeque::new(),
-            interval,
             fallback: None,
         });
-        lane.interval = interval;
         lane.slots.extend(offsets.into_iter().map(|o| at + o));
     }
 
@@ -113,7 +107,6 @@ impl Leases {
         let mut lanes = self.lanes.lock();
         let lane = lanes.entry(key.to_owned()).or_insert_with(|| Lane {
             slots: VecDeque::new(),
-            interval: Duration::ZERO,
             fallback: None,
         });
         match &lane.fallback {
@@ -178,9 +171,9 @@ mod tests {
         let leases = Leases::default();
         let step = Duration::from_millis(10);
         let long_ago = Instant::now() - Duration::from_secs(5);
-        leases.store("d", long_ago, step, slots(Duration::ZERO, step, 3));
+        leases.store("d", long_ago, slots(Duration::ZERO, step, 3));
         assert!(leases.next_slot("d").is_none(), "missed slots are given up");
-        leases.store("d", Instant::now(), step, slots(Duration::ZERO, step, 3));
+        leases.store("d", Instant::now(), slots(Duration::ZERO, step, 3));
         assert!(leases.next_slot("d").is_some());
         assert_eq!(leases.unused(), 2);
         assert!(leases.next_slot("other").is_none());
