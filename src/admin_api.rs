@@ -292,6 +292,9 @@ pub struct StatusResponse {
     /// Destinations suspended for being unreachable, by name.
     #[serde(default)]
     pub suspended: Vec<SuspendedDestination>,
+    /// The cluster as this node sees it; absent without `[cluster]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
 }
 
 /// A destination none of whose hosts took a connection: nothing is tried there before
@@ -306,6 +309,37 @@ pub struct SuspendedDestination {
     /// The failed attempt that suspended it and the failed probes since, in a row.
     pub failures: u32,
     pub last_reply: String,
+}
+
+/// `[cluster]` in `GET /admin/v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The node that answered.
+    pub node: String,
+    /// Whether its last heartbeat reached Redis.
+    pub connected: bool,
+    /// What a destination's rate is divided by while Redis is away.
+    pub fallback_divisor: u32,
+    /// Every node in the registry, live or not, by name.
+    pub nodes: Vec<ClusterNode>,
+    /// Sums over the live nodes.
+    pub accepted_per_sec: f64,
+    pub delivered_per_sec: f64,
+    pub queued: u64,
+}
+
+/// One node of the registry, as of its last heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterNode {
+    pub node: String,
+    pub alive: bool,
+    pub last_heartbeat_ms: i64,
+    pub accepted_per_sec: f64,
+    pub delivered_per_sec: f64,
+    /// Recipients waiting in that node's own spool.
+    pub queued: u64,
+    pub accepted_total: u64,
+    pub delivered_total: u64,
 }
 
 /// One TLS-RPT counter: sessions of one result with one MX host on one UTC day.

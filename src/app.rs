@@ -17,6 +17,7 @@ use crate::bounce::{Classifier, RulesError};
 use crate::campaign::Campaigns;
 use crate::canary::Canary;
 use crate::clock::{Clock, SystemClock};
+use crate::cluster::Cluster;
 use crate::config::{Config, TlsConfig, token};
 use crate::deliver::smtp::SmtpCourier;
 use crate::deliver::sts::Sts;
@@ -70,6 +71,8 @@ pub enum AppError {
     BounceRules(#[from] RulesError),
     #[error("cannot open the suppression list: {0}")]
     Suppressions(#[from] SuppressionError),
+    #[error("[cluster]: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// What the daemon takes from outside; tests pass their own.
@@ -275,6 +278,10 @@ impl App {
         let delivery_enabled = config.delivery.enabled;
         let unsubscribe = unsubscribe_signer(&config);
         let disabled_webhooks = Arc::new(DisabledEndpoints::default());
+        let cluster = match &config.cluster {
+            Some(c) => Some(Cluster::new(c)?),
+            None => None,
+        };
         let intake = Arc::new(Intake {
             config: Arc::new(ArcSwap::from_pointee(config)),
             policy: Policy {
@@ -291,6 +298,7 @@ impl App {
             signing: Arc::new(Signing::new(signers)),
             unsubscribe,
             batches: Arc::default(),
+            cluster,
         });
         let background = CancellationToken::new();
         let tls_reports = Arc::new(TlsReports::new(
@@ -314,6 +322,23 @@ impl App {
             events,
             events_task,
         } = Background::start(&intake, campaigns, &faillog, &background, &supervisor);
+        if let Some(cluster) = &intake.cluster {
+            // Before any listener serves: the pauses made elsewhere apply to the first
+            // message (bounded by the connect timeout when Redis is away).
+            let alerts = guard.clone();
+            let applier = Arc::new(crate::cluster::Applier {
+                campaigns: intake.campaigns().clone(),
+                queue: intake.queue.clone(),
+                wake: intake.wake.clone(),
+                clock: intake.clock.clone(),
+                faillog: faillog.clone(),
+                suppressions: intake.policy.suppressions.clone(),
+                alert: Box::new(move |now, message| alerts.cluster_alert(now, message)),
+            });
+            cluster
+                .start(applier, &supervisor, background.clone())
+                .await;
+        }
         let canary = Arc::new(Canary::new(intake.clone(), guard.clone()));
         let queue_delays = intake.queue.delays().clone();
         supervisor.spawn(CANARY, canary.clone().run(background.clone()));
@@ -473,7 +498,8 @@ impl App {
             )
             .with_outcomes(self.outcomes.clone())
             .with_canary(self.canary.stamps())
-            .with_suspensions(self.suspensions.clone()),
+            .with_suspensions(self.suspensions.clone())
+            .with_cluster(intake.cluster.clone()),
         );
         self.supervisor.spawn(SCHEDULER, scheduler.clone().run());
         *running = Some(scheduler);
@@ -645,12 +671,15 @@ impl Background {
         background: &CancellationToken,
         supervisor: &Supervisor,
     ) -> Background {
-        let guard = Arc::new(Guard::new(
-            campaigns.clone(),
-            intake.config.clone(),
-            intake.queue.clone(),
-            faillog.clone(),
-        ));
+        let guard = Arc::new(
+            Guard::new(
+                campaigns.clone(),
+                intake.config.clone(),
+                intake.queue.clone(),
+                faillog.clone(),
+            )
+            .with_cluster(intake.cluster.clone()),
+        );
         supervisor.spawn(
             "guard",
             guard.clone().run(background.clone(), supervisor.clone()),

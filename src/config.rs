@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub mod canary;
+pub mod cluster;
 pub mod delivery;
 pub mod diff;
 pub mod dkim;
@@ -24,6 +25,7 @@ pub mod tls_report;
 pub mod token;
 
 pub use canary::CanaryConfig;
+pub use cluster::ClusterConfig;
 pub use delivery::{DeliveryConfig, Rate, StsMode};
 pub use dkim::{DkimAlgorithm, DkimConfig};
 pub use duration::Dur;
@@ -107,6 +109,9 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub canary: CanaryConfig,
+    /// Absent: a single node, no Redis.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
     #[serde(default)]
@@ -422,6 +427,11 @@ impl Config {
         self.canary
             .validate()
             .map_err(|why| Refusal::new("canary", why))?;
+        if let Some(cluster) = &self.cluster {
+            cluster
+                .validate()
+                .map_err(|why| Refusal::new("cluster", why))?;
+        }
         self.events
             .validate()
             .map_err(|why| Refusal::new("events", why))

@@ -15,10 +15,10 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::campaign::{Campaign, Campaigns, Tally};
+use crate::cluster::{Cluster, Counts, Setting};
 use crate::config::{Config, GuardAction, GuardConfig};
 use crate::faillog::FailLog;
 use crate::queue::{CampaignState, Queue};
-use crate::reason::Reason;
 use crate::supervise::Supervisor;
 
 /// Alerts kept in memory for the API and dashboard.
@@ -59,17 +59,16 @@ struct Window {
 }
 
 impl Sample {
-    /// `c`'s cumulative counts now.
-    fn of(c: &Campaign, now_ms: i64) -> Sample {
-        let Tally { failed, presented } = c.tally();
-        let relay_failed = c.failures(Reason::Rejected) + c.failures(Reason::Expired);
-        let delivered = c.delivered.load(Ordering::Relaxed);
+    /// `c`'s cumulative counts now, plus `others` (the other nodes' in cluster mode).
+    fn of(c: &Campaign, others: Counts, now_ms: i64) -> Sample {
+        let mut counts = Counts::of(c);
+        counts.add(others);
         Sample {
             at: now_ms,
-            presented,
-            failed,
-            attempted: delivered + relay_failed,
-            relay_failed,
+            presented: counts.presented,
+            failed: counts.failed,
+            attempted: counts.attempted,
+            relay_failed: counts.relay_failed,
         }
     }
 }
@@ -152,6 +151,9 @@ pub struct Guard {
     hook: tokio::sync::mpsc::Sender<Alert>,
     hook_rx: Mutex<Option<tokio::sync::mpsc::Receiver<Alert>>>,
     pub stats: GuardStats,
+    /// In cluster mode: the other nodes' counts are added to this node's, and a pause
+    /// is published to every node.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Guard {
@@ -174,7 +176,19 @@ impl Guard {
             hook: tx,
             hook_rx: Mutex::new(Some(rx)),
             stats: GuardStats::default(),
+            cluster: None,
         }
+    }
+
+    /// Judges on the cluster's sums and publishes its pauses.
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Guard {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Alerts that Redis is unreachable (at most once a minute, as every system alert).
+    pub fn cluster_alert(&self, now_ms: i64, message: String) {
+        self.system_alert(now_ms, "cluster_disconnected", message);
     }
 
     /// Ticks once a second until shutdown; the alert sender runs beside it, supervised.
@@ -195,6 +209,14 @@ impl Guard {
                     // Its queued recipients leave the due index, so that what the flood
                     // already queued costs the scheduler nothing while it waits.
                     self.queue.hold_in_background(campaign.clone());
+                    if let Some(cluster) = &self.cluster {
+                        let setting = Setting::Campaign {
+                            name: campaign.clone(),
+                            paused: true,
+                            blocked_until: 0,
+                        };
+                        cluster.publish(setting, now);
+                    }
                     let state = CampaignState {
                         name: campaign,
                         paused: true,
@@ -228,7 +250,13 @@ impl Guard {
                     w.tripped = false;
                 }
                 w.paused = paused;
-                let Some(window) = w.observe(Sample::of(&c, now_ms), window_ms, rule) else {
+                let others = self
+                    .cluster
+                    .as_ref()
+                    .map(|cl| cl.remote_counts(&c.name))
+                    .unwrap_or_default();
+                let Some(window) = w.observe(Sample::of(&c, others, now_ms), window_ms, rule)
+                else {
                     continue;
                 };
                 let ratio = window.ratio();
@@ -360,6 +388,7 @@ impl Guard {
 mod tests {
     use super::*;
     use crate::clock::SystemClock;
+    use crate::reason::Reason;
 
     fn guard() -> (Guard, Arc<Campaigns>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();

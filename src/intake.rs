@@ -32,6 +32,8 @@ pub struct Intake {
     pub unsubscribe: Option<Arc<Signer>>,
     /// Batch sends' counters: the door counts uploads, the renderer deliveries.
     pub batches: Arc<crate::batch_stats::BatchStats>,
+    /// The shared state of `[cluster]`, when configured.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Intake {

@@ -10,6 +10,7 @@ pub mod bounce;
 pub mod campaign;
 pub mod canary;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod ctl;
 pub mod deliver;

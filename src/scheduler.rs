@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::bounce::{BounceClass, Classifier};
 use crate::campaign::Campaigns;
+use crate::cluster::Cluster;
 use crate::config::{Config, DeliveryConfig, Rate, Transport};
 use crate::deliver::{Courier, Destination, Enhanced, FailureSink, Job, Outcome, Reply};
 use crate::dkim::Signing;
@@ -74,6 +75,8 @@ pub fn backoff(schedule: &[Duration], attempt: u32, jitter: f64) -> Duration {
 }
 
 struct Lane {
+    /// The destination's key (its rate's name, and its shared bucket in cluster mode).
+    key: String,
     jobs: Mutex<VecDeque<Job>>,
     /// Replaced when a reload changes the destination's rate; `changed` wakes a lane
     /// waiting on the old one.
@@ -92,6 +95,7 @@ impl Lane {
     fn new(delivery: &DeliveryConfig, key: &str) -> Lane {
         let rate = delivery.rate_for(key);
         Lane {
+            key: key.to_owned(),
             jobs: Mutex::default(),
             limiter: ArcSwap::from_pointee(RateLimiter::direct(rate.quota())),
             rate: Mutex::new(rate),
@@ -124,8 +128,19 @@ impl Lane {
     }
 
     /// Waits for the lane's rate to allow one more transaction, following a reload
-    /// that swaps the limiter while it waits.
-    async fn rate_ready(&self) {
+    /// that swaps the limiter while it waits; in cluster mode then for the cluster's
+    /// share of it too.
+    async fn rate_ready(&self, cluster: Option<&Cluster>) {
+        self.local_rate_ready().await;
+        if let Some(cluster) = cluster {
+            let rate = *self.rate.lock();
+            cluster
+                .pace(&self.key, rate, self.backlog.load(Ordering::Relaxed))
+                .await;
+        }
+    }
+
+    async fn local_rate_ready(&self) {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -210,6 +225,8 @@ pub struct Scheduler {
     passes: Passes,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// Shares destination rates with the other nodes, when `[cluster]` is set.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Scheduler {
@@ -243,7 +260,14 @@ impl Scheduler {
             passes: Passes::default(),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            cluster: None,
         }
+    }
+
+    /// Paces every destination at its cluster-wide rate.
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Scheduler {
+        self.cluster = cluster;
+        self
     }
 
     /// Logs outcomes through `outcomes` (the daemon's, which outlives a scheduler that a
@@ -462,7 +486,7 @@ impl Scheduler {
             let ready = async {
                 let local = lane.concurrency.clone().acquire_owned().await;
                 let global = self.global.clone().acquire_owned().await;
-                lane.rate_ready().await;
+                lane.rate_ready(self.cluster.as_deref()).await;
                 (local, global)
             };
             let (local, global) = tokio::select! {

@@ -373,7 +373,7 @@ fn queue_alert_webhook_and_status_types_match_their_schemas() {
             events_dropped: 0,
         }],
     );
-    let status = |faillog: FailLogView| StatusResponse {
+    let status = |faillog: FailLogView, cluster: bool| StatusResponse {
         uptime_secs: 5,
         accepted_total: 10,
         delivered_total: 4,
@@ -411,11 +411,29 @@ fn queue_alert_webhook_and_status_types_match_their_schemas() {
             failures: 1,
             last_reply: "451 4.4.1 connection refused".into(),
         }],
+        cluster: cluster.then(|| floodgate::admin_api::ClusterStatus {
+            node: "mx1".into(),
+            connected: true,
+            fallback_divisor: 2,
+            nodes: vec![floodgate::admin_api::ClusterNode {
+                node: "mx1".into(),
+                alive: true,
+                last_heartbeat_ms: 1_700_000_000_000,
+                accepted_per_sec: 12.5,
+                delivered_per_sec: 10.0,
+                queued: 30,
+                accepted_total: 1000,
+                delivered_total: 970,
+            }],
+            accepted_per_sec: 12.5,
+            delivered_per_sec: 10.0,
+            queued: 30,
+        }),
     };
     type_is_documented(
         &doc,
         "StatusResponse",
-        &[status(faillog(true)), status(faillog(false))],
+        &[status(faillog(true), true), status(faillog(false), false)],
     );
 }
 

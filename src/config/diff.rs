@@ -82,6 +82,9 @@ impl Config {
             "canary",
             [enabled, interval, timeout, slow, probes]
         );
+        if self.cluster != new.cluster {
+            out.push("cluster".to_owned());
+        }
         out
     }
 
@@ -258,6 +261,8 @@ impl Config {
         self.suppression.unsubscribe = running.suppression.unsubscribe.clone();
         self.smtp.auth_fail_interval = running.smtp.auth_fail_interval;
         self.log.format = running.log.format;
+        // The connection and its tasks are built once, at start.
+        self.cluster = running.cluster.clone();
     }
 }
 

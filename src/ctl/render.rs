@@ -187,6 +187,9 @@ pub fn status(addr: &str, v: &StatusResponse) -> String {
     let _ = writeln!(out, "campaigns     {}, {held}", v.campaigns);
     let _ = writeln!(out, "failure log   {}", faillog_line(&v.faillog));
     let _ = writeln!(out, "alerts        {} (floodgate ctl alerts)", v.alerts);
+    if let Some(c) = &v.cluster {
+        cluster_lines(&mut out, c);
+    }
     for p in &v.canary {
         let took = p.stages.last().map(|s| s.after_ms).unwrap_or(0);
         let slow = if p.slow { ", slow" } else { "" };
@@ -207,6 +210,33 @@ pub fn status(addr: &str, v: &StatusResponse) -> String {
         );
     }
     out
+}
+
+/// The cluster block of `ctl status`: one line, then a line per node.
+fn cluster_lines(out: &mut String, c: &crate::admin_api::ClusterStatus) {
+    let link = if c.connected {
+        "connected".to_owned()
+    } else {
+        format!("DISCONNECTED, rates divided by {}", c.fallback_divisor)
+    };
+    let live = c.nodes.iter().filter(|n| n.alive).count();
+    let _ = writeln!(
+        out,
+        "cluster       node {}, {link}; {live} of {} nodes live, {:.1} accepted/s, {:.1} delivered/s, {} queued",
+        c.node,
+        c.nodes.len(),
+        c.accepted_per_sec,
+        c.delivered_per_sec,
+        c.queued
+    );
+    for n in &c.nodes {
+        let state = if n.alive { "live" } else { "gone" };
+        let _ = writeln!(
+            out,
+            "  {:<12}{state}, heartbeat at {} ms, {:.1} accepted/s, {:.1} delivered/s, {} queued",
+            n.node, n.last_heartbeat_ms, n.accepted_per_sec, n.delivered_per_sec, n.queued
+        );
+    }
 }
 
 fn faillog_line(f: &FailLogView) -> String {

@@ -23,6 +23,7 @@ use compose::{Body_, Prepared, build_mime, json_message, raw_message};
 
 use super::{Body, error};
 use crate::address::Mailbox;
+use crate::cluster::Reservation;
 use crate::config::{ApiKeyConfig, Config};
 use crate::intake::Intake;
 use crate::policy::Submitter;
@@ -329,10 +330,54 @@ impl Api {
         {
             return response;
         }
+        let reserved = match (&idempotency, &self.intake.cluster) {
+            (Some(i), Some(cluster)) => match cluster.reserve(&i.key).await {
+                Reservation::Replay(earlier) => return replay_for(i, earlier),
+                Reservation::InFlight => {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "a request with this Idempotency-Key is in progress on another node",
+                    );
+                }
+                Reservation::Reserved => Some(cluster.clone()),
+                Reservation::Unavailable => None,
+            },
+            _ => None,
+        };
+        let cluster_key = reserved.map(|c| (c, idempotency.as_ref().map(|i| i.key.clone())));
+        let response = self
+            .prepare(config, caller, raw, query, &body, idempotency)
+            .await;
+        if let Some((cluster, Some(key))) = cluster_key {
+            let ttl = config.http.idempotency_ttl.0;
+            // What the local commit remembered is what the other nodes replay; nothing
+            // remembered (a temporary refusal) frees the key for a retry.
+            let remembered = self
+                .intake
+                .queue
+                .idempotent_response(&key, ttl)
+                .await
+                .ok()
+                .flatten();
+            cluster.settle(&key, remembered, ttl).await;
+        }
+        response
+    }
+
+    /// Parses the request and submits it.
+    async fn prepare(
+        &self,
+        config: &Config,
+        caller: &Caller,
+        raw: bool,
+        query: Option<String>,
+        body: &[u8],
+        idempotency: Option<Idempotency>,
+    ) -> Response<Body> {
         let prepared = if raw {
             raw_message(query.as_deref(), body.to_vec())
         } else {
-            json_message(&body)
+            json_message(body)
         };
         let prepared = match prepared {
             Ok(p) => p,

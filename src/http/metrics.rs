@@ -24,6 +24,8 @@ use crate::queue::RecipientState;
 use crate::queue::Totals;
 use crate::reason::Reason;
 
+mod cluster;
+
 /// Campaigns listed by name in per-campaign series; the rest only count in the totals,
 /// so a flood of campaign names cannot blow up the scrape.
 const TOP_CAMPAIGNS: usize = 50;
@@ -745,7 +747,7 @@ pub async fn render(admin: &Admin) -> Response<Body> {
     super::text(
         StatusCode::OK,
         "text/plain; version=0.0.4",
-        write(METRICS, &snapshot),
+        write(METRICS, &snapshot) + &write(cluster::METRICS, &snapshot),
     )
 }
 
@@ -793,12 +795,13 @@ mod tests {
 
     #[test]
     fn every_series_is_named_once_and_typed_by_its_suffix() {
-        let mut names: Vec<&str> = METRICS.iter().map(|m| m.name).collect();
+        let all = || METRICS.iter().chain(cluster::METRICS);
+        let mut names: Vec<&str> = all().map(|m| m.name).collect();
         names.sort_unstable();
         let len = names.len();
         names.dedup();
         assert_eq!(names.len(), len, "a metric is defined twice");
-        for m in METRICS {
+        for m in all() {
             assert!(m.name.starts_with("floodgate_"), "{}", m.name);
             assert_eq!(
                 m.name.ends_with("_total"),

@@ -253,6 +253,16 @@ pub struct Suppressions {
     path: std::path::PathBuf,
     clock: Arc<dyn Clock>,
     pub stats: Arc<Stats>,
+    /// In cluster mode, where this node's own changes go to be shared (bounded; what
+    /// does not fit is counted by the cluster, never waited for).
+    shared: std::sync::OnceLock<tokio::sync::mpsc::Sender<Shared>>,
+}
+
+/// A change of the list made on this node, for cluster mode to share with the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shared {
+    Add(Vec<NewEntry>),
+    Remove(Scope, Target),
 }
 
 impl Suppressions {
@@ -312,6 +322,7 @@ impl Suppressions {
                 path,
                 clock,
                 stats,
+                shared: std::sync::OnceLock::new(),
             }),
             handle,
         ))
@@ -348,9 +359,40 @@ impl Suppressions {
 
     /// Adds entries and answers once they are on disk (the API and imports).
     pub async fn add(&self, entries: Vec<NewEntry>) -> Result<usize, SuppressionError> {
-        let (done, wait) = oneshot::channel();
-        self.send(Op::Add(entries, Some(done))).await?;
-        wait.await.map_err(|_| SuppressionError::Closed)?
+        self.share(|| Shared::Add(entries.clone()));
+        self.apply(Shared::Add(entries))
+            .await
+            .map(|n| n.unwrap_or(0))
+    }
+
+    /// Sends this node's changes to `tx` from now on (cluster mode).
+    pub fn share_with(&self, tx: tokio::sync::mpsc::Sender<Shared>) {
+        let _ = self.shared.set(tx);
+    }
+
+    fn share(&self, change: impl FnOnce() -> Shared) {
+        if let Some(tx) = self.shared.get() {
+            // Full: the cluster counts what it could not share; the door never waits.
+            let _ = tx.try_send(change());
+        }
+    }
+
+    /// Applies a change (another node's, or this node's own) without sharing it:
+    /// `Ok(Some(n))` entries added, `Ok(None)` for a removal.
+    pub async fn apply(&self, change: Shared) -> Result<Option<usize>, SuppressionError> {
+        match change {
+            Shared::Add(entries) => {
+                let (done, wait) = oneshot::channel();
+                self.send(Op::Add(entries, Some(done))).await?;
+                wait.await.map_err(|_| SuppressionError::Closed)?.map(Some)
+            }
+            Shared::Remove(scope, target) => {
+                let (done, wait) = oneshot::channel();
+                self.send(Op::Remove(scope, target, done)).await?;
+                wait.await.map_err(|_| SuppressionError::Closed)??;
+                Ok(None)
+            }
+        }
     }
 
     /// Hands `op` to the writer. A full channel means a bounce flood is being written:
@@ -367,6 +409,7 @@ impl Suppressions {
     /// refused), on disk with the writer's next batch. Never blocks; a full channel is
     /// counted.
     pub fn record(&self, entries: Vec<NewEntry>) {
+        self.share(|| Shared::Add(entries.clone()));
         self.index.insert_entries(&entries);
         let n = entries.len() as u64;
         match self.tx.try_send(Op::Add(entries, None)) {
@@ -379,6 +422,7 @@ impl Suppressions {
 
     /// Removes one entry; `false` when there was none.
     pub async fn remove(&self, scope: Scope, target: Target) -> Result<bool, SuppressionError> {
+        self.share(|| Shared::Remove(scope.clone(), target.clone()));
         let (done, wait) = oneshot::channel();
         self.send(Op::Remove(scope, target, done)).await?;
         wait.await.map_err(|_| SuppressionError::Closed)?

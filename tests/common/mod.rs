@@ -6,6 +6,7 @@
 //! * [`sink`]: a scriptable receiving SMTP server (STARTTLS, AUTH, failure injection).
 //! * [`http`]: a raw HTTP/1.1 client for the send API.
 //! * [`http_receiver`]: a scriptable receiving HTTP server (webhooks, delivery events).
+//! * [`redis`]: a real `redis-server` on a loopback port, for cluster mode.
 
 // Each test binary compiles its own copy of this module and uses only part of it.
 #![allow(dead_code)]
@@ -14,5 +15,6 @@ pub mod dns;
 pub mod floodgate;
 pub mod http;
 pub mod http_receiver;
+pub mod redis;
 pub mod relay;
 pub mod sink;

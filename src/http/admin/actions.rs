@@ -9,6 +9,7 @@ use super::Admin;
 use super::views::campaign_view;
 use crate::admin_api as api;
 use crate::campaign::Campaign;
+use crate::cluster::Setting;
 use crate::config::duration;
 use crate::http::{Body, error, json, read_body};
 use crate::queue::CampaignState;
@@ -80,6 +81,14 @@ impl Admin {
             paused: campaign.is_paused(),
             blocked_until: campaign.blocked_until(),
         };
+        if let Some(cluster) = &self.intake.cluster {
+            let setting = Setting::Campaign {
+                name: state.name.clone(),
+                paused: state.paused,
+                blocked_until: state.blocked_until,
+            };
+            cluster.publish(setting, self.now());
+        }
         if let Err(e) = self.intake.queue.save_campaign(state).await {
             tracing::error!(error = %e, campaign = name, "cannot persist campaign state");
         }
@@ -137,6 +146,9 @@ impl Admin {
             _ => return error(StatusCode::NOT_FOUND, "action must be pause or resume"),
         };
         self.intake.campaigns().set_intake_paused(paused);
+        if let Some(cluster) = &self.intake.cluster {
+            cluster.publish(Setting::Intake { paused }, self.now());
+        }
         tracing::warn!(paused, "operator switched intake");
         json(
             StatusCode::OK,
@@ -162,6 +174,9 @@ impl Admin {
         settings.rows_per_sec = update.rows_per_sec.unwrap_or(settings.rows_per_sec);
         settings.burst = update.burst.unwrap_or(settings.burst);
         faillog.set_settings(settings);
+        if let Some(cluster) = &self.intake.cluster {
+            cluster.publish(Setting::FailLog { settings }, self.now());
+        }
         tracing::warn!(
             mode = settings.mode.as_str(),
             sample_rate = settings.sample_rate,

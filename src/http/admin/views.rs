@@ -275,6 +275,7 @@ impl Admin {
                 .filter_map(|(_, s)| s.last)
                 .collect(),
             suspended: self.suspensions.snapshot(),
+            cluster: self.intake.cluster.as_ref().map(|c| c.status(self.now())),
         }
     }
 }

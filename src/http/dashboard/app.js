@@ -225,6 +225,7 @@ function render(status, campaigns, alerts, queue) {
   renderPaused(campaigns);
   renderFailLog(status.faillog);
   renderCanary(status.canary || []);
+  renderCluster(status.cluster);
   renderQueueStates(status.queue || {});
   if (queue) {
     renderDomains(queue.by_domain || []);
@@ -390,6 +391,32 @@ function renderWebhooks(endpoints) {
     list.appendChild(li);
   }
   $("webhooks-disabled-empty").hidden = disabled.length > 0;
+}
+
+function renderCluster(cluster) {
+  $("cluster-panel").hidden = !cluster;
+  if (!cluster) return;
+  const link = cluster.connected ? "connected" : `DISCONNECTED, rates divided by ${cluster.fallback_divisor}`;
+  $("cluster-summary").textContent =
+    `— seen from ${cluster.node}, ${link}; ${cluster.accepted_per_sec.toFixed(1)} accepted/s, ` +
+    `${cluster.delivered_per_sec.toFixed(1)} delivered/s, ${cluster.queued} queued`;
+  const rows = $("cluster-rows");
+  rows.replaceChildren();
+  for (const n of cluster.nodes) {
+    const tr = document.createElement("tr");
+    const state = document.createElement("span");
+    state.className = "state";
+    state.dataset.state = n.alive ? "active" : "blocked";
+    state.textContent = n.alive ? "LIVE" : "GONE";
+    const cells = [n.node, state, new Date(n.last_heartbeat_ms).toISOString(),
+      n.accepted_per_sec.toFixed(1), n.delivered_per_sec.toFixed(1), String(n.queued)];
+    for (const v of cells) {
+      const td = document.createElement("td");
+      td.append(v);
+      tr.appendChild(td);
+    }
+    rows.appendChild(tr);
+  }
 }
 
 function renderCanary(probes) {
