@@ -377,7 +377,10 @@ impl Scheduler {
         };
         let count = claimed.len();
         let claimed_at = self.queue.clock().now_ms();
-        for r in claimed.iter().filter(|r| is_canary(r)) {
+        for r in claimed
+            .iter()
+            .filter(|r| crate::campaign::is_canary(r.campaign.as_deref()))
+        {
             self.canary.claimed(&r.queue_id, claimed_at);
         }
         let mut no_route = Vec::new();
@@ -640,7 +643,7 @@ impl Scheduler {
             Transport::Webhook => &self.couriers.webhook,
             _ => &self.couriers.smtp,
         };
-        if is_canary(&job.recipients[0]) {
+        if crate::campaign::is_canary(job.recipients[0].campaign.as_deref()) {
             self.canary
                 .handed(&job.queue_id, self.queue.clock().now_ms());
         }
@@ -776,11 +779,6 @@ impl Scheduler {
             Err(e) => tracing::warn!(error = %e, queue_id = %first.queue_id, "bounce not queued"),
         }
     }
-}
-
-/// A canary probe's recipient (its reserved campaign, which clients cannot take).
-fn is_canary(r: &Claimed) -> bool {
-    r.campaign.as_deref() == Some(crate::canary::CAMPAIGN)
 }
 
 /// The delivery backoff schedule.
