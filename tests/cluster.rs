@@ -134,6 +134,18 @@ where
     }
 }
 
+/// Waits until nodes 1 and 2 both answer `campaign`'s sender at the door with `reply`
+/// (a prefix), failing with `what` after `limit`.
+async fn others_answer(c: &Cluster, campaign: &str, reply: &str, limit: Duration, what: &str) {
+    for i in [1, 2] {
+        let node = &c.nodes[i];
+        eventually(limit, &format!("node {i} {what}"), || async move {
+            door(node, campaign, "a@mx.test").await.starts_with(reply)
+        })
+        .await;
+    }
+}
+
 /// MAIL and RCPT for `sender` → `rcpt`; returns the first reply that is not 250.
 async fn door(node: &TestApp, sender: &str, rcpt: &str) -> String {
     let mut c = Smtp::connect(node.smtp()).await;
@@ -244,19 +256,14 @@ async fn a_pause_on_one_node_closes_every_node() {
         Some(""),
     )
     .await;
-    for i in [1, 2] {
-        let node = &c.nodes[i];
-        eventually(
-            Duration::from_secs(1),
-            &format!("node {i} refuses the paused campaign"),
-            || async move {
-                door(node, campaign, "a@mx.test")
-                    .await
-                    .starts_with("451 4.7.1")
-            },
-        )
-        .await;
-    }
+    others_answer(
+        &c,
+        campaign,
+        "451 4.7.1",
+        Duration::from_secs(1),
+        "refuses the paused campaign",
+    )
+    .await;
     // Another campaign still flows.
     assert!(
         door(&c.nodes[2], "other@client.test", "a@mx.test")
@@ -270,15 +277,14 @@ async fn a_pause_on_one_node_closes_every_node() {
         Some(""),
     )
     .await;
-    for i in [1, 2] {
-        let node = &c.nodes[i];
-        eventually(
-            Duration::from_secs(1),
-            &format!("node {i} accepts the resumed campaign"),
-            || async move { door(node, campaign, "a@mx.test").await.starts_with("250") },
-        )
-        .await;
-    }
+    others_answer(
+        &c,
+        campaign,
+        "250",
+        Duration::from_secs(1),
+        "accepts the resumed campaign",
+    )
+    .await;
     // The intake switch and the failure log's mode follow too.
     admin(c.admin(2), "POST", "/admin/v1/intake/pause", None).await;
     let first = &c.nodes[0];
@@ -429,19 +435,14 @@ async fn with_redis_killed_every_node_goes_on_and_converges_when_it_is_back() {
     // ...and reaches the others once Redis is back.
     c.redis.restart();
     c.wait_nodes(3).await;
-    for i in [1, 2] {
-        let node = &c.nodes[i];
-        eventually(
-            Duration::from_secs(5),
-            &format!("node {i} learns the pause"),
-            || async move {
-                door(node, campaign, "a@mx.test")
-                    .await
-                    .starts_with("451 4.7.1")
-            },
-        )
-        .await;
-    }
+    others_answer(
+        &c,
+        campaign,
+        "451 4.7.1",
+        Duration::from_secs(5),
+        "learns the pause",
+    )
+    .await;
     // The shared rate is back in use.
     let before = metric(c.admin(0), "floodgate_cluster_rate_leases_total").await;
     let mut s = c.nodes[0].client().await;
