@@ -213,7 +213,7 @@ impl Cluster {
         }
         if self.is_connected() {
             let n = rate::lease_size(rate, self.config.lease.0, waiting);
-            let interval = rate::interval(rate);
+            let interval = rate.interval();
             let key = self.keys.rate(destination);
             let script = self.lease_script.clone();
             let micros = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);

@@ -39,11 +39,6 @@ redis.call('SET', KEYS[1], string.format('%.0f', after), 'PX', math.floor((after
 return math.floor(tat - now)
 ";
 
-/// The time between two slots of `rate`.
-pub fn interval(rate: Rate) -> Duration {
-    (rate.per / rate.count.max(1)).max(Duration::from_micros(1))
-}
-
 /// How many slots to ask for: what `horizon` of the rate holds, no more than the lane
 /// has waiting (an unused slot is lost to the whole cluster), at least one.
 pub fn lease_size(rate: Rate, horizon: Duration, waiting: usize) -> u32 {
@@ -144,7 +139,7 @@ mod tests {
             ),
             MAX_LEASE
         );
-        assert_eq!(interval(ten), Duration::from_millis(100));
+        assert_eq!(ten.interval(), Duration::from_millis(100));
         assert_eq!(fallback(ten, 3).per, Duration::from_secs(3));
         assert_eq!(fallback(ten, 0).per, Duration::from_secs(1));
     }
@@ -157,7 +152,7 @@ mod tests {
             let rate = Rate { count, per: Duration::from_millis(per_ms) };
             let n = lease_size(rate, Duration::from_secs(1), waiting);
             prop_assert!((1..=MAX_LEASE).contains(&n));
-            let s = slots(Duration::from_millis(first_ms), interval(rate), n);
+            let s = slots(Duration::from_millis(first_ms), rate.interval(), n);
             prop_assert_eq!(s.len(), n as usize);
             for (i, start) in s.iter().enumerate() {
                 let within = s[i..].iter().take_while(|t| **t < *start + rate.per).count();

@@ -137,11 +137,15 @@ impl Rate {
         })
     }
 
+    /// The time between two sends at this rate (at least 1 µs).
+    pub fn interval(&self) -> std::time::Duration {
+        (self.per / self.count.max(1)).max(std::time::Duration::from_micros(1))
+    }
+
     /// The governor quota: evenly spaced, no burst, so a destination never sees more
     /// than its rate in any window, even after an idle spell.
     pub fn quota(&self) -> governor::Quota {
-        let interval = (self.per / self.count).max(std::time::Duration::from_micros(1));
-        governor::Quota::with_period(interval).expect("period above zero")
+        governor::Quota::with_period(self.interval()).expect("period above zero")
     }
 }
 
