@@ -206,3 +206,70 @@ async fn a_next_hop_that_answers_is_never_suspended() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn batch_rows_for_a_suspended_destination_wait_for_its_probe_unclaimed() {
+    const KEY: &str = "fg_suspend_batch_key_0123";
+    let dns = TestDns::start(zone()).await;
+    let down = refusing_smarthost(0).await;
+    let port = down.addr.port();
+    let clock = Arc::new(ShiftedClock::default());
+    let config = format!(
+        "{}\n[[http.api_keys]]\nname = \"crm\"\nkey_sha256 = \"{}\"\n",
+        smarthost_config(port),
+        floodgate::http::api::key_hash(KEY)
+    );
+    let t = start(&dns, &config, clock.clone()).await;
+    let admin = t.app.admin_addr.expect("admin listener");
+    let http = t.app.http_addr.expect("http listener");
+    send(&t, 3, "early").await;
+    wait_suspended(&t).await;
+    t.scheduler_pass().await;
+    let connections = down.connections();
+    let deferrals = metric(admin, "floodgate_suspended_deferrals_total").await;
+
+    let bearer = format!("Bearer {KEY}");
+    let json = [
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let template =
+        br#"{"from":"app@client.test","campaign":"later","subject":"Hi {{ n }}","text":"x"}"#;
+    let (status, _, body) =
+        common::http::request(http, "POST", "/v1/batches", &json, template).await;
+    assert_eq!(status, 201, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rows: String = (0..20)
+        .map(|n| format!("{{\"to\":\"b{n}@down.test\",\"vars\":{{\"n\":{n}}}}}\n"))
+        .collect();
+    let ndjson = [
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", "application/x-ndjson"),
+    ];
+    let path = format!("/v1/batches/{id}/recipients");
+    let (status, _, body) =
+        common::http::request(http, "POST", &path, &ndjson, rows.as_bytes()).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Stored due at the probe: the passes before it neither claim nor defer them.
+    t.scheduler_pass().await;
+    t.scheduler_pass().await;
+    let batch = t.app.queue().message(&id).await.unwrap().expect("batch");
+    assert_eq!(batch.recipients.len(), 20);
+    for r in &batch.recipients {
+        assert_eq!(
+            (r.state, r.attempts),
+            (RecipientState::Scheduled, 0),
+            "{r:?}"
+        );
+    }
+    assert_eq!(
+        metric(admin, "floodgate_suspended_deferrals_total").await,
+        deferrals,
+        "no batch row was claimed before the probe"
+    );
+    assert_eq!(down.connections(), connections);
+}

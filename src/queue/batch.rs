@@ -196,19 +196,27 @@ pub fn chunk(
 /// Stores one slice of an upload: its accepted rows, the batch's counters and the
 /// chunk's progress, all in the caller's transaction, so that a crash leaves either all
 /// of a slice or none of it.
-pub fn append(conn: &Connection, a: &Append, now_ms: i64) -> Result<(), QueueError> {
+/// `firsts` holds each row's first attempt when some wait (see `queue::delays`).
+pub fn append(
+    conn: &Connection,
+    a: &Append,
+    now_ms: i64,
+    firsts: Option<&[i64]>,
+) -> Result<(), QueueError> {
     let mut insert = conn.prepare_cached(
         "INSERT INTO recipients (message_id, address, domain, campaign, state, next_attempt, updated_at, vars)
-         VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5, ?6)",
+         VALUES (?1, ?2, ?3, ?4, 0, ?7, ?5, ?6)",
     )?;
-    for row in &a.rows {
+    for (i, row) in a.rows.iter().enumerate() {
+        let first = firsts.and_then(|f| f.get(i).copied()).unwrap_or(now_ms);
         insert.execute(params![
             a.message_id,
             row.address,
             row.domain,
             a.campaign,
             now_ms,
-            row.vars
+            row.vars,
+            first
         ])?;
     }
     let old: String = conn
@@ -342,7 +350,7 @@ mod tests {
             rejected: Default::default(),
             chunk: None,
         };
-        append(&conn, &slice, 1).unwrap();
+        append(&conn, &slice, 1, None).unwrap();
         assert!(campaign_has_waiting(&conn, "c").unwrap());
         assert!(!campaign_has_waiting(&conn, "other").unwrap());
         conn.execute("UPDATE recipients SET state = 1", []).unwrap();
@@ -376,7 +384,7 @@ mod tests {
                 },
             )),
         };
-        append(&conn, &slice, 1).unwrap();
+        append(&conn, &slice, 1, None).unwrap();
         let b = by_message(&conn, id).unwrap().unwrap();
         assert_eq!((b.received, b.accepted, b.queued()), (3, 1, 1));
         assert_eq!(b.rejected["no_such_domain"], 2);
@@ -406,6 +414,7 @@ mod tests {
                 ..Append::default()
             },
             50,
+            None,
         )
         .unwrap();
         retention::prune_batch(&conn, 10, 100).unwrap();

@@ -48,14 +48,19 @@ impl DomainDelays {
         }
     }
 
-    /// Each recipient's first attempt, or `None` when every one is due at `now_ms`.
-    pub fn first_attempts(&self, recipients: &[NewRecipient], now_ms: i64) -> Option<Vec<i64>> {
+    /// Each recipient's first attempt (by its domain, in order), or `None` when every one
+    /// is due at `now_ms`.
+    pub fn first_attempts<'a>(
+        &self,
+        domains: impl IntoIterator<Item = &'a str>,
+        now_ms: i64,
+    ) -> Option<Vec<i64>> {
         if self.len.load(Ordering::Acquire) == 0 {
             return None;
         }
-        let firsts: Vec<i64> = recipients
-            .iter()
-            .map(|r| self.first_attempt(&r.domain, now_ms))
+        let firsts: Vec<i64> = domains
+            .into_iter()
+            .map(|d| self.first_attempt(d, now_ms))
             .collect();
         firsts.iter().any(|&t| t > now_ms).then_some(firsts)
     }
@@ -84,14 +89,23 @@ mod tests {
     fn waits_only_for_delayed_domains_until_their_time() {
         let d = DomainDelays::default();
         let both = [rcpt("down.test"), rcpt("up.test")];
-        assert_eq!(d.first_attempts(&both, 100), None);
+        assert_eq!(
+            d.first_attempts(both.iter().map(|r| r.domain.as_str()), 100),
+            None
+        );
         assert!(!d.all_wait(&both, 100));
         d.set("down.test", 500);
-        assert_eq!(d.first_attempts(&both, 100), Some(vec![500, 100]));
+        assert_eq!(
+            d.first_attempts(both.iter().map(|r| r.domain.as_str()), 100),
+            Some(vec![500, 100])
+        );
         assert!(!d.all_wait(&both, 100));
         assert!(d.all_wait(&both[..1], 100));
         // Past its time the wait is over even before anyone clears it.
-        assert_eq!(d.first_attempts(&both, 500), None);
+        assert_eq!(
+            d.first_attempts(both.iter().map(|r| r.domain.as_str()), 500),
+            None
+        );
         d.clear(["down.test"]);
         assert_eq!(d.first_attempt("down.test", 100), 100);
         assert!(!d.all_wait(&both[..1], 100));

@@ -201,6 +201,11 @@ pub struct Queue {
     delays: Arc<delays::DomainDelays>,
 }
 
+/// The recipients' domains, in order: what [`delays::DomainDelays`] looks up.
+fn domains(recipients: &[NewRecipient]) -> impl Iterator<Item = &str> {
+    recipients.iter().map(|r| r.domain.as_str())
+}
+
 impl Queue {
     /// Opens (creating if needed) queue.db and starts its writer thread. The thread ends
     /// once every clone of the returned `Queue` is dropped; join it to be sure the last
@@ -238,7 +243,7 @@ impl Queue {
     /// Stores a message and its recipients; returns once the commit holding it is durable.
     pub async fn enqueue(&self, msg: NewMessage) -> Result<(), QueueError> {
         let now = self.clock.now_ms();
-        let firsts = self.delays.first_attempts(&msg.recipients, now);
+        let firsts = self.delays.first_attempts(domains(&msg.recipients), now);
         self.writer
             .run(move |conn| store::insert_message(conn, &msg, now, firsts.as_deref()))
             .await
@@ -263,7 +268,7 @@ impl Queue {
         let not_before = now - ttl.as_millis() as i64;
         let firsts = msg
             .as_ref()
-            .and_then(|m| self.delays.first_attempts(&m.recipients, now));
+            .and_then(|m| self.delays.first_attempts(domains(&m.recipients), now));
         self.writer
             .run(move |conn| {
                 if let Some(existing) = store::idempotent_response(conn, &key, not_before)? {
@@ -325,8 +330,12 @@ impl Queue {
     /// commit; returns once it is durable.
     pub async fn append_batch(&self, slice: Append) -> Result<(), QueueError> {
         let now = self.clock.now_ms();
+        // Rows for a suspended destination wait for its probe, as the doors' do.
+        let firsts = self
+            .delays
+            .first_attempts(slice.rows.iter().map(|r| r.domain.as_str()), now);
         self.writer
-            .run(move |conn| batch::append(conn, &slice, now))
+            .run(move |conn| batch::append(conn, &slice, now, firsts.as_deref()))
             .await
     }
 
