@@ -796,3 +796,62 @@ listen = "127.0.0.1:0"
     assert_eq!(r["accepted"], 1, "{r}");
     assert_eq!(r["rejected"], json!({"suppressed": 1}), "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_attachments_and_dot_lines_arrive_intact_for_every_recipient() {
+    use base64::Engine as _;
+    let sink = Sink::start().await;
+    let (_dns, t) = start(sink.addr.port(), "[guard]\nenabled = false").await;
+    let addr = http(&t);
+    // Every byte value, so a decode or copy that drops or changes one shows.
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+    let id = create(
+        addr,
+        json!({"from": "app@client.test", "campaign": "files",
+               "subject": "Report for {{ name }}",
+               "text": "Hello {{ name }}\n.a line that starts with a dot\n..and two\n.",
+               "attachments": [{"filename": "data.bin",
+                                "content_type": "application/octet-stream",
+                                "content": base64::engine::general_purpose::STANDARD.encode(&bytes)}]}),
+    )
+    .await;
+    let rows: String = ["ann", "bob", "cy"]
+        .iter()
+        .map(|n| json!({"to": format!("{n}@mx.test"), "vars": {"name": n}}).to_string() + "\n")
+        .collect();
+    let path = format!("/v1/batches/{id}/recipients");
+    let (code, r) = call(
+        addr,
+        "POST",
+        &path,
+        "application/x-ndjson",
+        &[],
+        rows.as_bytes(),
+    )
+    .await;
+    assert_eq!((code, &r["accepted"]), (200, &json!(3)), "{r}");
+
+    let got = sink.wait_for(3, Duration::from_secs(60)).await;
+    for name in ["ann", "bob", "cy"] {
+        let m = got
+            .iter()
+            .find(|m| m.rcpts == [format!("{name}@mx.test")])
+            .unwrap_or_else(|| panic!("{name} got nothing"));
+        let text = String::from_utf8_lossy(&m.data).into_owned();
+        assert!(text.contains(&format!("Hello {name}\r\n")), "{text}");
+        assert!(
+            text.contains("\r\n.a line that starts with a dot\r\n..and two\r\n.\r\n"),
+            "dot lines come back as written once unstuffed: {text}"
+        );
+        let part = text
+            .find("filename=\"data.bin\"")
+            .expect("the attachment part");
+        let start = part + text[part..].find("\r\n\r\n").unwrap() + 4;
+        let end = start + text[start..].find("\r\n--").unwrap();
+        let encoded: String = text[start..end].split("\r\n").collect();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .expect("base64 attachment");
+        assert_eq!(decoded, bytes, "{name}'s attachment is the template's");
+    }
+}

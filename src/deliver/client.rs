@@ -548,13 +548,22 @@ use tokio::io::AsyncReadExt as _;
 /// Dot-stuffs a message body and appends the terminating `.` line (RFC 5321 §4.5.2).
 pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
-    let mut at_line_start = true;
-    for &b in body {
-        if at_line_start && b == b'.' {
+    // Line by line with memchr, copying whole lines: every delivery passes here.
+    let mut rest = body;
+    loop {
+        if rest.first() == Some(&b'.') {
             out.push(b'.');
         }
-        out.push(b);
-        at_line_start = b == b'\n';
+        match memchr::memchr(b'\n', rest) {
+            Some(i) => {
+                out.extend_from_slice(&rest[..=i]);
+                rest = &rest[i + 1..];
+            }
+            None => {
+                out.extend_from_slice(rest);
+                break;
+            }
+        }
     }
     if !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");

@@ -15,7 +15,10 @@ use hyper::{Request, Response, StatusCode};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::compose::{Attachment, SendRequest, build_mime, check_fields, field_error};
+use super::compose::{
+    Attachment, Decoded, SendRequest, build_mime_with, check_fields, decode_attachments,
+    field_error,
+};
 use super::rows::{Format, MAX_LINE, NoToColumn, Parsed, Rows};
 use super::{Api, Caller, RETRY_AFTER_QUEUE, with_retry_after};
 use crate::admin_api as api;
@@ -87,6 +90,15 @@ impl BatchRequest {
     /// the same MIME.
     fn as_message(&self, to: Vec<String>) -> SendRequest {
         SendRequest {
+            attachments: self.attachments.clone(),
+            ..self.without_attachments(to)
+        }
+    }
+
+    /// The message a recipient's render starts from: the attachments were checked when
+    /// the batch was created and are decoded once, in [`Compiled`].
+    fn without_attachments(&self, to: Vec<String>) -> SendRequest {
+        SendRequest {
             from: self.from.clone(),
             to,
             cc: Vec::new(),
@@ -96,7 +108,7 @@ impl BatchRequest {
             text: self.text.clone(),
             html: self.html.clone(),
             headers: self.headers.clone().into_iter().collect(),
-            attachments: self.attachments.clone(),
+            attachments: Vec::new(),
             campaign: self.campaign.clone(),
             tags: self.tags.clone(),
             metadata: self.metadata.clone(),
@@ -630,6 +642,8 @@ fn owned(l: Line<'_>) -> Option<Vec<u8>> {
 struct Compiled {
     stored: Stored,
     templates: Templates,
+    /// Decoded once here, not once per recipient.
+    attachments: Vec<Decoded>,
 }
 
 /// Renders batch recipients' messages at delivery: the batch's template (compiled once,
@@ -679,7 +693,13 @@ impl Renderer {
             .map_err(|e| RenderFailure::Template(format!("stored template unreadable: {e}")))?;
         let templates = Templates::compile(stored.request.spec())
             .map_err(|e| RenderFailure::Template(e.to_string()))?;
-        let compiled = Arc::new(Compiled { stored, templates });
+        let attachments =
+            decode_attachments(&stored.request.attachments).map_err(RenderFailure::Template)?;
+        let compiled = Arc::new(Compiled {
+            stored,
+            templates,
+            attachments,
+        });
         let mut cache = self.cache.lock();
         if cache.len() >= CACHED_TEMPLATES {
             cache.clear();
@@ -750,7 +770,10 @@ fn render_one(
     let vars: serde_json::Value =
         serde_json::from_str(vars).map_err(|e| fail(format!("variables unreadable: {e}")))?;
     let rendered = c.templates.render(&vars).map_err(|e| fail(e.to_string()))?;
-    let mut req = c.stored.request.as_message(vec![address.to_owned()]);
+    let mut req = c
+        .stored
+        .request
+        .without_attachments(vec![address.to_owned()]);
     req.subject = rendered.subject;
     req.text = rendered.text;
     req.html = rendered.html;
@@ -758,8 +781,13 @@ fn render_one(
     // A variable may hold a line break: the rendered header fields pass the same checks
     // as a message's.
     check_fields(&req).map_err(|e| fail(e.to_string()))?;
-    let body =
-        build_mime(&req, &QueueId::generate(now_us), &config.server.hostname).map_err(fail)?;
+    let body = build_mime_with(
+        &req,
+        &c.attachments,
+        &QueueId::generate(now_us),
+        &config.server.hostname,
+    )
+    .map_err(fail)?;
     let mut out = c.stored.trace.clone().into_bytes();
     out.extend_from_slice(&body);
     if out.len() > config.smtp.max_message_size {

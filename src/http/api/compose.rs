@@ -303,8 +303,43 @@ fn mb_address(s: &str) -> mail_builder::headers::address::Address<'_> {
     mail_builder::headers::address::Address::new_address(display_name(s), bare_address(s))
 }
 
+/// An attachment with its content decoded from base64.
+pub(super) struct Decoded {
+    content_type: String,
+    filename: String,
+    bytes: Vec<u8>,
+}
+
+/// Decodes a request's attachments: once per message, or once per batch for every
+/// recipient's render.
+pub(super) fn decode_attachments(list: &[Attachment]) -> Result<Vec<Decoded>, String> {
+    list.iter()
+        .map(|a| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(a.content.as_bytes())
+                .map_err(|_| format!("attachment {}: not valid base64", a.filename))?;
+            Ok(Decoded {
+                content_type: a.content_type.clone(),
+                filename: a.filename.clone(),
+                bytes,
+            })
+        })
+        .collect()
+}
+
 pub(super) fn build_mime(
     req: &SendRequest,
+    queue_id: &QueueId,
+    hostname: &str,
+) -> Result<Vec<u8>, String> {
+    let attachments = decode_attachments(&req.attachments)?;
+    build_mime_with(req, &attachments, queue_id, hostname)
+}
+
+/// [`build_mime`] with the attachments already decoded; `req.attachments` is not read.
+pub(super) fn build_mime_with(
+    req: &SendRequest,
+    attachments: &[Decoded],
     queue_id: &QueueId,
     hostname: &str,
 ) -> Result<Vec<u8>, String> {
@@ -354,14 +389,15 @@ pub(super) fn build_mime(
     if let Some(html) = &req.html {
         b = b.html_body(html.as_str());
     }
-    if req.text.is_none() && req.html.is_none() && req.attachments.is_empty() {
+    if req.text.is_none() && req.html.is_none() && attachments.is_empty() {
         b = b.text_body("");
     }
-    for a in &req.attachments {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(a.content.as_bytes())
-            .map_err(|_| format!("attachment {}: not valid base64", a.filename))?;
-        b = b.attachment(a.content_type.as_str(), a.filename.as_str(), bytes);
+    for a in attachments {
+        b = b.attachment(
+            a.content_type.as_str(),
+            a.filename.as_str(),
+            a.bytes.as_slice(),
+        );
     }
     let built = b
         .write_to_vec()
