@@ -33,6 +33,8 @@ Usage: bench/incident.sh [options]
       --duration S     baseline length; the flood pass's valid mail runs at least this long
                                                                    (env DURATION, default 30)
       --sessions N     SMTP sessions per flood campaign             (env SESSIONS, default 2)
+      --flood-rate R   flood recipients per second, all campaigns; 0 = as fast as the
+                       machine allows                             (env FLOOD_RATE, default 0)
       --http-campaigns N  NXDOMAIN flood campaigns posted to /v1/messages instead of SMTP
                                                                    (env HTTP_CAMPAIGNS, default 0)
       --batch-flood    the flood as 8 batch uploads of invalid rows instead of campaigns
@@ -51,6 +53,7 @@ SCALE=${SCALE:-0.1}
 VALID_RATE=${VALID_RATE:-50}
 DURATION=${DURATION:-30}
 SESSIONS=${SESSIONS:-2}
+FLOOD_RATE=${FLOOD_RATE:-0}
 HTTP_CAMPAIGNS=${HTTP_CAMPAIGNS:-0}
 IDLE_WAIT=${IDLE_WAIT:-120}
 PIN=${PIN:-0}
@@ -64,6 +67,7 @@ while [[ $# -gt 0 ]]; do
         --valid-rate) VALID_RATE=$2; shift 2 ;;
         --duration) DURATION=$2; shift 2 ;;
         --sessions) SESSIONS=$2; shift 2 ;;
+        --flood-rate) FLOOD_RATE=$2; shift 2 ;;
         --http-campaigns) HTTP_CAMPAIGNS=$2; shift 2 ;;
         --no-baseline) BASELINE=0; shift ;;
         --batch-flood) BATCH_FLOOD=1; shift ;;
@@ -75,6 +79,7 @@ while [[ $# -gt 0 ]]; do
         *) echo "incident.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
 done
+[[ $FLOOD_RATE =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "incident.sh: --flood-rate must be a number" >&2; exit 2; }
 [[ $SCALE =~ ^[0-9]*\.?[0-9]+$ ]] || { echo "incident.sh: --scale must be a number" >&2; exit 2; }
 for v in DURATION SESSIONS HTTP_CAMPAIGNS IDLE_WAIT; do
     [[ ${!v} =~ ^[0-9]+$ ]] || { echo "incident.sh: $v must be a whole number" >&2; exit 2; }
@@ -180,7 +185,7 @@ EOF
     "${LG_PIN[@]}" "$LOADGEN" --smtp "127.0.0.1:$smtp" --http "127.0.0.1:$http" --api-key "$API_KEY" \
         --admin "127.0.0.1:$admin" --admin-token "$ADMIN_TOKEN" --sink "127.0.0.1:$sink" \
         --flood "$lg_flood" --scale "$SCALE" --valid-rate "$VALID_RATE" --duration "$DURATION" \
-        --sessions-per-campaign "$SESSIONS" --http-campaigns "$HTTP_CAMPAIGNS" \
+        --sessions-per-campaign "$SESSIONS" --http-campaigns "$HTTP_CAMPAIGNS" --flood-rate "$FLOOD_RATE" \
         --pid "$FG_PID" --max-seconds 3000 >"$dir/loadgen.json" 2>"$dir/loadgen.err" &
     lg_pid=$!
     PIDS+=("$lg_pid")

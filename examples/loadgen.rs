@@ -68,6 +68,10 @@ struct Args {
     /// RCPTs per flood transaction (Floodgate's max_recipients defaults to 100).
     #[arg(long, default_value_t = 50)]
     rcpts_per_txn: u64,
+    /// Flood recipients per second across every SMTP flood session; 0 = as fast as the
+    /// machine allows.
+    #[arg(long, default_value_t = 0.0)]
+    flood_rate: f64,
     /// NXDOMAIN campaigns sent over HTTP instead of SMTP.
     #[arg(long, default_value_t = 0)]
     http_campaigns: u32,
@@ -258,7 +262,18 @@ async fn flood_session(
     let mut client = Client::connect(args.smtp).await?;
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut seq = 0u64;
+    // --flood-rate: each session sends its share, one transaction per tick; a late tick
+    // is made up (Burst), so the average holds.
+    let sessions = f64::from(args.campaigns * args.sessions_per_campaign);
+    let mut pace = (args.flood_rate > 0.0).then(|| {
+        tokio::time::interval(Duration::from_secs_f64(
+            args.rcpts_per_txn as f64 * sessions / args.flood_rate,
+        ))
+    });
     loop {
+        if let Some(p) = &mut pace {
+            p.tick().await;
+        }
         if sh.stop_all.load(Ordering::Relaxed) || sh.expired() {
             break;
         }
