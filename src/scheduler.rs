@@ -42,6 +42,45 @@ use suspend::{Gate, Recorded, Suspensions};
 /// a stepped wall clock (NTP, a resumed VM) is caught up within it.
 const MAX_IDLE: Duration = Duration::from_secs(1);
 
+/// What one claim pass did.
+struct Pass {
+    claimed: usize,
+    /// The claim's limit (`[delivery] batch`).
+    limit: usize,
+}
+
+impl Pass {
+    /// Whether to claim again at once: a pass that took fewer than its limit took every
+    /// eligible due recipient there was.
+    fn more_to_claim(&self) -> bool {
+        self.claimed >= self.limit
+    }
+}
+
+/// When the last claim that skipped full lanes' domains ran, and whether it found any.
+///
+/// Such a claim walks every due row of the skipped domains to reach the others': 330 ms
+/// for 370,000 rows of a batch to one destination, against 4 ms for a claim that skips
+/// none. Its lane refills 500 jobs at a time, so a claim ran while it was full once per
+/// refill, and that walk was most of the queue writer's time. A claim that skips and
+/// finds nothing therefore waits `MAX_IDLE` before the next one: other domains' mail
+/// waits at most that long behind a full lane, and a lane with room claims at once.
+struct SkipClaims {
+    last: Option<std::time::Instant>,
+    found: bool,
+}
+
+impl SkipClaims {
+    fn allowed(&self) -> bool {
+        self.found || self.last.is_none_or(|t| t.elapsed() >= MAX_IDLE)
+    }
+
+    fn ran(&mut self, claimed: usize) {
+        self.last = Some(std::time::Instant::now());
+        self.found = claimed > 0;
+    }
+}
+
 #[derive(Default)]
 struct Passes {
     started: AtomicU64,
@@ -312,11 +351,15 @@ impl Scheduler {
     /// a scheduler started again by a reload must not free its predecessor's leases.
     pub async fn run(self: Arc<Self>) {
         let shutdown = self.shutdown.clone();
+        let mut skips = SkipClaims {
+            last: None,
+            found: false,
+        };
         while !shutdown.is_cancelled() {
             self.passes.started.fetch_add(1, Ordering::Relaxed);
-            let claimed = self.pass().await;
+            let pass = self.pass(&mut skips).await;
             self.passes.finished.fetch_add(1, Ordering::Release);
-            if claimed == 0 {
+            if !pass.more_to_claim() {
                 let sleep = self.idle_time().await;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -348,12 +391,16 @@ impl Scheduler {
         }
     }
 
-    /// One claim-and-dispatch pass; returns how many recipients it claimed.
-    async fn pass(self: &Arc<Self>) -> usize {
+    /// One claim-and-dispatch pass.
+    async fn pass(self: &Arc<Self>, skips: &mut SkipClaims) -> Pass {
         let config = self.config.load_full();
         let delivery = &config.delivery;
+        let mut pass = Pass {
+            claimed: 0,
+            limit: delivery.batch,
+        };
         if self.in_flight.load(Ordering::Relaxed) >= delivery.max_concurrency * 4 {
-            return 0;
+            return pass;
         }
         let now = self.queue.clock().now_ms();
         let held: Vec<String> = self
@@ -364,6 +411,10 @@ impl Scheduler {
             .map(|c| c.name.to_string())
             .collect();
         let saturated = self.saturated_domains();
+        let skipping = !saturated.is_empty();
+        if skipping && !skips.allowed() {
+            return pass;
+        }
         let claimed = match self
             .queue
             .claim(delivery.batch, config.queue.lease.0, held, saturated)
@@ -372,10 +423,13 @@ impl Scheduler {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "claiming due recipients failed");
-                return 0;
+                return pass;
             }
         };
-        let count = claimed.len();
+        pass.claimed = claimed.len();
+        if skipping {
+            skips.ran(pass.claimed);
+        }
         let claimed_at = self.queue.clock().now_ms();
         for r in claimed
             .iter()
@@ -407,7 +461,7 @@ impl Scheduler {
                 ];
             self.finish(&config, &no_route, outcomes, now, None).await;
         }
-        count
+        pass
     }
 
     /// The domains of full lanes, each once: a full lane holds thousands of jobs of a
