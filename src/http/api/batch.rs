@@ -447,7 +447,7 @@ impl Upload<'_> {
 
     async fn line(&mut self, line: Option<Vec<u8>>) -> Result<(), Response<Body>> {
         self.line += 1;
-        if self.line % ROW_SLICE == 0 {
+        if self.line.is_multiple_of(ROW_SLICE) {
             tokio::task::yield_now().await;
         }
         self.print.line(line.as_deref());
