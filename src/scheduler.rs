@@ -45,15 +45,13 @@ const MAX_IDLE: Duration = Duration::from_secs(1);
 /// What one claim pass did.
 struct Pass {
     claimed: usize,
-    /// The claim's limit (`[delivery] batch`).
-    limit: usize,
 }
 
 impl Pass {
-    /// Whether to claim again at once: a pass that took fewer than its limit took every
-    /// eligible due recipient there was.
+    /// Whether to claim again at once: after any claim, as what was claimed may have
+    /// freed the way for more (a pass that returns early claims nothing).
     fn more_to_claim(&self) -> bool {
-        self.claimed >= self.limit
+        self.claimed > 0
     }
 }
 
@@ -395,10 +393,7 @@ impl Scheduler {
     async fn pass(self: &Arc<Self>, skips: &mut SkipClaims) -> Pass {
         let config = self.config.load_full();
         let delivery = &config.delivery;
-        let mut pass = Pass {
-            claimed: 0,
-            limit: delivery.batch,
-        };
+        let mut pass = Pass { claimed: 0 };
         if self.in_flight.load(Ordering::Relaxed) >= delivery.max_concurrency * 4 {
             return pass;
         }
