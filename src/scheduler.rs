@@ -42,19 +42,6 @@ use suspend::{Gate, Recorded, Suspensions};
 /// a stepped wall clock (NTP, a resumed VM) is caught up within it.
 const MAX_IDLE: Duration = Duration::from_secs(1);
 
-/// What one claim pass did.
-struct Pass {
-    claimed: usize,
-}
-
-impl Pass {
-    /// Whether to claim again at once: after any claim, as what was claimed may have
-    /// freed the way for more (a pass that returns early claims nothing).
-    fn more_to_claim(&self) -> bool {
-        self.claimed > 0
-    }
-}
-
 /// When the last claim that skipped full lanes' domains ran, and whether it found any.
 ///
 /// Such a claim walks every due row of the skipped domains to reach the others': 330 ms
@@ -63,6 +50,7 @@ impl Pass {
 /// refill, and that walk was most of the queue writer's time. A claim that skips and
 /// finds nothing therefore waits `MAX_IDLE` before the next one: other domains' mail
 /// waits at most that long behind a full lane, and a lane with room claims at once.
+#[derive(Default)]
 struct SkipClaims {
     last: Option<std::time::Instant>,
     found: bool,
@@ -349,15 +337,12 @@ impl Scheduler {
     /// a scheduler started again by a reload must not free its predecessor's leases.
     pub async fn run(self: Arc<Self>) {
         let shutdown = self.shutdown.clone();
-        let mut skips = SkipClaims {
-            last: None,
-            found: false,
-        };
+        let mut skips = SkipClaims::default();
         while !shutdown.is_cancelled() {
             self.passes.started.fetch_add(1, Ordering::Relaxed);
-            let pass = self.pass(&mut skips).await;
+            let claimed = self.pass(&mut skips).await;
             self.passes.finished.fetch_add(1, Ordering::Release);
-            if !pass.more_to_claim() {
+            if claimed == 0 {
                 let sleep = self.idle_time().await;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -389,13 +374,17 @@ impl Scheduler {
         }
     }
 
-    /// One claim-and-dispatch pass.
-    async fn pass(self: &Arc<Self>, skips: &mut SkipClaims) -> Pass {
+    /// One claim-and-dispatch pass; returns how many recipients it claimed.
+    async fn pass(self: &Arc<Self>, skips: &mut SkipClaims) -> usize {
         let config = self.config.load_full();
         let delivery = &config.delivery;
-        let mut pass = Pass { claimed: 0 };
         if self.in_flight.load(Ordering::Relaxed) >= delivery.max_concurrency * 4 {
-            return pass;
+            return 0;
+        }
+        let saturated = self.saturated_domains();
+        let skipping = !saturated.is_empty();
+        if skipping && !skips.allowed() {
+            return 0;
         }
         let now = self.queue.clock().now_ms();
         let held: Vec<String> = self
@@ -405,11 +394,6 @@ impl Scheduler {
             .filter(|c| c.is_paused())
             .map(|c| c.name.to_string())
             .collect();
-        let saturated = self.saturated_domains();
-        let skipping = !saturated.is_empty();
-        if skipping && !skips.allowed() {
-            return pass;
-        }
         let claimed = match self
             .queue
             .claim(delivery.batch, config.queue.lease.0, held, saturated)
@@ -418,12 +402,12 @@ impl Scheduler {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "claiming due recipients failed");
-                return pass;
+                return 0;
             }
         };
-        pass.claimed = claimed.len();
+        let count = claimed.len();
         if skipping {
-            skips.ran(pass.claimed);
+            skips.ran(count);
         }
         let claimed_at = self.queue.clock().now_ms();
         for r in claimed
@@ -456,7 +440,7 @@ impl Scheduler {
                 ];
             self.finish(&config, &no_route, outcomes, now, None).await;
         }
-        pass
+        count
     }
 
     /// The domains of full lanes, each once: a full lane holds thousands of jobs of a

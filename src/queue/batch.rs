@@ -208,7 +208,7 @@ pub fn append(
          VALUES (?1, ?2, ?3, ?4, 0, ?7, ?5, ?6)",
     )?;
     for (i, row) in a.rows.iter().enumerate() {
-        let first = firsts.and_then(|f| f.get(i).copied()).unwrap_or(now_ms);
+        let first = super::delays::first_of(firsts, i, now_ms);
         insert.execute(params![
             a.message_id,
             row.address,

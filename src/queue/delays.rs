@@ -74,6 +74,12 @@ impl DomainDelays {
     }
 }
 
+/// Row `i`'s first attempt from what [`DomainDelays::first_attempts`] returned: due at
+/// `now_ms` when nothing waits.
+pub fn first_of(firsts: Option<&[i64]>, i: usize, now_ms: i64) -> i64 {
+    firsts.and_then(|f| f.get(i).copied()).unwrap_or(now_ms)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,23 +95,17 @@ mod tests {
     fn waits_only_for_delayed_domains_until_their_time() {
         let d = DomainDelays::default();
         let both = [rcpt("down.test"), rcpt("up.test")];
-        assert_eq!(
-            d.first_attempts(both.iter().map(|r| r.domain.as_str()), 100),
-            None
-        );
+        assert_eq!(d.first_attempts(crate::queue::domains(&both), 100), None);
         assert!(!d.all_wait(&both, 100));
         d.set("down.test", 500);
         assert_eq!(
-            d.first_attempts(both.iter().map(|r| r.domain.as_str()), 100),
+            d.first_attempts(crate::queue::domains(&both), 100),
             Some(vec![500, 100])
         );
         assert!(!d.all_wait(&both, 100));
         assert!(d.all_wait(&both[..1], 100));
         // Past its time the wait is over even before anyone clears it.
-        assert_eq!(
-            d.first_attempts(both.iter().map(|r| r.domain.as_str()), 500),
-            None
-        );
+        assert_eq!(d.first_attempts(crate::queue::domains(&both), 500), None);
         d.clear(["down.test"]);
         assert_eq!(d.first_attempt("down.test", 100), 100);
         assert!(!d.all_wait(&both[..1], 100));

@@ -45,7 +45,7 @@ pub fn insert_message(
                  ?5, ?6)",
     )?;
     for (i, rcpt) in msg.recipients.iter().enumerate() {
-        let first = firsts.and_then(|f| f.get(i).copied()).unwrap_or(now_ms);
+        let first = super::delays::first_of(firsts, i, now_ms);
         stmt.execute(params![
             message_id,
             rcpt.address,
